@@ -1,0 +1,34 @@
+# make demo | make test | make lab  (each sets up .venv and the offline checkpoint first)
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CHECKPOINT := data/models/rwkv-4-world-tiny/config.json
+
+.PHONY: install demo test lab checkpoint clean
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==24.3.1
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(CHECKPOINT): | $(STAMP)
+	$(PY) -m helpers.checkpoint --shape tiny
+
+checkpoint: $(CHECKPOINT)
+
+demo: $(STAMP) $(CHECKPOINT)
+	$(PY) -m helpers.generate
+
+test: $(STAMP) $(CHECKPOINT)
+	$(PY) -m pytest
+
+lab: $(STAMP) $(CHECKPOINT)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) data/models

@@ -1,0 +1,206 @@
+"""Build the offline RWKV-4 World checkpoint: random weights, real architecture, real tokenizer.
+
+The folder is laid out like the Hugging Face repos ``RWKV/rwkv-4-world-*`` (config.json, fp16
+safetensors, tokenizer files), so the loading code that serves it serves the real models too.
+Its text is meaningless: the weights are random.
+
+    python -m helpers.checkpoint --shape tiny --out data/models/rwkv-4-world-tiny
+"""
+import argparse
+import json
+import math
+import shutil
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from helpers import tokenization_rwkv_world
+from helpers.paths import MODELS_DIR
+
+# name: (layers, hidden). Intermediate size is 4x hidden; every shape uses the World vocabulary.
+SHAPES = {
+    "tiny": (12, 256),
+    "169m": (12, 768),
+    "430m": (24, 1024),
+    "1b5": (24, 2048),
+    "3b": (32, 2560),
+    "7b": (32, 4096),
+}
+VOCAB_SIZE = 65536
+CONTEXT_LENGTH = 4096
+SHARD_BYTES = 2 * 1024**3
+SEED = 20230424
+
+
+def default_checkpoint_dir(shape="tiny"):
+    return MODELS_DIR / f"rwkv-4-world-{shape}"
+
+
+def make_config(shape):
+    layers, hidden = SHAPES[shape]
+    return {
+        "architectures": ["RwkvForCausalLM"],
+        "model_type": "rwkv",
+        "vocab_size": VOCAB_SIZE,
+        "context_length": CONTEXT_LENGTH,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "attention_hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "layer_norm_epsilon": 1e-5,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "rescale_every": 6,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "torch_dtype": "float16",
+        "transformers_version": "4.31.0",
+        "offline_checkpoint": f"random weights, shape {shape}, seed {SEED}",
+    }
+
+
+def tensor_shapes(config):
+    """(name, shape) of every weight, in the order and naming of transformers' RwkvForCausalLM."""
+    hidden, inner, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    shapes = [("rwkv.embeddings.weight", (vocab, hidden))]
+    for layer in range(config["num_hidden_layers"]):
+        block = f"rwkv.blocks.{layer}"
+        norms = ["pre_ln", "ln1", "ln2"] if layer == 0 else ["ln1", "ln2"]
+        for norm in norms:
+            shapes += [(f"{block}.{norm}.weight", (hidden,)), (f"{block}.{norm}.bias", (hidden,))]
+        att = f"{block}.attention"
+        shapes += [(f"{att}.time_decay", (hidden,)), (f"{att}.time_first", (hidden,))]
+        shapes += [(f"{att}.time_mix_{name}", (1, 1, hidden)) for name in ("key", "value", "receptance")]
+        shapes += [(f"{att}.{name}.weight", (hidden, hidden)) for name in ("key", "value", "receptance", "output")]
+        ffn = f"{block}.feed_forward"
+        shapes += [(f"{ffn}.time_mix_{name}", (1, 1, hidden)) for name in ("key", "receptance")]
+        shapes += [
+            (f"{ffn}.key.weight", (inner, hidden)),
+            (f"{ffn}.receptance.weight", (hidden, hidden)),
+            (f"{ffn}.value.weight", (hidden, inner)),
+        ]
+    shapes += [("rwkv.ln_out.weight", (hidden,)), ("rwkv.ln_out.bias", (hidden,)), ("head.weight", (vocab, hidden))]
+    return shapes
+
+
+def make_tensor(name, shape, config):
+    """Deterministic values for one weight: RWKV-4's own init for the mixing vectors, scaled noise elsewhere.
+
+    Each tensor has its own seed, so the checkpoint can be written one layer at a time.
+    """
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    generator = torch.Generator().manual_seed(SEED + zlib.crc32(name.encode()))
+    layer = int(name.split(".")[2]) if name.startswith("rwkv.blocks.") else 0
+    ratio_0_to_1 = layer / max(1, layers - 1)
+    ratio_1_to_0 = 1.0 - layer / layers
+    position = torch.arange(hidden, dtype=torch.float32) / hidden
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return torch.zeros(shape)
+    if name.endswith("ln1.weight") or name.endswith("ln2.weight") or "ln_out" in name or "pre_ln" in name:
+        return torch.ones(shape)
+    if leaf == "time_decay":
+        return -5 + 8 * (torch.arange(hidden) / (hidden - 1)) ** (0.7 + 1.3 * ratio_0_to_1)
+    if leaf == "time_first":
+        zigzag = torch.tensor([(i + 1) % 3 - 1 for i in range(hidden)], dtype=torch.float32) * 0.5
+        return torch.full(shape, math.log(0.3)) + zigzag
+    if leaf.startswith("time_mix_"):
+        power = 0.5 * ratio_1_to_0 if leaf == "time_mix_receptance" and ".attention." in name else ratio_1_to_0
+        offset = 0.3 * ratio_0_to_1 if leaf == "time_mix_value" else 0.0
+        return (position**power + offset).clamp(max=1.0).reshape(shape)
+    fan_in = shape[1]
+    if name == "head.weight":
+        # Noise plus a shuffled copy of the embeddings: each token strongly predicts one successor,
+        # so the next-token distribution is peaked like a trained model's, not flat.
+        successor = torch.randperm(shape[0], generator=generator)
+        embeddings = make_tensor("rwkv.embeddings.weight", shape, config)
+        return (torch.randn(shape, generator=generator) + embeddings[successor]) * 2.0 / math.sqrt(fan_in)
+    std = 1.0 if "embeddings" in name else 1 / math.sqrt(fan_in)
+    return torch.randn(shape, generator=generator) * std
+
+
+def plan_shards(shapes):
+    """Group weights into files of at most SHARD_BYTES (fp16)."""
+    shards, current, size = [], [], 0
+    for name, shape in shapes:
+        nbytes = 2 * math.prod(shape)
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, shape))
+        size += nbytes
+    return shards + [current]
+
+
+def write_weights(config, out):
+    shards = plan_shards(tensor_shapes(config))
+    if len(shards) == 1:
+        file_names = ["model.safetensors"]
+    else:
+        file_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for file_name, shard in zip(file_names, shards):
+        tensors = {name: make_tensor(name, shape, config).to(torch.float16).contiguous() for name, shape in shard}
+        save_file(tensors, str(out / file_name), metadata={"format": "pt"})
+        for name, tensor in tensors.items():
+            weight_map[name] = file_name
+            total += tensor.nbytes
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_tokenizer(out):
+    import rwkv
+
+    shutil.copyfile(Path(rwkv.__file__).parent / tokenization_rwkv_world.VOCAB_FILE,
+                    out / tokenization_rwkv_world.VOCAB_FILE)
+    shutil.copyfile(tokenization_rwkv_world.__file__, out / "tokenization_rwkv_world.py")
+    tokenizer_config = {
+        "tokenizer_class": "RWKVWorldTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_rwkv_world.RWKVWorldTokenizer", None]},
+        "model_max_length": CONTEXT_LENGTH,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+
+def build_checkpoint(shape="tiny", out=None):
+    """Write the checkpoint into `out` (a temporary folder first, so a broken build never looks complete)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    out = Path(out or default_checkpoint_dir(shape))
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    config = make_config(shape)
+    write_weights(config, partial)
+    write_tokenizer(partial)
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
+
+
+def ensure_checkpoint(shape="tiny", out=None):
+    """The checkpoint folder, built first if it is missing."""
+    out = Path(out or default_checkpoint_dir(shape))
+    if not (out / "config.json").exists():
+        print(f"Building the offline {shape} checkpoint in {out} (random weights, once)...", flush=True)
+        build_checkpoint(shape, out)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    parser.add_argument("--out", type=Path, help="target folder (default: data/models/rwkv-4-world-SHAPE)")
+    args = parser.parse_args(argv)
+    out = build_checkpoint(args.shape, args.out)
+    print(f"Wrote the {args.shape} checkpoint to {out}")
+
+
+if __name__ == "__main__":
+    main()

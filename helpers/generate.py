@@ -1,0 +1,78 @@
+"""Generate text with RWKV-4 in bigdl-llm low-bit on the CPU, in the layout of the upstream example.
+
+    python -m helpers.generate [--repo-id-or-model-path PATH_OR_ID] [--prompt TEXT] [--n-predict N] [--low-bit FMT]
+
+Without a model it uses the offline checkpoint (random weights: the text is meaningless).
+"""
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import helpers  # noqa: F401  (chooses the native kernel library before bigdl.llm is imported)
+from helpers.errors import UserError
+from helpers.loading import LOW_BIT_FORMATS, load_model, load_tokenizer
+from helpers.models import resolve_model
+from helpers.prompt import DEFAULT_N_PREDICT, DRAGON_PROMPT, check_n_predict, format_prompt
+
+
+@dataclass
+class Generation:
+    prompt: str  # the formatted prompt
+    output: str  # decoded prompt + answer, as the upstream example prints it
+    seconds: float
+    new_tokens: int
+
+    def report(self):
+        return "\n".join([
+            f"Inference time: {self.seconds} s",
+            "-" * 20 + " Prompt " + "-" * 20,
+            self.prompt,
+            "-" * 20 + " Output " + "-" * 20,
+            self.output,
+        ])
+
+
+def generate(model, tokenizer, prompt, n_predict=DEFAULT_N_PREDICT, **generate_kwargs):
+    """Format the prompt, generate greedily (unless told otherwise) and time it."""
+    import torch
+
+    formatted = format_prompt(prompt)
+    check_n_predict(n_predict, model.config.context_length)
+    input_ids = tokenizer(formatted, return_tensors="pt").input_ids
+    generate_kwargs.setdefault("do_sample", False)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        output = model.generate(input_ids, max_new_tokens=n_predict, pad_token_id=0, **generate_kwargs)
+        seconds = time.perf_counter() - start
+    text = tokenizer.decode(output[0], skip_special_tokens=True)
+    return Generation(formatted, text, seconds, output.shape[1] - input_ids.shape[1])
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Predict tokens with generate() for an RWKV-4 model in low-bit.")
+    parser.add_argument("--repo-id-or-model-path", default=None,
+                        help="hub id (e.g. RWKV/rwkv-4-world-7b) or local folder; default: the offline checkpoint")
+    parser.add_argument("--prompt", default=DRAGON_PROMPT, help="prompt to infer")
+    parser.add_argument("--n-predict", type=int, default=DEFAULT_N_PREDICT, help="max tokens to predict")
+    parser.add_argument("--low-bit", default="sym_int4", choices=LOW_BIT_FORMATS, help="weight format")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        format_prompt(args.prompt)  # refuse bad input before anything slow
+        source = resolve_model(args.repo_id_or_model_path)
+        check_n_predict(args.n_predict, source.config["context_length"])
+        model, tokenizer = load_model(source, args.low_bit), load_tokenizer(source)
+        result = generate(model, tokenizer, args.prompt, args.n_predict)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(result.report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

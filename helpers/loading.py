@@ -1,0 +1,96 @@
+"""Load RWKV-4 as HF transformers reference models or as bigdl-llm low-bit models that run on CPU.
+
+Every bigdl-llm path (``from_pretrained(load_in_4bit / load_in_low_bit)``, ``optimize_model()``,
+``load_low_bit``) goes through ``repair_for_cpu``; see helpers.rwkv_cpu for why.
+"""
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from helpers.cpu import require_avx2
+from helpers.errors import UserError
+from helpers.memory import check_fits
+from helpers.paths import MODELS_DIR
+from helpers.rwkv_cpu import release_freed_memory, repair_for_cpu
+
+LOW_BIT_FORMATS = ("sym_int4", "asym_int4", "sym_int5", "sym_int8")
+CACHE_DIR = MODELS_DIR / "low-bit"
+
+
+def _check_format(low_bit):
+    if low_bit not in LOW_BIT_FORMATS:
+        raise UserError(f"Unknown low-bit format {low_bit!r}; choose one of {', '.join(LOW_BIT_FORMATS)}.")
+
+
+def load_tokenizer(source):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.location, trust_remote_code=True)
+
+
+def load_hf_model(source, dtype=torch.float32):
+    """The plain transformers model, the reference every low-bit result is compared with."""
+    from transformers import AutoModelForCausalLM
+
+    check_fits(source.config, {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
+    model = AutoModelForCausalLM.from_pretrained(source.location, torch_dtype=dtype)
+    return model.eval()
+
+
+def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True):
+    """bigdl-llm's from_pretrained with load_in_low_bit (load_in_4bit is the same as sym_int4)."""
+    _check_format(low_bit)
+    require_avx2()
+    check_fits(source.config, low_bit)
+    from bigdl.llm.transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        source.location, load_in_low_bit=low_bit, optimize_model=optimize_model, trust_remote_code=True
+    )
+    return repair_for_cpu(model)
+
+
+def optimize_hf_model(model, low_bit="sym_int4"):
+    """bigdl-llm's one-line API on a transformers model, as the upstream example uses it."""
+    _check_format(low_bit)
+    require_avx2()
+    from bigdl.llm import optimize_model
+
+    return repair_for_cpu(optimize_model(model, low_bit=low_bit))
+
+
+def cache_dir(source, low_bit):
+    return CACHE_DIR / f"{source.name}-{low_bit}"
+
+
+def load_cached_low_bit_model(source, low_bit="sym_int4"):
+    """Convert once with save_low_bit, then load the converted weights with load_low_bit.
+
+    Returns (model, seconds spent loading, whether the cache was just written).
+    """
+    folder = cache_dir(source, low_bit)
+    written = False
+    if not (folder / "config.json").exists():
+        model = load_low_bit_model(source, low_bit)
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_low_bit(str(partial))
+        load_tokenizer(source).save_pretrained(str(partial))
+        partial.rename(folder)
+        del model
+        release_freed_memory()
+        written = True
+    require_avx2()
+    check_fits(source.config, low_bit, from_cache=True)
+    from bigdl.llm.transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    model = repair_for_cpu(AutoModelForCausalLM.load_low_bit(str(folder), trust_remote_code=True))
+    return model, time.perf_counter() - start, written
+
+
+def load_model(source, low_bit="sym_int4"):
+    """The HF fp32 reference for low_bit="fp32", else the bigdl-llm low-bit model repaired for CPU."""
+    return load_hf_model(source) if low_bit == "fp32" else load_low_bit_model(source, low_bit)

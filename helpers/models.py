@@ -1,0 +1,82 @@
+"""Which model to load: the offline checkpoint, a local folder, or a Hugging Face hub id."""
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers.checkpoint import ensure_checkpoint
+from helpers.errors import UserError
+
+# The real RWKV-4 World models on the Hugging Face hub, with their fp16 download size in GB.
+HUB_MODELS = {
+    "RWKV/rwkv-4-world-169m": 0.34,
+    "RWKV/rwkv-4-world-430m": 0.92,
+    "RWKV/rwkv-4-world-1b5": 3.1,
+    "RWKV/rwkv-4-world-3b": 6.1,
+    "RWKV/rwkv-4-world-7b": 15.0,
+}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ModelSource:
+    """What to pass to from_pretrained, with the model's config already read and checked."""
+
+    location: str  # a local folder, or a hub id that is cached or reachable
+    config: dict
+    offline: bool  # True for the project's random-weight checkpoint
+
+    @property
+    def name(self):
+        return Path(self.location).name if Path(self.location).exists() else self.location.replace("/", "--")
+
+
+def _read_config(config_file, label):
+    try:
+        config = json.loads(Path(config_file).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{label} has no readable config.json ({error}); is it a Hugging Face model folder?")
+    if config.get("model_type") != "rwkv":
+        raise UserError(
+            f"{label} is a {config.get('model_type', 'unknown')!r} model, not RWKV-4 (model_type 'rwkv'). "
+            "Pick an RWKV-4 model such as RWKV/rwkv-4-world-7b, or leave the model out for the offline checkpoint."
+        )
+    return config
+
+
+def _hub_config(repo_id):
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, "config.json")  # cache first when offline
+    except Exception:
+        raise UserError(
+            f"{repo_id} is neither in the local Hugging Face cache nor reachable. Fetch it once where there "
+            f"is internet (`huggingface-cli download {repo_id}`, then copy ~/.cache/huggingface here), or pass "
+            "a local folder. The offline checkpoint needs nothing: leave the model out."
+        ) from None
+
+
+def resolve_model(name_or_path=None):
+    """A ModelSource for a local folder, a hub id, or (None / empty) the offline tiny checkpoint."""
+    name_or_path = (name_or_path or os.environ.get("RWKV_MODEL") or "").strip()
+    if not name_or_path:
+        folder = ensure_checkpoint("tiny")
+        return ModelSource(str(folder), _read_config(folder / "config.json", str(folder)), offline=True)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        config = _read_config(path / "config.json", str(path))
+        if not any((path / name).exists() for name in WEIGHT_FILES):
+            raise UserError(f"{path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}).")
+        return ModelSource(str(path), config, offline="offline_checkpoint" in config)
+    if path.exists():
+        raise UserError(f"{path} is a file; pass the folder that holds config.json and the weights.")
+    if HUB_ID.match(name_or_path) and not name_or_path.startswith("."):
+        config = _read_config(_hub_config(name_or_path), name_or_path)
+        return ModelSource(name_or_path, config, offline=False)
+    raise UserError(
+        f"No model folder at {path}. Pass an existing folder, a hub id such as RWKV/rwkv-4-world-7b, "
+        "or leave the model out to use the offline checkpoint."
+    )

@@ -1,0 +1,25 @@
+"""The prompt format of RWKV-4 World models, and the checks every entry point applies to input."""
+from helpers.errors import UserError
+
+# From the model card of RWKV/rwkv-4-world-7b, as the upstream bigdl-llm example uses it.
+PROMPT_FORMAT = "Question: {prompt}\n\nAnswer:"
+# The upstream example's default prompt, leading newline included.
+DRAGON_PROMPT = (
+    "\nIn a shocking finding, scientist discovered a herd of dragons living in a remote, previously "
+    "unexplored valley, in Tibet. Even more surprising to the researchers was the fact that the dragons "
+    "spoke perfect Chinese."
+)
+DEFAULT_N_PREDICT = 40
+
+
+def format_prompt(prompt):
+    if not prompt or not prompt.strip():
+        raise UserError("The prompt is empty: type a question, e.g. --prompt \"What is AI?\".")
+    return PROMPT_FORMAT.format(prompt=prompt)
+
+
+def check_n_predict(n_predict, context_length):
+    if not isinstance(n_predict, int) or isinstance(n_predict, bool):
+        raise UserError(f"n_predict must be a whole number, not {n_predict!r}.")
+    if not 1 <= n_predict <= context_length:
+        raise UserError(f"n_predict must be between 1 and the model's context length {context_length}, not {n_predict}.")

@@ -1,0 +1,86 @@
+"""The RWKV World tokenizer as a transformers tokenizer.
+
+This file is copied into every checkpoint folder the project writes, and loaded from there by
+``AutoTokenizer.from_pretrained(path, trust_remote_code=True)``, the same call that loads the
+Hugging Face ``RWKV/rwkv-4-world-*`` repos. It must stay self-contained (no project imports).
+
+The World vocabulary maps byte strings to ids 1..65529; text is encoded by greedy longest match
+over its UTF-8 bytes. Id 0 is the end-of-text token. Tokens are carried through transformers as
+latin-1 strings, which map bytes one to one.
+"""
+import ast
+import os
+import shutil
+
+from transformers import PreTrainedTokenizer
+
+VOCAB_FILE = "rwkv_vocab_v20230424.txt"
+END_OF_TEXT = "<|endoftext|>"
+
+
+def read_vocab(path):
+    """{token bytes: id} from the World vocabulary file (lines: `id repr(token) length`)."""
+    vocab = {}
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            idx, rest = line.split(" ", 1)
+            literal, length = rest.rstrip("\n").rsplit(" ", 1)
+            token = ast.literal_eval(literal)
+            token = token.encode("utf-8") if isinstance(token, str) else token
+            assert len(token) == int(length), f"bad vocabulary line: {line!r}"
+            vocab[token] = int(idx)
+    return vocab
+
+
+class RWKVWorldTokenizer(PreTrainedTokenizer):
+    vocab_files_names = {"vocab_file": VOCAB_FILE}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, vocab_file, **kwargs):
+        self.vocab_file = vocab_file
+        self.byte_to_id = read_vocab(vocab_file)
+        self.id_to_byte = {idx: token for token, idx in self.byte_to_id.items()}
+        self.max_token_bytes = max(len(token) for token in self.byte_to_id)
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            kwargs.setdefault(name, END_OF_TEXT)
+        kwargs.setdefault("clean_up_tokenization_spaces", False)
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self):
+        return len(self.byte_to_id) + 1  # + end of text, id 0
+
+    def get_vocab(self):
+        vocab = {token.decode("latin-1"): idx for token, idx in self.byte_to_id.items()}
+        vocab[END_OF_TEXT] = 0
+        return vocab
+
+    def encode_bytes(self, data):
+        """Greedy longest match, as the reference TRIE_TOKENIZER does."""
+        ids, start = [], 0
+        while start < len(data):
+            for end in range(min(len(data), start + self.max_token_bytes), start, -1):
+                idx = self.byte_to_id.get(data[start:end])
+                if idx is not None:
+                    ids.append(idx)
+                    start = end
+                    break
+        return ids
+
+    def _tokenize(self, text, **kwargs):
+        return [self.id_to_byte[idx].decode("latin-1") for idx in self.encode_bytes(text.encode("utf-8"))]
+
+    def _convert_token_to_id(self, token):
+        return 0 if token == END_OF_TEXT else self.byte_to_id[token.encode("latin-1")]
+
+    def _convert_id_to_token(self, index):
+        return END_OF_TEXT if index == 0 else self.id_to_byte[index].decode("latin-1")
+
+    def convert_tokens_to_string(self, tokens):
+        return b"".join(token.encode("latin-1") for token in tokens).decode("utf-8", errors="replace")
+
+    def save_vocabulary(self, save_directory, filename_prefix=None):
+        target = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILE)
+        if os.path.abspath(self.vocab_file) != os.path.abspath(target):
+            shutil.copyfile(self.vocab_file, target)
+        return (target,)

@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+import helpers  # noqa: F401  (chooses the native library before bigdl.llm is imported)
+from helpers.checkpoint import ensure_checkpoint
+from helpers.loading import load_hf_model, load_tokenizer
+from helpers.models import resolve_model
+
+SAMPLE_TEXTS = {
+    "english": "The quick brown fox jumps over the lazy dog, then naps until noon.",
+    "chinese": "人工智能是计算机科学的一个分支，它企图了解智能的实质。",
+    "code": "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\tprint({'a': [1, 2]})",
+    "emoji": "Dragons 🐉 and fire 🔥🔥 — déjà vu! 👩‍💻",
+    "mixed": "Question: 西藏的龙会说中文吗？\n\nAnswer: Yes — они говорят 中文 and English 😀.",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_source():
+    ensure_checkpoint("tiny")
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_source):
+    return load_tokenizer(tiny_source)
+
+
+@pytest.fixture(scope="session")
+def fp32_model(tiny_source):
+    return load_hf_model(tiny_source)
+
+
+def run_cli(*args, env=None, timeout=300):
+    """Run `python -m ARGS` in a fresh interpreter; returns the CompletedProcess."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def run_python(code, env=None):
+    """Run code in a fresh interpreter (so the native library is chosen anew); returns its stdout."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, check=True).stdout

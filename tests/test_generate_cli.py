@@ -1,0 +1,74 @@
+"""The generate CLI: the upstream example's layout, and one clear line with exit code 2 for bad input."""
+import json
+
+import pytest
+
+from conftest import run_cli
+from helpers import generate
+from helpers.checkpoint import make_config
+from helpers.cpu import CpuInfo
+from helpers.prompt import DRAGON_PROMPT, PROMPT_FORMAT
+
+SEPARATORS = ["-------------------- Prompt --------------------", "-------------------- Output --------------------"]
+
+
+def test_defaults_print_the_upstream_layout(tokenizer):
+    result = run_cli("helpers.generate")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Inference time: ") and lines[0].endswith(" s")
+    float(lines[0].split()[2])
+    prompt = PROMPT_FORMAT.format(prompt=DRAGON_PROMPT)
+    head, output = result.stdout.split(SEPARATORS[1] + "\n")
+    assert head == f"{lines[0]}\n{SEPARATORS[0]}\n{prompt}\n"
+    assert output.startswith(prompt)
+    answer_ids = tokenizer(output[len(prompt):].rstrip("\n")).input_ids
+    assert 30 <= len(answer_ids) <= 50  # 40 generated tokens; re-tokenizing text may merge or split a few
+
+
+def write_config(folder, **overrides):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**make_config("tiny"), **overrides}))
+    return folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "   \n"], "prompt is empty"),
+    (["--n-predict", "0"], "between 1 and"),
+    (["--n-predict", "5000"], "between 1 and the model's context length 4096"),
+    (["--repo-id-or-model-path", "/no/such/model"], "No model folder at /no/such/model"),
+    (["--repo-id-or-model-path", "RWKV/rwkv-4-world-7b"], "huggingface-cli download RWKV/rwkv-4-world-7b"),
+])
+def test_bad_input_gets_one_clear_line(args, message):
+    result = run_cli("helpers.generate", *args, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+
+
+def test_folder_without_weights(tmp_path):
+    folder = write_config(tmp_path / "empty")
+    result = run_cli("helpers.generate", "--repo-id-or-model-path", str(folder))
+    assert result.returncode == 2 and "has a config.json but no weights" in result.stderr
+
+
+def test_not_an_rwkv_checkpoint(tmp_path):
+    folder = write_config(tmp_path / "llama", model_type="llama")
+    result = run_cli("helpers.generate", "--repo-id-or-model-path", str(folder))
+    assert result.returncode == 2 and "'llama' model, not RWKV-4" in result.stderr
+
+
+def test_model_too_large_for_ram_is_refused_before_loading(tmp_path):
+    folder = write_config(tmp_path / "huge", hidden_size=32768, num_hidden_layers=64, intermediate_size=131072)
+    (folder / "model.safetensors").write_bytes(b"")  # the refusal must come before any weight is read
+    result = run_cli("helpers.generate", "--repo-id-or-model-path", str(folder))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "GiB of RAM, but only" in result.stderr
+
+
+def test_cpu_without_avx2_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr("helpers.cpu.cpu_info", lambda: CpuInfo("GenuineIntel", "Old CPU", 4, 1, frozenset({"avx"})))
+    assert generate.main(["--n-predict", "2"]) == 2
+    assert "lacks AVX2" in capsys.readouterr().err
