@@ -1,4 +1,4 @@
-"""Make bigdl-llm's low-bit RWKV-4 run on a CPU.
+"""Make bigdl-llm's low-bit RWKV-4 run on a CPU, and run fast there.
 
 What upstream ships (bigdl-llm 2.5.0b20240627) and why it fails on a CPU:
 - ``optimize_model=True`` (the default) rescales the layers, converts the linears to INT4, then
@@ -9,7 +9,12 @@ What upstream ships (bigdl-llm 2.5.0b20240627) and why it fails on a CPU:
 
 ``repair_for_cpu`` binds CPU forwards that keep bigdl's low-bit linears (and its layer rescale),
 applies the rescale to the outputs where the weights were not rescaled, and turns the fp16 mixing
-vectors into fp32 copies, which frees the memory-mapped checkpoint they were views into.
+vectors into fp32 copies, which frees the memory-mapped checkpoint they were views into. The
+embedding table, which bigdl widens to fp32, goes back to the checkpoint's fp16.
+
+The forwards compute the same maths as transformers' RwkvSelfAttention / RwkvFeedForward with
+fewer tensor operations: one batched mix for key / value / receptance, the decay exponent computed
+once, and for a single token (decoding) bigdl's INT4 kernel called directly.
 """
 import ctypes
 import gc
@@ -19,46 +24,91 @@ import torch
 from transformers.models.rwkv.modeling_rwkv import rwkv_linear_attention_cpu
 
 
-def _previous_hidden(module, hidden, state, slot):
-    """Each position's previous hidden vector; the first position's comes from the state."""
+def _linear(module, x):
+    """module(x); a single token calls bigdl's INT4 kernel without LowBitLinear's per-call checks."""
+    if x.shape[0] * x.shape[1] == 1 and hasattr(module, "qtype"):
+        from bigdl.llm.transformers.low_bit_linear import ggml_matmul_src1_x_src0_t
+
+        out = ggml_matmul_src1_x_src0_t(module.weight.data, x.reshape(1, -1), module.weight_shape, module.qtype)
+        return out.view(1, 1, -1)
+    return module(x)
+
+
+def _mixed_inputs(module, hidden, state, slot):
+    """Interpolate each position with the previous one, for all of the module's linears at once.
+
+    Returns a tensor [n_mixes, batch, seq, hidden]; the first position's previous hidden vector
+    comes from the state, and the state keeps the last position for the next call.
+    """
     if hidden.size(1) == 1 and state is not None:
-        return state[slot][:, :, module.layer_id].unsqueeze(1)
-    shifted = torch.nn.functional.pad(hidden, (0, 0, 1, -1))
+        shifted = state[slot][:, :, module.layer_id].unsqueeze(1)
+    else:
+        shifted = torch.nn.functional.pad(hidden, (0, 0, 1, -1))
+        if state is not None:
+            shifted[:, 0] = state[slot][:, :, module.layer_id]
+    mixed = torch.addcmul(shifted, hidden - shifted, module.time_mixes)
     if state is not None:
-        shifted[:, 0] = state[slot][:, :, module.layer_id]
-    return shifted
+        state[slot][:, :, module.layer_id] = hidden[:, -1]
+    return mixed
 
 
-def _mix(hidden, shifted, weight):
-    return hidden * weight + shifted * (1 - weight)
+def _wkv_one_token(module, key, value, layer_state):
+    """The WKV recurrence for one token, updating num / den / max state in place."""
+    num, den, max_state = layer_state
+    key, value = key[:, 0], value[:, 0]
+    with_bonus = module.time_first + key
+    top = torch.maximum(max_state, with_bonus)
+    e1, e2 = torch.exp(max_state - top), torch.exp(with_bonus - top)
+    wkv = torch.addcmul(e2 * value, e1, num) / torch.addcmul(e2, e1, den)
+    decayed = max_state + module.decay
+    top = torch.maximum(decayed, key)
+    e1, e2 = torch.exp(decayed - top), torch.exp(key - top)
+    num.copy_(torch.addcmul(e2 * value, e1, num))
+    den.copy_(torch.addcmul(e2, e1, den))
+    max_state.copy_(top)
+    return wkv.unsqueeze(1)
 
 
 def attention_forward(self, hidden, state=None, use_cache=False):
-    """RWKV-4 time mixing (same maths as transformers' RwkvSelfAttention), low-bit linears on CPU."""
-    shifted = _previous_hidden(self, hidden, state, 1)
-    key = self.key(_mix(hidden, shifted, self.time_mix_key))
-    value = self.value(_mix(hidden, shifted, self.time_mix_value))
-    receptance = torch.sigmoid(self.receptance(_mix(hidden, shifted, self.time_mix_receptance)))
-    if state is not None:
-        state[1][:, :, self.layer_id] = hidden[:, -1]
-    layer_state = tuple(s[:, :, self.layer_id] for s in state[2:]) if state is not None else None
-    wkv, layer_state = rwkv_linear_attention_cpu(
-        self.time_decay, self.time_first, key, value, state=layer_state, return_state=use_cache
-    )
-    if layer_state is not None:
-        for slot, value in zip((2, 3, 4), layer_state):
-            state[slot][:, :, self.layer_id] = value
-    return self.output(receptance * wkv) * self.output_scale, state
+    """RWKV-4 time mixing on CPU."""
+    mixed = _mixed_inputs(self, hidden, state, 1)
+    key, value = _linear(self.key, mixed[0]), _linear(self.value, mixed[1])
+    receptance = torch.sigmoid(_linear(self.receptance, mixed[2]))
+    if state is not None and hidden.size(1) == 1:
+        layer_state = [s[:, :, self.layer_id] for s in state[2:]]
+        wkv = _wkv_one_token(self, key, value, layer_state)
+        for slot, tensor in zip((2, 3, 4), layer_state):
+            state[slot][:, :, self.layer_id] = tensor
+    else:
+        layer_state = tuple(s[:, :, self.layer_id] for s in state[2:]) if state is not None else None
+        wkv, layer_state = rwkv_linear_attention_cpu(
+            self.time_decay, self.time_first, key, value, state=layer_state, return_state=use_cache
+        )
+        if layer_state is not None:
+            for slot, tensor in zip((2, 3, 4), layer_state):
+                state[slot][:, :, self.layer_id] = tensor
+    out = _linear(self.output, receptance * wkv)
+    return (out if self.output_scale == 1 else out * self.output_scale), state
 
 
 def feed_forward_forward(self, hidden, state=None):
-    """RWKV-4 channel mixing (same maths as transformers' RwkvFeedForward), low-bit linears on CPU."""
-    shifted = _previous_hidden(self, hidden, state, 0)
-    key = torch.square(torch.relu(self.key(_mix(hidden, shifted, self.time_mix_key))))
-    receptance = torch.sigmoid(self.receptance(_mix(hidden, shifted, self.time_mix_receptance)))
-    if state is not None:
-        state[0][:, :, self.layer_id] = hidden[:, -1]
-    return receptance * self.value(key) * self.output_scale, state
+    """RWKV-4 channel mixing on CPU."""
+    mixed = _mixed_inputs(self, hidden, state, 0)
+    key = torch.relu(_linear(self.key, mixed[0]))
+    receptance = torch.sigmoid(_linear(self.receptance, mixed[1]))
+    out = receptance * _linear(self.value, key * key)
+    return (out if self.output_scale == 1 else out * self.output_scale), state
+
+
+class HalfEmbedding(torch.nn.Module):
+    """The token embedding table kept in fp16, half of bigdl's fp32 copy; looked-up rows are fp32."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().to(torch.float16, copy=True), requires_grad=False)
+
+    def forward(self, input_ids):
+        return torch.nn.functional.embedding(input_ids, self.weight).float()
 
 
 def _own_parameters_to_fp32(module):
@@ -76,25 +126,33 @@ def release_freed_memory():
             pass
 
 
-def is_low_bit(model):
-    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
-
-    return any(isinstance(module, LowBitLinear) for module in model.modules())
-
-
 def repair_for_cpu(model):
     """Make a bigdl-converted RWKV-4 model (any of its loading APIs) run correctly on CPU. Returns it."""
+    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
+
     rwkv = model.rwkv
+    if not isinstance(rwkv.embeddings, HalfEmbedding):
+        rwkv.embeddings = HalfEmbedding(rwkv.embeddings.weight)
+    # Everything but the low-bit linears and the embeddings computes in fp32, whichever API loaded it
+    # (load_low_bit leaves the norms in the checkpoint's fp16).
+    for module in model.modules():
+        if not isinstance(module, (LowBitLinear, HalfEmbedding)):
+            _own_parameters_to_fp32(module)
     every = model.config.rescale_every
     # Weights already rescaled (optimize_model=True) need no scale; otherwise scale the outputs,
     # which equals dividing the weights and leaves the INT4 weights untouched.
     weights_rescaled = rwkv.layers_are_rescaled
     for layer, block in enumerate(rwkv.blocks):
-        scale = 1.0 if weights_rescaled or every <= 0 else 2.0 ** -(layer // every)
-        for module, forward in ((block.attention, attention_forward), (block.feed_forward, feed_forward_forward)):
-            module.forward = forward.__get__(module, type(module))
-            module.output_scale = scale
-            _own_parameters_to_fp32(module)
+        attention, feed_forward = block.attention, block.feed_forward
+        for module in (attention, feed_forward):
+            module.output_scale = 1.0 if weights_rescaled or every <= 0 else 2.0 ** -(layer // every)
+        attention.time_mixes = torch.stack(
+            [attention.time_mix_key, attention.time_mix_value, attention.time_mix_receptance]
+        )
+        attention.decay = -torch.exp(attention.time_decay)
+        feed_forward.time_mixes = torch.stack([feed_forward.time_mix_key, feed_forward.time_mix_receptance])
+        attention.forward = attention_forward.__get__(attention, type(attention))
+        feed_forward.forward = feed_forward_forward.__get__(feed_forward, type(feed_forward))
     rwkv.layers_are_rescaled = True
     model.eval()
     release_freed_memory()

@@ -77,9 +77,12 @@ def test_low_bit_cache_round_trip(tiny_source, input_ids, sym_int4_logits, tmp_p
 def test_no_fp16_view_of_the_checkpoint_remains(tiny_source):
     from bigdl.llm.transformers.low_bit_linear import LowBitLinear
 
+    from helpers.rwkv_cpu import HalfEmbedding
+
     model = load_low_bit_model(tiny_source, "sym_int4")
+    assert isinstance(model.rwkv.embeddings, HalfEmbedding) and model.rwkv.embeddings.weight.dtype == torch.float16
     for name, module in model.named_modules():
-        if not isinstance(module, LowBitLinear):
+        if not isinstance(module, (LowBitLinear, HalfEmbedding)):
             for param_name, param in module.named_parameters(recurse=False):
                 assert param.dtype == torch.float32, f"{name}.{param_name} is {param.dtype}"
 
@@ -94,3 +97,29 @@ def test_greedy_output_is_reproducible_across_runs_and_threads():
     one_thread = greedy_output(1)
     assert greedy_output(1) == one_thread
     assert greedy_output(2) == one_thread
+
+
+def test_cpu_forwards_compute_the_transformers_maths(tiny_source, input_ids, reference_logits):
+    from helpers.loading import load_hf_model
+    from helpers.rwkv_cpu import repair_for_cpu
+
+    model = repair_for_cpu(load_hf_model(tiny_source))  # fp32 linears: only the forwards differ
+    assert torch.allclose(logits_for(model, input_ids), reference_logits, atol=1e-4)
+
+
+def test_token_by_token_decoding_matches_the_whole_sequence(tiny_source, input_ids, reference_logits):
+    from helpers.loading import load_hf_model
+    from helpers.rwkv_cpu import repair_for_cpu
+
+    # Exact maths with fp32 linears; in INT4 ggml's one-row and many-row kernels round differently.
+    for model, tolerance in ((repair_for_cpu(load_hf_model(tiny_source)), 1e-4), (load_low_bit_model(tiny_source), 0.5)):
+        whole = logits_for(model, input_ids)
+        with torch.inference_mode():
+            out = model(input_ids[:, :8], use_cache=True)
+            logits = [out.logits[0]]
+            for position in range(8, input_ids.shape[1]):
+                out = model(input_ids[:, position:position + 1], state=out.state, use_cache=True)
+                logits.append(out.logits[0])
+        stepwise = torch.cat(logits)
+        assert (stepwise - whole).abs().max() < tolerance
+        assert agreement(whole, stepwise).cosine > 0.999

@@ -1,0 +1,219 @@
+"""Benchmark RWKV-4 on this CPU: HF fp32 / bf16 against bigdl-llm low-bit, side by side in one run.
+
+    python -m helpers.bench [--shape 1b5] [--threads N] [--json PATH] [--plot PATH] [--options a,b]
+
+Each option runs in its own fresh process, one after another, on the same checkpoint and prompt.
+Decode is memory-bound: each token reads every weight of the block linears and the head once, so
+weight bytes / read bandwidth is the fastest a token can be (`bound_ms`); bandwidth is measured here.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from tqdm import tqdm
+
+OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "asym_int4", "sym_int5", "sym_int8", "sym_int4_cache"]
+PROMPT_TOKENS = 32
+DECODE_TOKENS = 64
+GIB = 1024**3
+
+
+def read_bandwidth_gbs(threads, size_bytes=GIB, repeats=5):
+    """Best-of-N read bandwidth of summing a large float32 tensor, in GB/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(size_bytes // 4)
+    data.sum()
+    best = min(_timed(data.sum) for _ in range(repeats))
+    return size_bytes / best / 1e9
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def linear_weight_bytes(model):
+    """Bytes of the weights every decoded token reads: all block linears and the head."""
+    import torch
+    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
+
+    return sum(m.weight.data.nbytes for m in model.modules() if isinstance(m, (torch.nn.Linear, LowBitLinear)))
+
+
+def load_option(option, source):
+    import torch
+
+    from helpers.loading import load_cached_low_bit_model, load_hf_model, load_low_bit_model
+
+    if option == "hf_fp32":
+        return load_hf_model(source, torch.float32)
+    if option == "hf_bf16":
+        return load_hf_model(source, torch.bfloat16)
+    if option.endswith("_cache"):
+        return load_cached_low_bit_model(source, option.removesuffix("_cache"))[0]
+    return load_low_bit_model(source, option)
+
+
+def prompt_ids(vocab_size):
+    """A fixed 32-token prompt: the same ids for every option."""
+    import torch
+
+    return (torch.arange(PROMPT_TOKENS) * 7919 % (vocab_size - 1) + 1).unsqueeze(0)
+
+
+def measure(option, shape, threads):
+    """One option, in this process: a dict of the numbers the table shows."""
+    import torch
+
+    import helpers  # noqa: F401
+    from helpers.checkpoint import ensure_checkpoint
+    from helpers.loading import cache_dir
+    from helpers.models import resolve_model
+
+    torch.set_num_threads(threads)
+    source = resolve_model(str(ensure_checkpoint(shape)))
+    if option.endswith("_cache") and not (cache_dir(source, option.removesuffix("_cache")) / "config.json").exists():
+        load_option(option, source)  # write the cache in a run of its own; time the second load
+        return None
+    start = time.perf_counter()
+    model = load_option(option, source)
+    load_s = time.perf_counter() - start
+    peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak so far: the load
+    ids = prompt_ids(source.config["vocab_size"])
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(ids, use_cache=True)
+        prefill_ms = (time.perf_counter() - start) * 1000
+        token, state = out.logits[0, -1].argmax(), out.state
+        tokens, times, rss = [], [], []
+        process = psutil.Process()
+        for _ in range(DECODE_TOKENS):
+            start = time.perf_counter()
+            out = model(token.view(1, 1), state=state, use_cache=True)
+            token, state = out.logits[0, -1].argmax(), out.state
+            times.append((time.perf_counter() - start) * 1000)
+            tokens.append(int(token))
+            rss.append(process.memory_info().rss)
+    return {
+        "option": option,
+        "load_s": load_s,
+        "peak_load_rss_gib": peak_load / GIB,
+        "steady_rss_gib": statistics.median(rss) / GIB,
+        "prefill_ms": prefill_ms,
+        "decode_ms": statistics.median(times),
+        "weight_bytes": linear_weight_bytes(model),
+        "tokens": tokens,
+    }
+
+
+def run_worker(option, shape, threads):
+    """Measure one option in a fresh process; None when that run only wrote the low-bit cache."""
+    command = [sys.executable, "-m", "helpers.bench", "--worker", option, "--shape", shape, "--threads", str(threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{option} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_bandwidth(threads):
+    code = f"from helpers.bench import read_bandwidth_gbs; print(read_bandwidth_gbs({threads}))"
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def run_benchmark(shape="1b5", threads=None, options=OPTIONS):
+    threads = threads or psutil.cpu_count(logical=False) or 1
+    records = []
+    with tqdm(total=len(options) + 1, desc=f"bench {shape}, {threads} threads", unit="step") as progress:
+        bandwidth = run_bandwidth(threads)
+        progress.update()
+        for option in options:
+            progress.set_postfix_str(option)
+            record = run_worker(option, shape, threads)
+            if record is None:  # the cache was just written: measure loading it
+                record = run_worker(option, shape, threads)
+            record["bound_ms"] = record["weight_bytes"] / (bandwidth * 1e9) * 1000
+            records.append(record)
+            progress.update()
+    reference = next((r["tokens"] for r in records if r["option"] == "hf_fp32"), records[0]["tokens"])
+    for record in records:
+        record["same_tokens"] = sum(a == b for a, b in zip(record["tokens"], reference)) / len(reference)
+    return {"shape": shape, "threads": threads, "bandwidth_gbs": bandwidth, "records": records}
+
+
+def markdown_table(result):
+    fp32 = next((r for r in result["records"] if r["option"] == "hf_fp32"), None)
+    lines = [
+        f"Shape {result['shape']}, {result['threads']} threads, read bandwidth {result['bandwidth_gbs']:.1f} GB/s, "
+        f"{PROMPT_TOKENS}-token prompt, median of {DECODE_TOKENS} greedy tokens.",
+        "",
+        "| option | load s | peak load RSS GiB | steady RSS GiB | prefill ms | decode ms/token | tokens/s "
+        "| weight GiB read/token | bound ms | decode / bound | decode / fp32 | tokens = fp32's |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["records"]:
+        ratio = f"{r['decode_ms'] / fp32['decode_ms']:.3f}" if fp32 else "-"
+        lines.append(
+            f"| {r['option']} | {r['load_s']:.2f} | {r['peak_load_rss_gib']:.2f} | {r['steady_rss_gib']:.2f} "
+            f"| {r['prefill_ms']:.0f} | {r['decode_ms']:.1f} | {1000 / r['decode_ms']:.1f} "
+            f"| {r['weight_bytes'] / GIB:.2f} | {r['bound_ms']:.1f} | {r['decode_ms'] / r['bound_ms']:.2f} "
+            f"| {ratio} | {r['same_tokens']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = result["records"]
+    names = [r["option"] for r in records]
+    positions = range(len(records))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar([p - 0.2 for p in positions], [r["decode_ms"] for r in records], 0.4, label="decode ms/token (measured)")
+    ax.bar([p + 0.2 for p in positions], [r["bound_ms"] for r in records], 0.4, label="bandwidth bound")
+    ax.set_xticks(list(positions), names, rotation=20)
+    ax.set_ylabel("ms per token")
+    ax.set_yscale("log")
+    ax.set_title(f"RWKV-4 {result['shape']} decode, {result['threads']} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="1b5")
+    parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    parser.add_argument("--options", default=",".join(OPTIONS), help="comma-separated subset of " + ",".join(OPTIONS))
+    parser.add_argument("--json", type=Path, help="write the records here")
+    parser.add_argument("--plot", type=Path, help="write a PNG plot here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.shape, args.threads)))
+        return 0
+    result = run_benchmark(args.shape, args.threads, args.options.split(","))
+    print(markdown_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result["records"], indent=1))
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
