@@ -25,14 +25,14 @@ DECODE_TOKENS = 64
 GIB = 1024**3
 
 
-def read_bandwidth_gbs(threads, size_bytes=GIB, repeats=5):
-    """Best-of-N read bandwidth of summing a large float32 tensor, in GB/s."""
+def read_bandwidth_gbs(threads, size_bytes=GIB, repeats=10):
+    """Read bandwidth in GB/s: the best of a sum and of an fp32 matrix-vector product over 1 GiB."""
     import torch
 
     torch.set_num_threads(threads)
-    data = torch.ones(size_bytes // 4)
-    data.sum()
-    best = min(_timed(data.sum) for _ in range(repeats))
+    matrix = torch.ones(size_bytes // 4 // 4096, 4096)
+    vector = torch.ones(4096)
+    best = min(min(_timed(matrix.sum), _timed(lambda: torch.mv(matrix, vector))) for _ in range(repeats))
     return size_bytes / best / 1e9
 
 
@@ -90,17 +90,20 @@ def measure(option, shape, threads):
     load_s = time.perf_counter() - start
     peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak so far: the load
     ids = prompt_ids(source.config["vocab_size"])
+    process = psutil.Process()
+
+    def step(input_ids, state):  # one forward exactly as generate() makes it
+        out = model(**model.prepare_inputs_for_generation(input_ids, state=state), use_cache=True)
+        return out.logits[0, -1].argmax().view(1, 1), out.state
+
     with torch.inference_mode():
         start = time.perf_counter()
-        out = model(ids, use_cache=True)
+        token, state = step(ids, None)
         prefill_ms = (time.perf_counter() - start) * 1000
-        token, state = out.logits[0, -1].argmax(), out.state
         tokens, times, rss = [], [], []
-        process = psutil.Process()
         for _ in range(DECODE_TOKENS):
             start = time.perf_counter()
-            out = model(token.view(1, 1), state=state, use_cache=True)
-            token, state = out.logits[0, -1].argmax(), out.state
+            token, state = step(token, state)
             times.append((time.perf_counter() - start) * 1000)
             tokens.append(int(token))
             rss.append(process.memory_info().rss)
@@ -112,6 +115,7 @@ def measure(option, shape, threads):
         "prefill_ms": prefill_ms,
         "decode_ms": statistics.median(times),
         "weight_bytes": linear_weight_bytes(model),
+        "model_bytes": sum(tensor.nbytes for tensor in model.state_dict().values()),
         "tokens": tokens,
     }
 
@@ -157,14 +161,15 @@ def markdown_table(result):
         f"Shape {result['shape']}, {result['threads']} threads, read bandwidth {result['bandwidth_gbs']:.1f} GB/s, "
         f"{PROMPT_TOKENS}-token prompt, median of {DECODE_TOKENS} greedy tokens.",
         "",
-        "| option | load s | peak load RSS GiB | steady RSS GiB | prefill ms | decode ms/token | tokens/s "
+        "| option | load s | peak load RSS GiB | steady RSS GiB | weights in RAM GiB | prefill ms | decode ms/token | tokens/s "
         "| weight GiB read/token | bound ms | decode / bound | decode / fp32 | tokens = fp32's |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
         ratio = f"{r['decode_ms'] / fp32['decode_ms']:.3f}" if fp32 else "-"
         lines.append(
             f"| {r['option']} | {r['load_s']:.2f} | {r['peak_load_rss_gib']:.2f} | {r['steady_rss_gib']:.2f} "
+            f"| {r['model_bytes'] / GIB:.2f} "
             f"| {r['prefill_ms']:.0f} | {r['decode_ms']:.1f} | {1000 / r['decode_ms']:.1f} "
             f"| {r['weight_bytes'] / GIB:.2f} | {r['bound_ms']:.1f} | {r['decode_ms'] / r['bound_ms']:.2f} "
             f"| {ratio} | {r['same_tokens']:.0%} |"

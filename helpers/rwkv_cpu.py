@@ -14,14 +14,15 @@ embedding table, which bigdl widens to fp32, goes back to the checkpoint's fp16.
 
 The forwards compute the same maths as transformers' RwkvSelfAttention / RwkvFeedForward with
 fewer tensor operations: one batched mix for key / value / receptance, the decay exponent computed
-once, and for a single token (decoding) bigdl's INT4 kernel called directly.
+once, and for a single token (decoding) bigdl's INT4 kernel called directly. Under generate() the
+head runs on the last position only.
 """
 import ctypes
 import gc
 import sys
 
 import torch
-from transformers.models.rwkv.modeling_rwkv import rwkv_linear_attention_cpu
+from transformers.models.rwkv.modeling_rwkv import RwkvCausalLMOutput, rwkv_linear_attention_cpu
 
 
 def _linear(module, x):
@@ -100,6 +101,20 @@ def feed_forward_forward(self, hidden, state=None):
     return (out if self.output_scale == 1 else out * self.output_scale), state
 
 
+def prepare_inputs_for_generation(self, *args, **kwargs):
+    """transformers' own, plus a marker that the call comes from generate()."""
+    return {**type(self).prepare_inputs_for_generation(self, *args, **kwargs), "last_logits_only": True}
+
+
+def causal_lm_forward(self, input_ids=None, state=None, use_cache=None, inputs_embeds=None,
+                      last_logits_only=False, **kwargs):
+    """generate() reads only the last position's logits: compute the head (65536 rows) for it alone."""
+    if not last_logits_only:
+        return type(self).forward(self, input_ids, state=state, use_cache=use_cache, inputs_embeds=inputs_embeds, **kwargs)
+    out = self.rwkv(input_ids, inputs_embeds=inputs_embeds, state=state, use_cache=use_cache, return_dict=True)
+    return RwkvCausalLMOutput(logits=self.head(out.last_hidden_state[:, -1:]), state=out.state)
+
+
 class HalfEmbedding(torch.nn.Module):
     """The token embedding table kept in fp16, half of bigdl's fp32 copy; looked-up rows are fp32."""
 
@@ -154,6 +169,8 @@ def repair_for_cpu(model):
         attention.forward = attention_forward.__get__(attention, type(attention))
         feed_forward.forward = feed_forward_forward.__get__(feed_forward, type(feed_forward))
     rwkv.layers_are_rescaled = True
+    model.prepare_inputs_for_generation = prepare_inputs_for_generation.__get__(model, type(model))
+    model.forward = causal_lm_forward.__get__(model, type(model))
     model.eval()
     release_freed_memory()
     return model
