@@ -60,7 +60,7 @@ def load_option(option, source):
     if option == "hf_bf16":
         return load_hf_model(source, torch.bfloat16)
     if option.endswith("_cache"):
-        return load_cached_low_bit_model(source, option.removesuffix("_cache"))[0]
+        return load_cached_low_bit_model(source, option.removesuffix("_cache"))
     return load_low_bit_model(source, option)
 
 

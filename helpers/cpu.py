@@ -110,17 +110,18 @@ def choose_native_library(info=None, libs_dir=None):
 
 
 def select_native_library():
-    """Point LLAMA_CPP_LIB at the best build, unless the user set it. Returns the NativeChoice."""
+    """Point LLAMA_CPP_LIB at the best build, unless the user chose another. Returns the NativeChoice."""
+    choice = choose_native_library()
     preset = os.environ.get("LLAMA_CPP_LIB")
-    if preset:
+    if preset and Path(preset).resolve() != Path(choice.path).resolve():
         build = Path(preset).stem.replace("libllama_", "").replace("libllama-", "")
         return NativeChoice(build, preset, "set by you in LLAMA_CPP_LIB")
-    choice = choose_native_library()
     if "bigdl.llm.ggml.model.llama.llama_cpp" in sys.modules:
-        loaded = loaded_native_library() or "unknown"
-        return NativeChoice(loaded, "", "bigdl.llm loaded its kernels before helpers was imported: "
-                            "restart and import helpers first")
-    os.environ["LLAMA_CPP_LIB"] = choice.path
+        loaded = loaded_native_library()
+        if loaded != Path(choice.path).name:
+            return NativeChoice(loaded or "unknown", "", "bigdl.llm loaded its kernels before helpers was "
+                                "imported: restart and import helpers first")
+    os.environ["LLAMA_CPP_LIB"] = choice.path  # also inherited by the processes this one starts
     return choice
 
 

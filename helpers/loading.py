@@ -3,10 +3,10 @@
 Every bigdl-llm path (``from_pretrained(load_in_4bit / load_in_low_bit)``, ``optimize_model()``,
 ``load_low_bit``) goes through ``repair_for_cpu``; see helpers.rwkv_cpu for why.
 """
+import logging
 import shutil
-import time
-from pathlib import Path
 
+import bigdl.llm.transformers  # noqa: F401  (after helpers chose the native library)
 import torch
 
 from helpers.cpu import require_avx2
@@ -14,6 +14,8 @@ from helpers.errors import UserError
 from helpers.memory import check_fits
 from helpers.paths import MODELS_DIR
 from helpers.rwkv_cpu import release_freed_memory, repair_for_cpu
+
+logging.getLogger().setLevel(logging.WARNING)  # bigdl-llm sets the root logger to INFO on import
 
 LOW_BIT_FORMATS = ("sym_int4", "asym_int4", "sym_int5", "sym_int8")
 CACHE_DIR = MODELS_DIR / "low-bit"
@@ -66,12 +68,8 @@ def cache_dir(source, low_bit):
 
 
 def load_cached_low_bit_model(source, low_bit="sym_int4"):
-    """Convert once with save_low_bit, then load the converted weights with load_low_bit.
-
-    Returns (model, seconds spent loading, whether the cache was just written).
-    """
+    """Convert once with save_low_bit into data/models/low-bit/, then load with load_low_bit."""
     folder = cache_dir(source, low_bit)
-    written = False
     if not (folder / "config.json").exists():
         model = load_low_bit_model(source, low_bit)
         partial = folder.with_name(folder.name + ".partial")
@@ -81,14 +79,11 @@ def load_cached_low_bit_model(source, low_bit="sym_int4"):
         partial.rename(folder)
         del model
         release_freed_memory()
-        written = True
     require_avx2()
     check_fits(source.config, low_bit, from_cache=True)
     from bigdl.llm.transformers import AutoModelForCausalLM
 
-    start = time.perf_counter()
-    model = repair_for_cpu(AutoModelForCausalLM.load_low_bit(str(folder), trust_remote_code=True))
-    return model, time.perf_counter() - start, written
+    return repair_for_cpu(AutoModelForCausalLM.load_low_bit(str(folder), trust_remote_code=True))
 
 
 def load_model(source, low_bit="sym_int4"):

@@ -1,22 +1,17 @@
 """Memory: what a model needs, what the machine has, what this process uses."""
+import threading
+import time
+
 import psutil
 
 from helpers.errors import UserError
 
 GIB = 1024**3
 
-# Bytes per weight of bigdl-llm's formats (ggml blocks of 32 weights with an fp16 scale, and a
-# minimum for asym_int4) and of plain torch dtypes.
-BYTES_PER_WEIGHT = {
-    "sym_int4": 18 / 32,
-    "asym_int4": 20 / 32,
-    "sym_int5": 22 / 32,
-    "asym_int5": 24 / 32,
-    "sym_int8": 34 / 32,
-    "bf16": 2,
-    "fp16": 2,
-    "fp32": 4,
-}
+# Bits per weight of bigdl-llm's formats as stored on this CPU (blocks of weights sharing fp16
+# scales, measured), and of plain torch dtypes.
+BITS_PER_WEIGHT = {"sym_int4": 4.25, "asym_int4": 4.5, "sym_int5": 5.25, "sym_int8": 8.5, "bf16": 16, "fp16": 16, "fp32": 32}
+BYTES_PER_WEIGHT = {name: bits / 8 for name, bits in BITS_PER_WEIGHT.items()}
 
 
 def parameter_counts(config):
@@ -31,11 +26,15 @@ def parameter_counts(config):
 
 
 def weight_bytes(config, fmt):
-    """Bytes of the weights in memory once loaded in `fmt` (non-linear weights stay fp32 in bigdl)."""
+    """Bytes of the weights in memory once loaded in `fmt`.
+
+    Low-bit models keep the embeddings in fp16 (helpers.rwkv_cpu) and the norms and mixing vectors in fp32.
+    """
     linear, other = parameter_counts(config)
     if fmt in ("fp32", "bf16", "fp16"):
         return int((linear + other) * BYTES_PER_WEIGHT[fmt])
-    return int(linear * BYTES_PER_WEIGHT[fmt] + other * 4)
+    embeddings = config["vocab_size"] * config["hidden_size"]
+    return int(linear * BYTES_PER_WEIGHT[fmt] + embeddings * 2 + (other - embeddings) * 4)
 
 
 def checkpoint_bytes(config):
@@ -69,3 +68,27 @@ def check_fits(config, fmt, from_cache=False, available=None):
 
 def rss_bytes():
     return psutil.Process().memory_info().rss
+
+
+class PeakRss:
+    """Context manager sampling this process's RSS in a thread; `.peak` and `.end` in bytes."""
+
+    def __init__(self, interval=0.005):
+        self.interval, self.peak, self.end = interval, 0, 0
+
+    def __enter__(self):
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while self._running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._running = False
+        self._thread.join()
+        self.end = rss_bytes()
+        self.peak = max(self.peak, self.end)

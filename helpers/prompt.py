@@ -14,7 +14,7 @@ DEFAULT_N_PREDICT = 40
 
 def format_prompt(prompt):
     if not prompt or not prompt.strip():
-        raise UserError("The prompt is empty: type a question, e.g. --prompt \"What is AI?\".")
+        raise UserError("The prompt is empty: type a question, such as \"What is AI?\".")
     return PROMPT_FORMAT.format(prompt=prompt)
 
 

@@ -106,11 +106,11 @@ def prepare_inputs_for_generation(self, *args, **kwargs):
     return {**type(self).prepare_inputs_for_generation(self, *args, **kwargs), "last_logits_only": True}
 
 
-def causal_lm_forward(self, input_ids=None, state=None, use_cache=None, inputs_embeds=None,
+def causal_lm_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, use_cache=None,
                       last_logits_only=False, **kwargs):
     """generate() reads only the last position's logits: compute the head (65536 rows) for it alone."""
     if not last_logits_only:
-        return type(self).forward(self, input_ids, state=state, use_cache=use_cache, inputs_embeds=inputs_embeds, **kwargs)
+        return type(self).forward(self, input_ids, attention_mask, inputs_embeds, state, use_cache=use_cache, **kwargs)
     out = self.rwkv(input_ids, inputs_embeds=inputs_embeds, state=state, use_cache=use_cache, return_dict=True)
     return RwkvCausalLMOutput(logits=self.head(out.last_hidden_state[:, -1:]), state=out.state)
 

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -8,14 +9,9 @@ import helpers  # noqa: F401  (chooses the native library before bigdl.llm is im
 from helpers.checkpoint import ensure_checkpoint
 from helpers.loading import load_hf_model, load_tokenizer
 from helpers.models import resolve_model
+from helpers.paths import DATA_DIR
 
-SAMPLE_TEXTS = {
-    "english": "The quick brown fox jumps over the lazy dog, then naps until noon.",
-    "chinese": "人工智能是计算机科学的一个分支，它企图了解智能的实质。",
-    "code": "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\tprint({'a': [1, 2]})",
-    "emoji": "Dragons 🐉 and fire 🔥🔥 — déjà vu! 👩‍💻",
-    "mixed": "Question: 西藏的龙会说中文吗？\n\nAnswer: Yes — они говорят 中文 and English 😀.",
-}
+SAMPLE_TEXTS = json.loads((DATA_DIR / "sample_texts.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="session")

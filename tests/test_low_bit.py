@@ -66,10 +66,12 @@ def test_optimize_model_api_matches(tiny_source, input_ids, sym_int4_logits):
 
 def test_low_bit_cache_round_trip(tiny_source, input_ids, sym_int4_logits, tmp_path, monkeypatch):
     monkeypatch.setattr("helpers.loading.CACHE_DIR", tmp_path)
-    first, _, written = load_cached_low_bit_model(tiny_source)
-    second, seconds, written_again = load_cached_low_bit_model(tiny_source)
-    assert written and not written_again and seconds > 0
-    assert (tmp_path / "rwkv-4-world-tiny-sym_int4" / "tokenization_rwkv_world.py").exists()
+    folder = tmp_path / "rwkv-4-world-tiny-sym_int4"
+    first = load_cached_low_bit_model(tiny_source)
+    assert (folder / "tokenization_rwkv_world.py").exists()
+    written = (folder / "config.json").stat().st_mtime
+    second = load_cached_low_bit_model(tiny_source)
+    assert (folder / "config.json").stat().st_mtime == written  # read, not written again
     for model in (first, second):
         assert torch.allclose(logits_for(model, input_ids), sym_int4_logits, atol=1e-4)
 
@@ -123,3 +125,12 @@ def test_token_by_token_decoding_matches_the_whole_sequence(tiny_source, input_i
         stepwise = torch.cat(logits)
         assert (stepwise - whole).abs().max() < tolerance
         assert agreement(whole, stepwise).cosine > 0.999
+
+
+@pytest.mark.parametrize("low_bit", LOW_BIT_FORMATS)
+def test_weight_bytes_estimate_matches_the_loaded_model(tiny_source, low_bit):
+    from helpers.memory import weight_bytes
+
+    model = load_low_bit_model(tiny_source, low_bit)
+    actual = sum(tensor.nbytes for tensor in model.state_dict().values())
+    assert actual == pytest.approx(weight_bytes(tiny_source.config, low_bit), rel=0.01)

@@ -1,0 +1,65 @@
+"""What notebook 02 measures: FP32 against low-bit loading, side by side in one kernel."""
+import gc
+import time
+from dataclasses import dataclass
+
+from helpers.memory import BITS_PER_WEIGHT, PeakRss, rss_bytes
+from helpers.quality import agreement, logits_for
+
+
+@dataclass
+class Loaded:
+    model: object
+    seconds: float
+    peak_rss_delta: int  # bytes above the RSS before loading, at the highest point
+    rss_delta: int  # bytes still held once loaded
+
+    @property
+    def weight_bytes(self):
+        return sum(tensor.nbytes for tensor in self.model.state_dict().values())
+
+
+def timed_load(load, *args, **kwargs):
+    """Call load(*args, **kwargs), timing it and watching the process's memory."""
+    gc.collect()
+    before = rss_bytes()
+    with PeakRss() as memory:
+        start = time.perf_counter()
+        model = load(*args, **kwargs)
+        seconds = time.perf_counter() - start
+    return Loaded(model, seconds, memory.peak - before, memory.end - before)
+
+
+def count_low_bit_linears(model):
+    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
+
+    return sum(isinstance(module, LowBitLinear) for module in model.modules())
+
+
+def format_rows(source, formats, input_ids, reference_logits, load):
+    """One row per format: bits per weight, weight MB, agreement with FP32, load time and memory."""
+    rows = []
+    for low_bit in formats:
+        loaded = timed_load(load, source, low_bit)
+        result = agreement(reference_logits, logits_for(loaded.model, input_ids))
+        rows.append([
+            low_bit, f"{BITS_PER_WEIGHT[low_bit]:.2f}", f"{loaded.weight_bytes / 1e6:.1f}",
+            f"{result.top1:.0%}", f"{result.cosine:.4f}", f"{loaded.seconds:.2f} s", f"{loaded.rss_delta / 2**20:.0f} MiB",
+        ])
+        del loaded
+    return rows
+
+
+FORMAT_HEADERS = ["format", "bits/weight", "weights MB", "top-1 = FP32", "logits cosine", "load", "RSS added"]
+
+
+def upstream_error(source, optimize_model=True):
+    """The error bigdl-llm's RWKV-4 path raises on a CPU without the repair, as one line."""
+    from bigdl.llm.transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source.location, load_in_4bit=True, optimize_model=optimize_model)
+    try:
+        logits_for(model, model.dummy_inputs["input_ids"][:, :4] % model.config.vocab_size)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error: this bigdl-llm build runs RWKV-4 on CPU as shipped"

@@ -1,0 +1,104 @@
+"""What notebook 01 checks: versions, CPU, native library, memory, bigdl-llm-init, and a verdict."""
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+
+from helpers.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
+from helpers.memory import GIB, available_bytes, estimate_load_bytes, weight_bytes
+from helpers.checkpoint import SHAPES, make_config
+
+PACKAGES = ["torch", "transformers", "bigdl-llm", "rwkv", "safetensors", "jupyterlab", "ipywidgets", "nbval"]
+# The seed's rule of thumb for an X-billion model saved in 16-bit, and the real parameter counts.
+HUB_SIZES = {"169m": 0.169, "430m": 0.43, "1b5": 1.5, "3b": 3.0, "7b": 7.0}
+
+
+def versions():
+    rows = [("Python", platform.python_version())]
+    for package in PACKAGES:
+        try:
+            rows.append((package, metadata.version(package)))
+        except metadata.PackageNotFoundError:
+            rows.append((package, "not installed"))
+    return rows
+
+
+def cpu_rows():
+    info = cpu_info()
+    yes_no = lambda flag: "yes" if flag else "no"  # noqa: E731
+    return [
+        ("vendor", info.vendor),
+        ("model", info.model),
+        ("physical cores", info.physical_cores),
+        ("sockets", info.sockets),
+        ("AVX2", yes_no(info.has("avx2"))),
+        ("AVX-512", yes_no(info.has(*AVX512))),
+        ("AVX-512 VNNI", yes_no(info.has("avx512_vnni"))),
+        ("AVX-VNNI", yes_no(info.has("avx_vnni"))),
+        ("AMX (int8)", yes_no(info.has("amx_tile", "amx_int8"))),
+    ]
+
+
+def native_library_rows(choice):
+    return [
+        ("build chosen", choice.build),
+        ("why", choice.reason),
+        ("loaded in this kernel", loaded_native_library() or "not yet (loads with the first low-bit model)"),
+        ("bigdl-llm's own pick (by vendor)", "the plain AVX build on non-Intel CPUs, whatever their flags"),
+    ]
+
+
+def model_memory_rows():
+    """Per shape: parameters, the seed's rule of thumb, and this project's INT4 estimates, in GB."""
+    rows = []
+    for shape, billions in HUB_SIZES.items():
+        config = make_config(shape)
+        rows.append((
+            shape,
+            f"{billions:g}B",
+            f"{2 * billions:.1f}",
+            f"{0.5 * billions:.2f}",
+            f"{estimate_load_bytes(config, 'sym_int4') / 1e9:.1f}",
+            f"{weight_bytes(config, 'sym_int4') / 1e9:.2f}",
+        ))
+    return rows
+
+
+MODEL_MEMORY_HEADERS = ["shape", "params", "rule: load GB (2X)", "rule: run GB (0.5X)",
+                        "estimate: load GB", "estimate: weights GB"]
+
+
+def bigdl_llm_init_settings(*options):
+    """The variables `source bigdl-llm-init OPTIONS` sets, as {name: value}, repo paths shortened."""
+    script = shutil.which("bigdl-llm-init", path=os.path.dirname(sys.executable))
+    if script is None:
+        return {}
+    command = f"source '{script}' {' '.join(options)} >/dev/null 2>&1; env -0"
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # its python3 must see bigdl
+    output = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env={"PATH": path}).stdout
+    settings = dict(line.split("=", 1) for line in output.split("\0") if "=" in line)
+    prefix = os.path.dirname(os.path.dirname(sys.executable))
+    return {name: value.replace(prefix, "<venv>") for name, value in sorted(settings.items())
+            if name in ("OMP_NUM_THREADS", "LD_PRELOAD", "MALLOC_CONF", "KMP_AFFINITY", "KMP_BLOCKTIME")}
+
+
+def verdicts(model_shape="7b"):
+    """(requirement, ok, what to do) for the things this tutorial needs."""
+    info = cpu_info()
+    needed = estimate_load_bytes(make_config(model_shape), "sym_int4")
+    free = available_bytes()
+    try:
+        choose_native_library(info)
+        library_ok = True
+    except Exception:
+        library_ok = False
+    return [
+        ("Python 3.11", sys.version_info[:2] == (3, 11), "install Python 3.11 and run `make install`"),
+        ("x86-64 CPU", platform.machine().lower() in ("x86_64", "amd64"), "bigdl-llm's CPU kernels are x86-64 only"),
+        ("AVX2", info.has("avx2"), "use a CPU from 2013 or later (Intel Haswell, AMD Zen)"),
+        ("a native kernel build for this CPU", library_ok, "reinstall bigdl-llm: `make clean install`"),
+        (f"RAM to load {model_shape} in INT4 ({needed / GIB:.1f} GiB)", free >= needed,
+         "pick a smaller model (169m to 3b) or load a low-bit cache (needs about half)"),
+    ]

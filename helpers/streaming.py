@@ -1,0 +1,130 @@
+"""Token-by-token generation with timings, long runs, and reusing a prompt's RNN state."""
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from helpers.memory import rss_bytes
+from helpers.prompt import check_n_predict, format_prompt
+
+
+@dataclass
+class StreamResult:
+    text: str = ""
+    tokens: int = 0
+    first_token_s: float = 0.0  # prompt read and first token out
+    seconds: float = 0.0
+    stopped: bool = False  # True when stopped before n_predict tokens
+
+    @property
+    def tokens_per_s(self):
+        """Decode speed after the first token."""
+        later = self.seconds - self.first_token_s
+        return (self.tokens - 1) / later if self.tokens > 1 and later > 0 else 0.0
+
+
+class _TextStreamer(BaseStreamer):
+    """Receives token ids from generate() and hands on the new text, whole characters only."""
+
+    def __init__(self, tokenizer, result, on_text, started):
+        self.tokenizer, self.result, self.on_text, self.started = tokenizer, result, on_text, started
+        self.ids, self.prompt_seen = [], False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() first sends the prompt
+            self.prompt_seen = True
+            return
+        if self.result.tokens == 0:
+            self.result.first_token_s = time.perf_counter() - self.started
+        self.result.tokens += 1
+        self.ids.extend(value.flatten().tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(self.result.text):  # a split UTF-8 char waits
+            piece, self.result.text = text[len(self.result.text):], text
+            if self.on_text:
+                self.on_text(piece)
+
+    def end(self):
+        pass
+
+
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return self.event is not None and self.event.is_set()
+
+
+def stream_generate(model, tokenizer, prompt, n_predict=40, on_text=None, stop_event=None, **sampling):
+    """Generate from the formatted prompt, calling on_text(piece) as text arrives; returns a StreamResult.
+
+    sampling: do_sample, temperature, top_p, top_k (greedy by default). Setting stop_event ends the
+    generation after the current token.
+    """
+    input_ids = tokenizer(format_prompt(prompt), return_tensors="pt").input_ids
+    check_n_predict(n_predict, model.config.context_length)
+    sampling.setdefault("do_sample", False)
+    result = StreamResult()
+    started = time.perf_counter()
+    streamer = _TextStreamer(tokenizer, result, on_text, started)
+    with torch.inference_mode():
+        model.generate(
+            input_ids, max_new_tokens=n_predict, pad_token_id=0,
+            streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop_event)]), **sampling,
+        )
+    result.seconds = time.perf_counter() - started
+    result.stopped = stop_event is not None and stop_event.is_set() and result.tokens < n_predict
+    return result
+
+
+@dataclass
+class LongRun:
+    latency_ms: list = field(default_factory=list)
+    rss_bytes: list = field(default_factory=list)
+
+
+def read_prompt(model, tokenizer, prompt):
+    """Run the formatted prompt once; returns (logits of its last position, RNN state)."""
+    input_ids = tokenizer(format_prompt(prompt), return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model(**model.prepare_inputs_for_generation(input_ids, state=None), use_cache=True)
+    return out.logits[0, -1], out.state
+
+
+def long_run(model, tokenizer, prompt, n_tokens=1000):
+    """Greedy decode n_tokens after the prompt, recording each token's latency and the process's RSS."""
+    logits, state = read_prompt(model, tokenizer, prompt)
+    token = logits.argmax().view(1, 1)
+    run = LongRun()
+    with torch.inference_mode():
+        for _ in range(n_tokens):
+            start = time.perf_counter()
+            out = model(**model.prepare_inputs_for_generation(token, state=state), use_cache=True)
+            token, state = out.logits[0, -1].argmax().view(1, 1), out.state
+            run.latency_ms.append((time.perf_counter() - start) * 1000)
+            run.rss_bytes.append(rss_bytes())
+    return run
+
+
+def continue_from(model, tokenizer, logits, state, n_tokens=20, seed=0, temperature=1.0, top_p=0.7):
+    """Sample a continuation from a prompt's (logits, state) without reading the prompt again.
+
+    The state is copied first, so the same prompt state serves any number of continuations.
+    """
+    state = copy.deepcopy(state)
+    generator = torch.Generator().manual_seed(seed)
+    ids = []
+    with torch.inference_mode():
+        for _ in range(n_tokens):
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < top_p
+            choice = order[keep][torch.multinomial(sorted_probs[keep], 1, generator=generator)]
+            ids.append(int(choice))
+            out = model(**model.prepare_inputs_for_generation(choice.view(1, 1), state=state), use_cache=True)
+            logits, state = out.logits[0, -1], out.state
+    return tokenizer.decode(ids, skip_special_tokens=True)
