@@ -1,11 +1,11 @@
-# make demo | make test | make lab  (each sets up .venv and the offline checkpoint first)
+# make demo | make test | make lab | make playground  (each sets up .venv and the offline checkpoint first)
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHECKPOINT := data/models/rwkv-4-world-tiny/config.json
 
-.PHONY: install demo test lab checkpoint clean
+.PHONY: install demo test lab playground checkpoint clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: $(STAMP) $(CHECKPOINT)
 
 lab: $(STAMP) $(CHECKPOINT)
 	$(VENV)/bin/jupyter lab notebooks/
+
+playground: $(STAMP) $(CHECKPOINT)
+	$(VENV)/bin/voila notebooks/05_prompt_playground.ipynb --no-browser --Voila.ip=127.0.0.1 --port=8866
 
 clean:
 	rm -rf $(VENV) data/models

@@ -4,7 +4,9 @@ The kernel stays responsive because generation runs in a background thread; Stop
 generate() checks after each token; a second Generate while one runs is refused, not queued.
 """
 import html
+import os
 import threading
+import time
 
 import ipywidgets as widgets
 
@@ -39,6 +41,8 @@ class Playground:
         self.stats = widgets.HTML()
         self.status = widgets.HTML()
         self.history_table = widgets.HTML()
+        for name in ("prompt", "output", "stats", "status", "history_table"):  # CSS hooks for browser tests
+            getattr(self, name).add_class(f"playground-{name.replace('_', '-')}")
         self.load_button.on_click(lambda _: self.load())
         self.generate_button.on_click(lambda _: self.generate())
         self.stop_button.on_click(lambda _: self.stop())
@@ -149,3 +153,40 @@ class Playground:
         if self._thread is not None:
             self._thread.join(timeout)
         return not self.running
+
+
+def served_by_voila():
+    return "VOILA_BASE_URL" in os.environ
+
+
+def self_test(playground):
+    """Press the buttons as a person would and check what happens; prints one line per check.
+
+    Skipped when Voila serves the page, so visitors find the playground untouched.
+    """
+    if served_by_voila():
+        return
+    checks = []
+    playground.prompt.value, playground.greedy.value, playground.n_predict.value = "Tell me about dragons.", True, 400
+    playground.generate_button.click()
+    time.sleep(0.3)
+    early = len(playground.output.value)
+    time.sleep(0.3)
+    checks.append(("text streams in while generating", 0 < early < len(playground.output.value)))
+    playground.generate_button.click()
+    checks.append(("a second Generate is refused", playground.message == "Already generating: press Stop first."))
+    playground.stop_button.click()
+    checks.append(("Stop ends the generation thread", playground.wait(timeout=30)))
+    checks.append(("the run is recorded as stopped early", playground.history[-1]["stopped"]))
+    checks.append(("first-token latency and tokens/s shown", "first token" in playground.stats.value
+                   and "tokens/s" in playground.stats.value))
+    playground.prompt.value = ""
+    playground.generate_button.click()
+    checks.append(("an empty prompt gets the clear message", playground.message.startswith("error: The prompt is empty")))
+    playground.prompt.value, playground.n_predict.value = "What is AI?", 20
+    playground.generate_button.click()
+    checks.append(("a full run finishes", playground.wait(timeout=60) and playground.history[-1]["tokens"] == 20))
+    checks.append(("the output box holds the run's text", playground.output.value == playground.history[-1]["text"]))
+    for name, passed in checks:
+        print(f"{'ok  ' if passed else 'FAIL'} {name}")
+    assert all(passed for _, passed in checks), "the playground self-test failed"

@@ -1,0 +1,160 @@
+"""The playground as a person uses it: in JupyterLab and as a Voila page, in a real (headless) Chromium.
+
+Needs Debian's chromium at /usr/bin/chromium (`.ci/run` installs it); skipped where it is missing.
+"""
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from helpers.paths import REPO_ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+NOTEBOOK = "notebooks/05_prompt_playground.ipynb"
+SCREENSHOTS = REPO_ROOT / "docs"
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A server started in its own process group, stopped (with its kernels) however the test ends."""
+
+    def __init__(self, command, url, log_path):
+        self.url, self.log = url, open(log_path, "w")
+        self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def wait_until_up(self, probe, timeout=90):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{Path(self.log.name).read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(probe, timeout=2)
+                return self
+            except urllib.error.HTTPError:  # it answers, if only to refuse the probe
+                return self
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"server not up after {timeout} s; see {self.log.name}")
+
+    def stop(self):
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone
+            pass
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def token():
+    return secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def jupyterlab(token, tmp_path_factory):
+    port = free_port()
+    server = Server([str(BIN / "jupyter"), "lab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+                     f"--IdentityProvider.token={token}", "--ServerApp.port_retries=0", "--ServerApp.allow_root=True", f"--ServerApp.root_dir={REPO_ROOT}"],
+                    f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK}?token={token}",
+                    tmp_path_factory.mktemp("lab") / "jupyterlab.log")
+    try:
+        yield server.wait_until_up(f"http://127.0.0.1:{port}/api/status?token={token}")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def voila(token, tmp_path_factory):
+    port = free_port()
+    server = Server([str(BIN / "voila"), NOTEBOOK, "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}",
+                     f"--token={token}"],
+                    f"http://127.0.0.1:{port}/?token={token}", tmp_path_factory.mktemp("voila") / "voila.log")
+    try:
+        yield server.wait_until_up(f"http://127.0.0.1:{port}/voila/files/probe")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    try:
+        yield page
+    finally:
+        page.close()
+
+
+def textarea(page, name):
+    return page.locator(f".playground-{name} textarea")
+
+
+def use_the_playground(page, screenshot):
+    """What a person does: type, Generate, watch it stream, Stop, read the stats; then an empty prompt."""
+    prompt, output = textarea(page, "prompt"), textarea(page, "output")
+    prompt.fill("Tell me about the dragons of Tibet.")
+    page.locator(".widget-slider", has_text="n_predict").locator(".widget-readout").fill("500")
+    page.keyboard.press("Enter")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("el => el.value.length > 0", arg=output.element_handle(), timeout=30_000)
+    first = len(output.input_value())
+    page.wait_for_function(f"el => el.value.length > {first}", arg=output.element_handle(), timeout=30_000)
+    page.get_by_role("button", name="Stop").click()
+    stats = page.locator(".playground-stats", has_text="tokens/s")
+    stats.wait_for(timeout=30_000)
+    assert "first token" in stats.inner_text()
+    page.screenshot(path=str(screenshot), full_page=True)
+    prompt.fill("")
+    page.get_by_role("button", name="Generate").click()
+    page.locator(".playground-status", has_text="error: The prompt is empty").wait_for(timeout=10_000)
+
+
+def test_playground_in_jupyterlab(jupyterlab, page):
+    page.goto(jupyterlab.url)
+    page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)  # the kernel is up
+    news = page.get_by_role("button", name="No", exact=True)  # "get notified about Jupyter news?"
+    if news.count():
+        news.click()
+    page.locator(".jp-Notebook .jp-Cell").first.click()
+    page.keyboard.press("Escape")
+    for _ in range(2):  # run the title cell and the one that shows the playground, as Shift+Enter would
+        page.keyboard.press("Shift+Enter")
+    textarea(page, "prompt").wait_for(timeout=60_000)
+    use_the_playground(page, SCREENSHOTS / "playground-jupyterlab.png")
+
+
+def test_playground_as_a_voila_page(voila, page):
+    page.goto(voila.url)
+    textarea(page, "prompt").wait_for(timeout=90_000)
+    assert page.get_by_text("from helpers.playground import Playground").count() == 0  # no code shown
+    use_the_playground(page, SCREENSHOTS / "playground-voila.png")
