@@ -19,6 +19,9 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
+from helpers.cpu import cpu_info
+from helpers.paths import DATA_DIR
+
 OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "asym_int4", "sym_int5", "sym_int8", "sym_int4_cache"]
 PROMPT_TOKENS = 32
 DECODE_TOKENS = 64
@@ -150,9 +153,19 @@ def run_benchmark(shape="1b5", threads=None, options=OPTIONS):
             records.append(record)
             progress.update()
     reference = next((r["tokens"] for r in records if r["option"] == "hf_fp32"), records[0]["tokens"])
+    machine = cpu_info()
     for record in records:
         record["same_tokens"] = sum(a == b for a, b in zip(record["tokens"], reference)) / len(reference)
+        record.update(shape=shape, threads=threads, bandwidth_gbs=bandwidth,
+                      machine=f"{machine.model}, {machine.physical_cores} cores, {psutil.virtual_memory().total / GIB:.0f} GiB")
     return {"shape": shape, "threads": threads, "bandwidth_gbs": bandwidth, "records": records}
+
+
+def load_results(shape):
+    """The committed results of `--shape SHAPE --json data/bench/SHAPE.json`, as run_benchmark returns them."""
+    records = json.loads((DATA_DIR / "bench" / f"{shape}.json").read_text())
+    first = records[0]
+    return {"shape": shape, "threads": first["threads"], "bandwidth_gbs": first["bandwidth_gbs"], "records": records}
 
 
 def markdown_table(result):

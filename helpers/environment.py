@@ -7,8 +7,9 @@ import sys
 from importlib import metadata
 
 from helpers.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
-from helpers.memory import GIB, available_bytes, estimate_load_bytes, weight_bytes
-from helpers.checkpoint import SHAPES, make_config
+from helpers.memory import GIB, available_bytes, estimate_load_bytes
+from helpers.bench import load_results
+from helpers.checkpoint import make_config
 
 PACKAGES = ["torch", "transformers", "bigdl-llm", "rwkv", "safetensors", "jupyterlab", "ipywidgets", "nbval"]
 # The seed's rule of thumb for an X-billion model saved in 16-bit, and the real parameter counts.
@@ -50,37 +51,50 @@ def native_library_rows(choice):
     ]
 
 
+def measured(shape, option):
+    """The committed `helpers.bench` record of one shape and option, or None."""
+    try:
+        records = load_results(shape)["records"]
+    except FileNotFoundError:
+        return None
+    return next((record for record in records if record["option"] == option), None)
+
+
 def model_memory_rows():
-    """Per shape: parameters, the seed's rule of thumb, and this project's INT4 estimates, in GB."""
+    """Per shape: the seed's rule of thumb, this project's estimate and its measurement, in GB."""
     rows = []
     for shape, billions in HUB_SIZES.items():
         config = make_config(shape)
+        from_checkpoint, from_cache = measured(shape, "sym_int4"), measured(shape, "sym_int4_cache")
+        gigabytes = lambda record, key: f"{record[key] * GIB / 1e9:.1f}" if record else "-"  # noqa: E731
         rows.append((
             shape,
             f"{billions:g}B",
             f"{2 * billions:.1f}",
             f"{0.5 * billions:.2f}",
             f"{estimate_load_bytes(config, 'sym_int4') / 1e9:.1f}",
-            f"{weight_bytes(config, 'sym_int4') / 1e9:.2f}",
+            gigabytes(from_checkpoint, "peak_load_rss_gib"),
+            gigabytes(from_cache, "peak_load_rss_gib"),
+            gigabytes(from_checkpoint, "steady_rss_gib"),
         ))
     return rows
 
 
-MODEL_MEMORY_HEADERS = ["shape", "params", "rule: load GB (2X)", "rule: run GB (0.5X)",
-                        "estimate: load GB", "estimate: weights GB"]
+MODEL_MEMORY_HEADERS = ["shape", "params", "rule: load (2X)", "rule: run (0.5X)", "estimate: load",
+                        "measured: load", "measured: load from cache", "measured: run"]
 
 
-def bigdl_llm_init_settings(*options):
-    """The variables `source bigdl-llm-init OPTIONS` sets, as {name: value}, repo paths shortened."""
+def bigdl_llm_init_settings(options="", shorten=True):
+    """The variables `source bigdl-llm-init OPTIONS` sets, as {name: value}; shorten: venv path as <venv>."""
     script = shutil.which("bigdl-llm-init", path=os.path.dirname(sys.executable))
     if script is None:
         return {}
-    command = f"source '{script}' {' '.join(options)} >/dev/null 2>&1; env -0"
+    command = f"source '{script}' {options} >/dev/null 2>&1; env -0"
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # its python3 must see bigdl
     output = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env={"PATH": path}).stdout
     settings = dict(line.split("=", 1) for line in output.split("\0") if "=" in line)
     prefix = os.path.dirname(os.path.dirname(sys.executable))
-    return {name: value.replace(prefix, "<venv>") for name, value in sorted(settings.items())
+    return {name: value.replace(prefix, "<venv>") if shorten else value for name, value in sorted(settings.items())
             if name in ("OMP_NUM_THREADS", "LD_PRELOAD", "MALLOC_CONF", "KMP_AFFINITY", "KMP_BLOCKTIME")}
 
 

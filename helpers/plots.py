@@ -12,3 +12,14 @@ def plot_long_run(run):
     memory.set(xlabel="generated token", ylabel="GiB", title="Resident memory (RSS)", ylim=(0, None))
     fig.tight_layout()
     plt.show()
+
+
+def plot_threads(results):
+    """Decode tokens/s against thread count (helpers.tuning)."""
+    threads, speeds = zip(*results)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(threads, speeds, marker="o")
+    ax.set(xlabel="threads (OMP_NUM_THREADS)", ylabel="tokens/s", title="INT4 decode speed", ylim=(0, None))
+    ax.set_xticks(threads)
+    fig.tight_layout()
+    plt.show()

@@ -22,7 +22,7 @@ import gc
 import sys
 
 import torch
-from transformers.models.rwkv.modeling_rwkv import RwkvCausalLMOutput, rwkv_linear_attention_cpu
+from transformers.models.rwkv.modeling_rwkv import RwkvCausalLMOutput
 
 
 def _linear(module, x):
@@ -53,21 +53,20 @@ def _mixed_inputs(module, hidden, state, slot):
     return mixed
 
 
-def _wkv_one_token(module, key, value, layer_state):
-    """The WKV recurrence for one token, updating num / den / max state in place."""
-    num, den, max_state = layer_state
-    key, value = key[:, 0], value[:, 0]
-    with_bonus = module.time_first + key
-    top = torch.maximum(max_state, with_bonus)
-    e1, e2 = torch.exp(max_state - top), torch.exp(with_bonus - top)
-    wkv = torch.addcmul(e2 * value, e1, num) / torch.addcmul(e2, e1, den)
-    decayed = max_state + module.decay
-    top = torch.maximum(decayed, key)
-    e1, e2 = torch.exp(decayed - top), torch.exp(key - top)
-    num.copy_(torch.addcmul(e2 * value, e1, num))
-    den.copy_(torch.addcmul(e2, e1, den))
-    max_state.copy_(top)
-    return wkv.unsqueeze(1)
+def _wkv(module, key, value, num, den, max_state):
+    """The WKV recurrence over the positions of key / value; returns (output, (num, den, max_state))."""
+    output = torch.empty_like(key)
+    for position in range(key.shape[1]):
+        k, v = key[:, position], value[:, position]
+        with_bonus = module.time_first + k
+        top = torch.maximum(max_state, with_bonus)
+        e1, e2 = torch.exp(max_state - top), torch.exp(with_bonus - top)
+        output[:, position] = torch.addcmul(e2 * v, e1, num) / torch.addcmul(e2, e1, den)
+        decayed = max_state + module.decay
+        top = torch.maximum(decayed, k)
+        e1, e2 = torch.exp(decayed - top), torch.exp(k - top)
+        num, den, max_state = torch.addcmul(e2 * v, e1, num), torch.addcmul(e2, e1, den), top
+    return output, (num, den, max_state)
 
 
 def attention_forward(self, hidden, state=None, use_cache=False):
@@ -75,19 +74,15 @@ def attention_forward(self, hidden, state=None, use_cache=False):
     mixed = _mixed_inputs(self, hidden, state, 1)
     key, value = _linear(self.key, mixed[0]), _linear(self.value, mixed[1])
     receptance = torch.sigmoid(_linear(self.receptance, mixed[2]))
-    if state is not None and hidden.size(1) == 1:
+    if state is not None:
         layer_state = [s[:, :, self.layer_id] for s in state[2:]]
-        wkv = _wkv_one_token(self, key, value, layer_state)
+    else:
+        zeros = torch.zeros_like(key[:, 0])
+        layer_state = [zeros, zeros, zeros - 1e38]
+    wkv, layer_state = _wkv(self, key, value, *layer_state)
+    if state is not None:
         for slot, tensor in zip((2, 3, 4), layer_state):
             state[slot][:, :, self.layer_id] = tensor
-    else:
-        layer_state = tuple(s[:, :, self.layer_id] for s in state[2:]) if state is not None else None
-        wkv, layer_state = rwkv_linear_attention_cpu(
-            self.time_decay, self.time_first, key, value, state=layer_state, return_state=use_cache
-        )
-        if layer_state is not None:
-            for slot, tensor in zip((2, 3, 4), layer_state):
-                state[slot][:, :, self.layer_id] = tensor
     out = _linear(self.output, receptance * wkv)
     return (out if self.output_scale == 1 else out * self.output_scale), state
 

@@ -1,0 +1,92 @@
+"""What notebook 04 measures: decode speed against threads, kernel builds, OpenMP and allocators, pinning.
+
+Each configuration runs in a fresh process (threads, LD_PRELOAD and the kernel build are fixed when a
+process starts):  python -m helpers.tuning --worker  prints one JSON line with its decode speed.
+"""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+from helpers.cpu import NATIVE_BUILDS, bigdl_libs_dir, cpu_info
+from helpers.environment import bigdl_llm_init_settings
+
+PROMPT_TOKENS, DECODE_TOKENS = 16, 48
+RUNTIMES = {  # name: bigdl-llm-init options
+    "Intel OpenMP, system malloc": "",
+    "Intel OpenMP, jemalloc": "-j",
+    "Intel OpenMP, tcmalloc": "-t",
+    "GNU OpenMP, system malloc": "-o",
+}
+
+
+def measure(threads, env=None, prefix=()):
+    """Decode tokens/s of the notebooks' model (RWKV_MODEL or the offline checkpoint) in a fresh process."""
+    full_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads)}
+    command = [*prefix, sys.executable, "-m", "helpers.tuning", "--worker"]
+    result = subprocess.run(command, capture_output=True, text=True, env=full_env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def thread_counts():
+    return list(range(1, cpu_info().physical_cores + 1))
+
+
+def native_builds():
+    """{build: library path} of the kernel builds this CPU can run."""
+    info = cpu_info()
+    return {build: str(bigdl_libs_dir() / f"libllama_{build}.so") for build, needed in NATIVE_BUILDS if info.has(*needed)}
+
+
+def runtime_env(options):
+    """The environment `source bigdl-llm-init OPTIONS` would give a program started after it."""
+    settings = bigdl_llm_init_settings(options, shorten=False)
+    return {"LD_PRELOAD": settings.get("LD_PRELOAD", ""), **({"MALLOC_CONF": settings["MALLOC_CONF"]} if "MALLOC_CONF" in settings else {})}
+
+
+def pinnings(threads):
+    """{label: command prefix} for running unpinned and pinned to the first `threads` cores."""
+    cores = f"0-{threads - 1}"
+    options = {"not pinned": (), f"taskset -c {cores}": ("taskset", "-c", cores)}
+    if shutil.which("numactl"):
+        options[f"numactl -C {cores} -m 0"] = ("numactl", "-C", cores, "-m", "0")
+    return options
+
+
+def recommended_commands():
+    """The upstream README's advice made concrete for this machine (a rule, not a measurement)."""
+    info = cpu_info()
+    per_socket = max(1, info.physical_cores // info.sockets)
+    client = f"OMP_NUM_THREADS={info.physical_cores} python -m helpers.generate"
+    server = (f"source bigdl-llm-init -t\nOMP_NUM_THREADS={per_socket} numactl -C 0-{per_socket - 1} -m 0 "
+              "python -m helpers.generate")
+    return client, server
+
+
+def worker():
+    import torch
+
+    import helpers  # noqa: F401
+    from helpers.loading import load_model
+    from helpers.models import resolve_model
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    model = load_model(resolve_model(None), "sym_int4")
+    token = torch.arange(1, PROMPT_TOKENS + 1).unsqueeze(0)
+    state, times = None, []
+    with torch.inference_mode():
+        for _ in range(DECODE_TOKENS + 1):
+            start = time.perf_counter()
+            out = model(**model.prepare_inputs_for_generation(token, state=state), use_cache=True)
+            token, state = out.logits[:, -1].argmax(-1, keepdim=True), out.state
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"tokens_per_s": 1 / statistics.median(times[1:])}))
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    worker()
