@@ -19,13 +19,14 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
+from helpers.checkpoint import SHAPES
 from helpers.cpu import cpu_info
+from helpers.memory import GIB
 from helpers.paths import DATA_DIR
 
 OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "asym_int4", "sym_int5", "sym_int8", "sym_int4_cache"]
 PROMPT_TOKENS = 32
 DECODE_TOKENS = 64
-GIB = 1024**3
 
 
 def read_bandwidth_gbs(threads, size_bytes=GIB, repeats=10):
@@ -82,6 +83,7 @@ def measure(option, shape, threads):
     from helpers.checkpoint import ensure_checkpoint
     from helpers.loading import cache_dir
     from helpers.models import resolve_model
+    from helpers.streaming import timed_greedy_decode
 
     torch.set_num_threads(threads)
     source = resolve_model(str(ensure_checkpoint(shape)))
@@ -92,34 +94,17 @@ def measure(option, shape, threads):
     model = load_option(option, source)
     load_s = time.perf_counter() - start
     peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak so far: the load
-    ids = prompt_ids(source.config["vocab_size"])
-    process = psutil.Process()
-
-    def step(input_ids, state):  # one forward exactly as generate() makes it
-        out = model(**model.prepare_inputs_for_generation(input_ids, state=state), use_cache=True)
-        return out.logits[0, -1].argmax().view(1, 1), out.state
-
-    with torch.inference_mode():
-        start = time.perf_counter()
-        token, state = step(ids, None)
-        prefill_ms = (time.perf_counter() - start) * 1000
-        tokens, times, rss = [], [], []
-        for _ in range(DECODE_TOKENS):
-            start = time.perf_counter()
-            token, state = step(token, state)
-            times.append((time.perf_counter() - start) * 1000)
-            tokens.append(int(token))
-            rss.append(process.memory_info().rss)
+    run = timed_greedy_decode(model, prompt_ids(source.config["vocab_size"]), DECODE_TOKENS)
     return {
         "option": option,
         "load_s": load_s,
         "peak_load_rss_gib": peak_load / GIB,
-        "steady_rss_gib": statistics.median(rss) / GIB,
-        "prefill_ms": prefill_ms,
-        "decode_ms": statistics.median(times),
+        "steady_rss_gib": statistics.median(run.rss_bytes) / GIB,
+        "prefill_ms": run.prefill_ms,
+        "decode_ms": statistics.median(run.latency_ms),
         "weight_bytes": linear_weight_bytes(model),
         "model_bytes": sum(tensor.nbytes for tensor in model.state_dict().values()),
-        "tokens": tokens,
+        "tokens": run.tokens,
     }
 
 
@@ -214,13 +199,16 @@ def plot(result, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="1b5")
+    parser.add_argument("--shape", default="1b5", choices=list(SHAPES))
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
     parser.add_argument("--options", default=",".join(OPTIONS), help="comma-separated subset of " + ",".join(OPTIONS))
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = set(args.options.split(",")) - set(OPTIONS)
+    if unknown:
+        parser.error(f"unknown options {', '.join(sorted(unknown))}; choose from {', '.join(OPTIONS)}")
     if args.worker:
         print(json.dumps(measure(args.worker, args.shape, args.threads)))
         return 0

@@ -81,12 +81,6 @@ def stream_generate(model, tokenizer, prompt, n_predict=40, on_text=None, stop_e
     return result
 
 
-@dataclass
-class LongRun:
-    latency_ms: list = field(default_factory=list)
-    rss_bytes: list = field(default_factory=list)
-
-
 def read_prompt(model, tokenizer, prompt):
     """Run the formatted prompt once; returns (logits of its last position, RNN state)."""
     input_ids = tokenizer(format_prompt(prompt), return_tensors="pt").input_ids
@@ -95,19 +89,35 @@ def read_prompt(model, tokenizer, prompt):
     return out.logits[0, -1], out.state
 
 
-def long_run(model, tokenizer, prompt, n_tokens=1000):
-    """Greedy decode n_tokens after the prompt, recording each token's latency and the process's RSS."""
-    logits, state = read_prompt(model, tokenizer, prompt)
-    token = logits.argmax().view(1, 1)
-    run = LongRun()
+@dataclass
+class TimedDecode:
+    prefill_ms: float = 0.0  # reading the prompt and producing the first token
+    latency_ms: list = field(default_factory=list)  # each later token
+    rss_bytes: list = field(default_factory=list)  # the process's RSS after each later token
+    tokens: list = field(default_factory=list)
+
+
+def timed_greedy_decode(model, input_ids, n_tokens):
+    """Greedy decoding, one forward per token exactly as generate() makes it, timing every step."""
+    run, state, token = TimedDecode(), None, input_ids
     with torch.inference_mode():
-        for _ in range(n_tokens):
+        for step in range(n_tokens + 1):
             start = time.perf_counter()
             out = model(**model.prepare_inputs_for_generation(token, state=state), use_cache=True)
-            token, state = out.logits[0, -1].argmax().view(1, 1), out.state
-            run.latency_ms.append((time.perf_counter() - start) * 1000)
-            run.rss_bytes.append(rss_bytes())
+            token, state = out.logits[:, -1].argmax(-1, keepdim=True), out.state
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            if step == 0:
+                run.prefill_ms = elapsed_ms
+            else:
+                run.latency_ms.append(elapsed_ms)
+                run.rss_bytes.append(rss_bytes())
+                run.tokens.append(int(token))
     return run
+
+
+def long_run(model, tokenizer, prompt, n_tokens=1000):
+    """Greedy decode n_tokens after the formatted prompt, recording each token's latency and RSS."""
+    return timed_greedy_decode(model, tokenizer(format_prompt(prompt), return_tensors="pt").input_ids, n_tokens)
 
 
 def continue_from(model, tokenizer, logits, state, n_tokens=20, seed=0, temperature=1.0, top_p=0.7):

@@ -9,7 +9,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 
 from helpers.cpu import NATIVE_BUILDS, bigdl_libs_dir, cpu_info
 from helpers.environment import bigdl_llm_init_settings
@@ -74,18 +73,12 @@ def worker():
     import helpers  # noqa: F401
     from helpers.loading import load_model
     from helpers.models import resolve_model
+    from helpers.streaming import timed_greedy_decode
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     model = load_model(resolve_model(None), "sym_int4")
-    token = torch.arange(1, PROMPT_TOKENS + 1).unsqueeze(0)
-    state, times = None, []
-    with torch.inference_mode():
-        for _ in range(DECODE_TOKENS + 1):
-            start = time.perf_counter()
-            out = model(**model.prepare_inputs_for_generation(token, state=state), use_cache=True)
-            token, state = out.logits[:, -1].argmax(-1, keepdim=True), out.state
-            times.append(time.perf_counter() - start)
-    print(json.dumps({"tokens_per_s": 1 / statistics.median(times[1:])}))
+    run = timed_greedy_decode(model, torch.arange(1, PROMPT_TOKENS + 1).unsqueeze(0), DECODE_TOKENS)
+    print(json.dumps({"tokens_per_s": 1000 / statistics.median(run.latency_ms)}))
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
