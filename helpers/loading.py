@@ -6,8 +6,8 @@ Every bigdl-llm path (``from_pretrained(load_in_4bit / load_in_low_bit)``, ``opt
 import logging
 import shutil
 
-import bigdl.llm.transformers  # noqa: F401  (after helpers chose the native library)
 import torch
+from bigdl.llm.transformers import AutoModelForCausalLM as LowBitModel  # after helpers chose the native library
 
 from helpers.cpu import require_avx2
 from helpers.errors import UserError
@@ -21,9 +21,10 @@ LOW_BIT_FORMATS = ("sym_int4", "asym_int4", "sym_int5", "sym_int8")
 CACHE_DIR = MODELS_DIR / "low-bit"
 
 
-def _check_format(low_bit):
+def _check_low_bit(low_bit):
     if low_bit not in LOW_BIT_FORMATS:
         raise UserError(f"Unknown low-bit format {low_bit!r}; choose one of {', '.join(LOW_BIT_FORMATS)}.")
+    require_avx2()
 
 
 def load_tokenizer(source):
@@ -43,12 +44,9 @@ def load_hf_model(source, dtype=torch.float32):
 
 def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True):
     """bigdl-llm's from_pretrained with load_in_low_bit (load_in_4bit is the same as sym_int4)."""
-    _check_format(low_bit)
-    require_avx2()
+    _check_low_bit(low_bit)
     check_fits(source.config, low_bit)
-    from bigdl.llm.transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
+    model = LowBitModel.from_pretrained(
         source.location, load_in_low_bit=low_bit, optimize_model=optimize_model, trust_remote_code=True
     )
     return repair_for_cpu(model)
@@ -56,8 +54,7 @@ def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True):
 
 def optimize_hf_model(model, low_bit="sym_int4"):
     """bigdl-llm's one-line API on a transformers model, as the upstream example uses it."""
-    _check_format(low_bit)
-    require_avx2()
+    _check_low_bit(low_bit)
     from bigdl.llm import optimize_model
 
     return repair_for_cpu(optimize_model(model, low_bit=low_bit))
@@ -76,14 +73,13 @@ def load_cached_low_bit_model(source, low_bit="sym_int4"):
         shutil.rmtree(partial, ignore_errors=True)
         model.save_low_bit(str(partial))
         load_tokenizer(source).save_pretrained(str(partial))
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished copy, if any
         partial.rename(folder)
         del model
         release_freed_memory()
-    require_avx2()
+    _check_low_bit(low_bit)
     check_fits(source.config, low_bit, from_cache=True)
-    from bigdl.llm.transformers import AutoModelForCausalLM
-
-    return repair_for_cpu(AutoModelForCausalLM.load_low_bit(str(folder), trust_remote_code=True))
+    return repair_for_cpu(LowBitModel.load_low_bit(str(folder), trust_remote_code=True))
 
 
 def load_model(source, low_bit="sym_int4"):
