@@ -6,10 +6,10 @@ import subprocess
 import sys
 from importlib import metadata
 
-from helpers.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
-from helpers.memory import GIB, available_bytes, estimate_load_bytes
 from helpers.bench import load_results
 from helpers.checkpoint import make_config
+from helpers.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
+from helpers.memory import GIB, available_bytes, estimate_load_bytes
 
 PACKAGES = ["torch", "transformers", "bigdl-llm", "rwkv", "safetensors", "jupyterlab", "ipywidgets", "nbval"]
 # The seed's rule of thumb for an X-billion model saved in 16-bit, and the real parameter counts.
