@@ -43,7 +43,13 @@ def load_hf_model(source, dtype=torch.float32):
 
 
 def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True):
-    """bigdl-llm's from_pretrained with load_in_low_bit (load_in_4bit is the same as sym_int4)."""
+    """bigdl-llm's from_pretrained with load_in_low_bit (load_in_4bit is the same as sym_int4).
+
+    A folder written by save_low_bit keeps the format it was saved in and loads with load_low_bit.
+    """
+    saved_format = source.config.get("bigdl_transformers_low_bit")
+    if saved_format:
+        return _load_saved_low_bit(source.location, source.config, saved_format)
     _check_low_bit(low_bit)
     check_fits(source.config, low_bit)
     model = LowBitModel.from_pretrained(
@@ -77,8 +83,12 @@ def load_cached_low_bit_model(source, low_bit="sym_int4"):
         partial.rename(folder)
         del model
         release_freed_memory()
+    return _load_saved_low_bit(folder, source.config, low_bit)
+
+
+def _load_saved_low_bit(folder, config, low_bit):
     _check_low_bit(low_bit)
-    check_fits(source.config, low_bit, from_cache=True)
+    check_fits(config, low_bit, from_cache=True)
     return repair_for_cpu(LowBitModel.load_low_bit(str(folder), trust_remote_code=True))
 
 

@@ -76,6 +76,15 @@ def test_low_bit_cache_round_trip(tiny_source, input_ids, sym_int4_logits, tmp_p
         assert torch.allclose(logits_for(model, input_ids), sym_int4_logits, atol=1e-4)
 
 
+def test_a_saved_low_bit_folder_loads_as_a_model(tiny_source, tmp_path, monkeypatch):
+    monkeypatch.setattr("helpers.loading.CACHE_DIR", tmp_path)
+    load_cached_low_bit_model(tiny_source, "sym_int8")
+    result = run_cli("helpers.generate", "--repo-id-or-model-path", str(tmp_path / "rwkv-4-world-tiny-sym_int8"),
+                     "--n-predict", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("-------------------- Output --------------------") == 1
+
+
 def test_no_fp16_view_of_the_checkpoint_remains(tiny_source):
     from bigdl.llm.transformers.low_bit_linear import LowBitLinear
 
