@@ -97,6 +97,8 @@ class Playground:
             format_prompt(self.prompt.value)
             if self.model is None:
                 self.load()
+                if self.model is None:  # the load failed and said why
+                    return
             check_n_predict(self.n_predict.value, self.model.config.context_length)
         except UserError as error:
             return self._say(f"error: {error}", error=True)
