@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from helpers.checkpoint import SHAPES
 from helpers.cpu import cpu_info
-from helpers.memory import GIB
+from helpers.memory import GIB, model_weight_bytes
 from helpers.paths import DATA_DIR
 
 OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "asym_int4", "sym_int5", "sym_int8", "sym_int4_cache"]
@@ -103,7 +103,7 @@ def measure(option, shape, threads):
         "prefill_ms": run.prefill_ms,
         "decode_ms": statistics.median(run.latency_ms),
         "weight_bytes": linear_weight_bytes(model),
-        "model_bytes": sum(tensor.nbytes for tensor in model.state_dict().values()),
+        "model_bytes": model_weight_bytes(model),
         "tokens": run.tokens,
     }
 

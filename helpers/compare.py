@@ -3,7 +3,7 @@ import gc
 import time
 from dataclasses import dataclass
 
-from helpers.memory import BITS_PER_WEIGHT, PeakRss, rss_bytes
+from helpers.memory import BITS_PER_WEIGHT, PeakRss, model_weight_bytes, rss_bytes
 from helpers.quality import agreement, logits_for
 
 
@@ -16,7 +16,7 @@ class Loaded:
 
     @property
     def weight_bytes(self):
-        return sum(tensor.nbytes for tensor in self.model.state_dict().values())
+        return model_weight_bytes(self.model)
 
 
 def timed_load(load, *args, **kwargs):

@@ -66,6 +66,11 @@ def check_fits(config, fmt, from_cache=False, available=None):
     return needed
 
 
+def model_weight_bytes(model):
+    """Bytes of all the weights a loaded model holds (low-bit linears as stored)."""
+    return sum(tensor.nbytes for tensor in model.state_dict().values())
+
+
 def rss_bytes():
     return psutil.Process().memory_info().rss
 

@@ -81,11 +81,16 @@ def stream_generate(model, tokenizer, prompt, n_predict=40, on_text=None, stop_e
     return result
 
 
+def _forward(model, input_ids, state):
+    """One forward exactly as generate() makes it (with the RNN state after the first)."""
+    return model(**model.prepare_inputs_for_generation(input_ids, state=state), use_cache=True)
+
+
 def read_prompt(model, tokenizer, prompt):
     """Run the formatted prompt once; returns (logits of its last position, RNN state)."""
     input_ids = tokenizer(format_prompt(prompt), return_tensors="pt").input_ids
     with torch.inference_mode():
-        out = model(**model.prepare_inputs_for_generation(input_ids, state=None), use_cache=True)
+        out = _forward(model, input_ids, None)
     return out.logits[0, -1], out.state
 
 
@@ -98,12 +103,12 @@ class TimedDecode:
 
 
 def timed_greedy_decode(model, input_ids, n_tokens):
-    """Greedy decoding, one forward per token exactly as generate() makes it, timing every step."""
+    """Greedy decoding, one forward per token, timing every step."""
     run, state, token = TimedDecode(), None, input_ids
     with torch.inference_mode():
         for step in range(n_tokens + 1):
             start = time.perf_counter()
-            out = model(**model.prepare_inputs_for_generation(token, state=state), use_cache=True)
+            out = _forward(model, token, state)
             token, state = out.logits[:, -1].argmax(-1, keepdim=True), out.state
             elapsed_ms = (time.perf_counter() - start) * 1000
             if step == 0:
@@ -135,6 +140,6 @@ def continue_from(model, tokenizer, logits, state, n_tokens=20, seed=0, temperat
             keep = sorted_probs.cumsum(0) - sorted_probs < top_p
             choice = order[keep][torch.multinomial(sorted_probs[keep], 1, generator=generator)]
             ids.append(int(choice))
-            out = model(**model.prepare_inputs_for_generation(choice.view(1, 1), state=state), use_cache=True)
+            out = _forward(model, choice.view(1, 1), state)
             logits, state = out.logits[0, -1], out.state
     return tokenizer.decode(ids, skip_special_tokens=True)
