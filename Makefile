@@ -34,4 +34,4 @@ playground: $(STAMP) $(CHECKPOINT)
 	$(VENV)/bin/voila notebooks/05_prompt_playground.ipynb --no-browser --Voila.ip=127.0.0.1 --port=8866
 
 clean:
-	rm -rf $(VENV) data/models
+	rm -rf $(VENV) data/models build

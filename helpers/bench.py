@@ -4,7 +4,9 @@
 
 Each option runs in its own fresh process, one after another, on the same checkpoint and prompt.
 Decode is memory-bound: each token reads every weight of the block linears and the head once, so
-weight bytes / read bandwidth is the fastest a token can be (`bound_ms`); bandwidth is measured here.
+weight bytes / read bandwidth is the fastest a token can be (`bound_ms`). The bandwidth is measured in
+each option's process just before and just after its decoding (the best of both), because on a shared
+machine it drifts over a run of several minutes.
 """
 import argparse
 import json
@@ -24,7 +26,8 @@ from helpers.cpu import cpu_info
 from helpers.memory import GIB, model_weight_bytes
 from helpers.paths import DATA_DIR
 
-OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "asym_int4", "sym_int5", "sym_int8", "sym_int4_cache"]
+OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "sym_int4_unfused", "asym_int4", "sym_int5", "sym_int8", "sym_int4_cache"]
+UNFUSED = "_unfused"  # sym_int4 decoded through torch and bigdl's kernels, without helpers.fused_decode
 PROMPT_TOKENS = 32
 DECODE_TOKENS = 64
 
@@ -65,7 +68,7 @@ def load_option(option, source):
         return load_hf_model(source, torch.bfloat16)
     if option.endswith("_cache"):
         return load_cached_low_bit_model(source, option.removesuffix("_cache"))
-    return load_low_bit_model(source, option)
+    return load_low_bit_model(source, option.removesuffix(UNFUSED))
 
 
 def prompt_ids(vocab_size):
@@ -94,7 +97,10 @@ def measure(option, shape, threads):
     model = load_option(option, source)
     load_s = time.perf_counter() - start
     peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak so far: the load
+    bandwidth_before = read_bandwidth_gbs(threads)
     run = timed_greedy_decode(model, prompt_ids(source.config["vocab_size"]), DECODE_TOKENS)
+    bandwidth = max(bandwidth_before, read_bandwidth_gbs(threads))
+    weight_bytes = linear_weight_bytes(model)
     return {
         "option": option,
         "load_s": load_s,
@@ -102,9 +108,12 @@ def measure(option, shape, threads):
         "steady_rss_gib": statistics.median(run.rss_bytes) / GIB,
         "prefill_ms": run.prefill_ms,
         "decode_ms": statistics.median(run.latency_ms),
-        "weight_bytes": linear_weight_bytes(model),
+        "weight_bytes": weight_bytes,
+        "bandwidth_gbs": bandwidth,
+        "bound_ms": weight_bytes / (bandwidth * 1e9) * 1000,
         "model_bytes": model_weight_bytes(model),
         "tokens": run.tokens,
+        "fused_decode": getattr(model, "fused_decoder", None) is not None,
     }
 
 
@@ -112,52 +121,46 @@ def run_worker(option, shape, threads):
     """Measure one option in a fresh process; None when that run only wrote the low-bit cache."""
     command = [sys.executable, "-m", "helpers.bench", "--worker", option, "--shape", shape, "--threads", str(threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if option.endswith(UNFUSED):
+        env["RWKV_FUSED_DECODE"] = "0"
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{option} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_bandwidth(threads):
-    code = f"from helpers.bench import read_bandwidth_gbs; print(read_bandwidth_gbs({threads}))"
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-
-
 def run_benchmark(shape="1b5", threads=None, options=OPTIONS):
     threads = threads or psutil.cpu_count(logical=False) or 1
     records = []
-    with tqdm(total=len(options) + 1, desc=f"bench {shape}, {threads} threads", unit="step") as progress:
-        bandwidth = run_bandwidth(threads)
-        progress.update()
+    with tqdm(total=len(options), desc=f"bench {shape}, {threads} threads", unit="option") as progress:
         for option in options:
             progress.set_postfix_str(option)
             record = run_worker(option, shape, threads)
             if record is None:  # the cache was just written: measure loading it
                 record = run_worker(option, shape, threads)
-            record["bound_ms"] = record["weight_bytes"] / (bandwidth * 1e9) * 1000
             records.append(record)
             progress.update()
     reference = next((r["tokens"] for r in records if r["option"] == "hf_fp32"), records[0]["tokens"])
     machine = cpu_info()
     for record in records:
         record["same_tokens"] = sum(a == b for a, b in zip(record["tokens"], reference)) / len(reference)
-        record.update(shape=shape, threads=threads, bandwidth_gbs=bandwidth,
-                      machine=f"{machine.model}, {machine.physical_cores} cores, {psutil.virtual_memory().total / GIB:.0f} GiB")
-    return {"shape": shape, "threads": threads, "bandwidth_gbs": bandwidth, "records": records}
+        record.update(shape=shape, threads=threads, machine=f"{machine.model}, {machine.physical_cores} cores, {psutil.virtual_memory().total / GIB:.0f} GiB")
+    return {"shape": shape, "threads": threads, "records": records}
 
 
 def load_results(shape):
     """The committed results of `--shape SHAPE --json data/bench/SHAPE.json`, as run_benchmark returns them."""
     records = json.loads((DATA_DIR / "bench" / f"{shape}.json").read_text())
-    first = records[0]
-    return {"shape": shape, "threads": first["threads"], "bandwidth_gbs": first["bandwidth_gbs"], "records": records}
+    return {"shape": shape, "threads": records[0]["threads"], "records": records}
 
 
 def markdown_table(result):
     fp32 = next((r for r in result["records"] if r["option"] == "hf_fp32"), None)
+    bandwidths = [r["bandwidth_gbs"] for r in result["records"]]
     lines = [
-        f"Shape {result['shape']}, {result['threads']} threads, read bandwidth {result['bandwidth_gbs']:.1f} GB/s, "
-        f"{PROMPT_TOKENS}-token prompt, median of {DECODE_TOKENS} greedy tokens.",
+        f"Shape {result['shape']}, {result['threads']} threads, read bandwidth {min(bandwidths):.1f} to "
+        f"{max(bandwidths):.1f} GB/s (measured with each option), {PROMPT_TOKENS}-token prompt, "
+        f"median of {DECODE_TOKENS} greedy tokens.",
         "",
         "| option | load s | peak load RSS GiB | steady RSS GiB | weights in RAM GiB | prefill ms | decode ms/token | tokens/s "
         "| weight GiB read/token | bound ms | decode / bound | decode / fp32 | tokens = fp32's |",

@@ -1,10 +1,12 @@
 """What notebook 02 measures: FP32 against low-bit loading, side by side in one kernel."""
+import contextlib
 import gc
 import time
 from dataclasses import dataclass
 
+from helpers.fused_decode import torch_path
 from helpers.memory import BITS_PER_WEIGHT, PeakRss, model_weight_bytes, rss_bytes
-from helpers.quality import agreement, logits_for
+from helpers.quality import agreement, logits_for, stepwise_logits
 
 
 @dataclass
@@ -63,3 +65,21 @@ def upstream_error(source, optimize_model=True):
     except Exception as error:
         return f"{type(error).__name__}: {error}"
     return "no error: this bigdl-llm build runs RWKV-4 on CPU as shipped"
+
+
+def decode_path_rows(model, input_ids, reference_logits, prompt_tokens=8):
+    """Decoding input_ids token by token through the fused step and through torch + bigdl's kernels:
+    ms per token and agreement with FP32 (reference_logits: FP32's logits at every position)."""
+    paths = [("torch + bigdl-llm's INT4 kernel", torch_path(model))]
+    if model.fused_decoder is not None:
+        paths.insert(0, ("fused step (one native call)", contextlib.nullcontext()))
+    rows = []
+    for label, context in paths:
+        with context:
+            run = stepwise_logits(model, input_ids, prompt_tokens)
+        result = agreement(reference_logits[prompt_tokens:], run.logits)
+        rows.append([label, f"{run.ms_per_token:.2f} ms", f"{result.top1:.0%}", f"{result.cosine:.4f}"])
+    return rows
+
+
+DECODE_PATH_HEADERS = ["decoding path", "per token", "top-1 = FP32", "logits cosine"]

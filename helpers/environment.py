@@ -6,6 +6,7 @@ import subprocess
 import sys
 from importlib import metadata
 
+from helpers import fused_decode
 from helpers.bench import load_results
 from helpers.checkpoint import make_config
 from helpers.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
@@ -48,7 +49,15 @@ def native_library_rows(choice):
         ("why", choice.reason),
         ("loaded in this kernel", loaded_native_library() or "not yet (loads with the first low-bit model)"),
         ("bigdl-llm's own pick (by vendor)", "the plain AVX build on non-Intel CPUs, whatever their flags"),
+        ("sym_int4 decoding step", fused_decode_status()),
     ]
+
+
+def fused_decode_status():
+    """Whether sym_int4 models decode through helpers.fused_decode here, and if not, why."""
+    if fused_decode.library() is not None:
+        return "helpers' fused AVX-512 VNNI step (compiled for this CPU)"
+    return f"bigdl-llm's kernels: {fused_decode.unavailable_reason}"
 
 
 def measured(shape, option):
@@ -113,6 +122,8 @@ def verdicts(model_shape="7b"):
         ("x86-64 CPU", platform.machine().lower() in ("x86_64", "amd64"), "bigdl-llm's CPU kernels are x86-64 only"),
         ("AVX2", info.has("avx2"), "use a CPU from 2013 or later (Intel Haswell, AMD Zen)"),
         ("a native kernel build for this CPU", library_ok, "reinstall bigdl-llm: `make clean install`"),
+        ("(optional) AVX-512 VNNI and a C compiler, for the fused decoding step", fused_decode.library() is not None,
+         "without them decoding runs through bigdl-llm's kernels, slower (notebook 04 measures both); `apt install gcc`"),
         (f"RAM to load {model_shape} in INT4 ({needed / GIB:.1f} GiB)", free >= needed,
          "pick a smaller model (169m to 3b) or load a low-bit cache (needs about half)"),
     ]

@@ -15,7 +15,8 @@ embedding table, which bigdl widens to fp32, goes back to the checkpoint's fp16.
 The forwards compute the same maths as transformers' RwkvSelfAttention / RwkvFeedForward with
 fewer tensor operations: one batched mix for key / value / receptance, the decay exponent computed
 once, and for a single token (decoding) bigdl's INT4 kernel called directly. Under generate() the
-head runs on the last position only.
+head runs on the last position only. A sym_int4 model decodes a token continuing a state in one
+native call instead, where helpers.fused_decode is available.
 """
 import ctypes
 import gc
@@ -23,6 +24,8 @@ import sys
 
 import torch
 from transformers.models.rwkv.modeling_rwkv import RwkvCausalLMOutput
+
+from helpers.fused_decode import FusedDecoder
 
 
 def _linear(module, x):
@@ -103,7 +106,13 @@ def prepare_inputs_for_generation(self, *args, **kwargs):
 
 def causal_lm_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, use_cache=None,
                       last_logits_only=False, **kwargs):
-    """generate() reads only the last position's logits: compute the head (65536 rows) for it alone."""
+    """One token continuing a state decodes in one native call where the model allows it; under
+    generate(), which reads only the last position's logits, the head (65536 rows) runs for it alone."""
+    decoder = self.fused_decoder
+    plain_output = not (kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
+                        or kwargs.get("return_dict") is False)
+    if decoder is not None and inputs_embeds is None and plain_output and decoder.can_decode(input_ids, state):
+        return RwkvCausalLMOutput(logits=decoder(input_ids, state), state=state)
     if not last_logits_only:
         return type(self).forward(self, input_ids, attention_mask, inputs_embeds, state, use_cache=use_cache, **kwargs)
     out = self.rwkv(input_ids, inputs_embeds=inputs_embeds, state=state, use_cache=use_cache, return_dict=True)
@@ -166,6 +175,7 @@ def repair_for_cpu(model):
     rwkv.layers_are_rescaled = True
     model.prepare_inputs_for_generation = prepare_inputs_for_generation.__get__(model, type(model))
     model.forward = causal_lm_forward.__get__(model, type(model))
+    model.fused_decoder = FusedDecoder.for_model(model)
     model.eval()
     release_freed_memory()
     return model

@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 
+from helpers import fused_decode
 from helpers.cpu import NATIVE_BUILDS, bigdl_libs_dir, cpu_info
 from helpers.environment import bigdl_llm_init_settings
 
@@ -37,9 +38,15 @@ def thread_counts():
 
 
 def native_builds():
-    """{build: library path} of the kernel builds this CPU can run."""
+    """{build: environment} for each bigdl-llm kernel build this CPU can run, decoding through it
+    (the fused step turned off), after the fused step itself where it is available."""
     info = cpu_info()
-    return {build: str(bigdl_libs_dir() / f"libllama_{build}.so") for build, needed in NATIVE_BUILDS if info.has(*needed)}
+    builds = {"fused step (helpers)": {}} if fused_decode.library() is not None else {}
+    for build, needed in NATIVE_BUILDS:
+        if info.has(*needed):
+            builds[f"bigdl {build}"] = {"LLAMA_CPP_LIB": str(bigdl_libs_dir() / f"libllama_{build}.so"),
+                                        "RWKV_FUSED_DECODE": "0"}
+    return builds
 
 
 def runtime_env(options):

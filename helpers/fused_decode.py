@@ -1,0 +1,192 @@
+"""A whole RWKV-4 decoding step in one native call, on bigdl-llm's sym_int4 weights (rwkv4_decode.c).
+
+bigdl-llm's own INT4 kernel and the ~30 small torch operations per layer around it leave a token
+at about 2.7x the time its weights take to read. The C step reads the same INT4 blocks with
+AVX-512 VNNI and prefetching, and does the layer norms, token shift, WKV and channel mix in
+place. It is compiled for this CPU on first use (``cc -O3 -march=native -fopenmp``) into build/;
+without a C compiler, or for formats other than sym_int4, models decode through the torch path.
+Set ``RWKV_FUSED_DECODE=0`` to turn it off.
+"""
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+from helpers.cpu import cpu_info
+from helpers.paths import REPO_ROOT
+
+SOURCE = REPO_ROOT / "helpers" / "rwkv4_decode.c"
+BUILD_DIR = REPO_ROOT / "build"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+BLOCK = 64
+ROWS_PER_STEP = 4
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "ln1_weight", "ln1_bias", "ln2_weight", "ln2_bias", "attention_mix", "time_first", "decay",
+        "attention_key", "attention_value", "attention_receptance", "attention_output", "feed_forward_mix",
+        "feed_forward_key", "feed_forward_receptance", "feed_forward_value",
+    )] + [("output_scale", ctypes.c_float)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in ("layers", "hidden", "intermediate", "vocab", "rescale_every")] + [
+        ("eps", ctypes.c_float)] + [(name, ctypes.c_void_p) for name in (
+            "embeddings", "ln0_weight", "ln0_bias", "ln_out_weight", "ln_out_bias", "head")] + [
+        ("layer", ctypes.POINTER(Layer))]
+
+
+NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
+
+
+def build_library(extra_flags=()):
+    """Compile rwkv4_decode.c for this CPU (cached by source, flags and compiler); returns its path.
+
+    Raises RuntimeError saying why when the CPU lacks AVX-512 VNNI, or there is no compiler or it fails.
+    """
+    info = cpu_info()
+    if not info.has(*NEEDED_FLAGS):
+        missing = ", ".join(flag for flag in NEEDED_FLAGS if not info.has(flag))
+        raise RuntimeError(f"this CPU lacks {missing}; decoding uses bigdl-llm's kernels instead")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler found (install gcc, e.g. `apt install gcc`)")
+    flags = [*FLAGS, *extra_flags]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    library = BUILD_DIR / f"rwkv4_decode-{key}.so"
+    if not library.exists():
+        BUILD_DIR.mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=BUILD_DIR) as scratch:
+            partial = os.path.join(scratch, library.name)
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial, "-lm"], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+            os.replace(partial, library)  # atomic: other processes see a whole library or none
+    return library
+
+
+def load_library(extra_flags=()):
+    library = ctypes.CDLL(str(build_library(extra_flags)))
+    library.rwkv4_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
+                                     ctypes.c_void_p, ctypes.c_int]
+    library.rwkv4_matvec.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_int]
+    return library
+
+
+_library, unavailable_reason = None, None
+
+
+def library():
+    """The compiled library, or None (with ``unavailable_reason`` set) when it can't be built or is off."""
+    global _library, unavailable_reason
+    if _library is None and unavailable_reason is None:
+        if os.environ.get("RWKV_FUSED_DECODE", "1") == "0":
+            unavailable_reason = "turned off by RWKV_FUSED_DECODE=0"
+        else:
+            try:
+                _library = load_library()
+            except (RuntimeError, OSError) as error:
+                unavailable_reason = str(error)
+    return _library
+
+
+def _address(tensor):
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def _is_sym_int4(linear, rows, cols):
+    from bigdl.llm.transformers.low_bit_linear import LowBitLinear, ggml_tensor_qtype
+
+    return (isinstance(linear, LowBitLinear) and linear.qtype == ggml_tensor_qtype["sym_int4"]
+            and tuple(linear.weight_shape) == (rows, cols) and rows % ROWS_PER_STEP == 0 and cols % BLOCK == 0)
+
+
+class FusedDecoder:
+    """Decodes one token of batch 1 for a repaired bigdl sym_int4 RWKV-4 model; see ``for_model``."""
+
+    def __init__(self, model, native):
+        config, rwkv = model.config, model.rwkv
+        hidden, intermediate = config.hidden_size, config.intermediate_size
+        self.native, self.keep = native, []  # keep: every tensor whose address the C structs hold
+        self.layers = (Layer * config.num_hidden_layers)()
+        for layer, block in zip(self.layers, rwkv.blocks):
+            attention, feed_forward = block.attention, block.feed_forward
+            for field, tensor in (
+                ("ln1_weight", block.ln1.weight), ("ln1_bias", block.ln1.bias),
+                ("ln2_weight", block.ln2.weight), ("ln2_bias", block.ln2.bias),
+                ("attention_mix", attention.time_mixes), ("time_first", attention.time_first),
+                ("decay", attention.decay), ("feed_forward_mix", feed_forward.time_mixes),
+                ("attention_key", attention.key.weight), ("attention_value", attention.value.weight),
+                ("attention_receptance", attention.receptance.weight), ("attention_output", attention.output.weight),
+                ("feed_forward_key", feed_forward.key.weight),
+                ("feed_forward_receptance", feed_forward.receptance.weight),
+                ("feed_forward_value", feed_forward.value.weight),
+            ):
+                setattr(layer, field, self._pointer(tensor))
+            layer.output_scale = attention.output_scale
+        ln0 = rwkv.blocks[0].pre_ln
+        self.model = Model(
+            config.num_hidden_layers, hidden, intermediate, config.vocab_size,
+            config.rescale_every if rwkv.layers_are_rescaled else 0, config.layer_norm_epsilon,
+            self._pointer(rwkv.embeddings.weight), self._pointer(ln0.weight), self._pointer(ln0.bias),
+            self._pointer(rwkv.ln_out.weight), self._pointer(rwkv.ln_out.bias), self._pointer(model.head.weight),
+            self.layers,
+        )
+
+    def _pointer(self, tensor):
+        tensor = tensor.data
+        if not tensor.is_contiguous():
+            raise ValueError("non-contiguous tensor")
+        self.keep.append(tensor)
+        return tensor.data_ptr()
+
+    @classmethod
+    def for_model(cls, model):
+        """A decoder when every linear of the model is sym_int4 and the library is available, else None."""
+        from helpers.rwkv_cpu import HalfEmbedding
+
+        native = library()
+        config, rwkv = model.config, model.rwkv
+        hidden, intermediate = config.hidden_size, config.intermediate_size
+        shapes_ok = config.attention_hidden_size == hidden and _is_sym_int4(model.head, config.vocab_size, hidden)
+        for block in rwkv.blocks:
+            attention, feed_forward = block.attention, block.feed_forward
+            square = [attention.key, attention.value, attention.receptance, attention.output, feed_forward.receptance]
+            shapes_ok = (shapes_ok and all(_is_sym_int4(linear, hidden, hidden) for linear in square)
+                         and _is_sym_int4(feed_forward.key, intermediate, hidden)
+                         and _is_sym_int4(feed_forward.value, hidden, intermediate))
+        if native is None or not shapes_ok or not isinstance(rwkv.embeddings, HalfEmbedding):
+            return None
+        return cls(model, native)
+
+    def can_decode(self, input_ids, state):
+        """One token of batch 1 continuing a state laid out as transformers makes it."""
+        return (input_ids is not None and tuple(input_ids.shape) == (1, 1) and state is not None
+                and all(s.dtype == torch.float32 and s.shape[0] == 1 and s.is_contiguous() for s in state))
+
+    def __call__(self, input_ids, state):
+        """Logits [1, 1, vocab] for the token; updates the state in place."""
+        logits = torch.empty(1, 1, self.model.vocab)
+        states = (ctypes.c_void_p * 5)(*(s.data_ptr() for s in state))
+        status = self.native.rwkv4_decode(ctypes.byref(self.model), int(input_ids[0, 0]), states,
+                                          _address(logits), torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError("model too wide for the fused decoder")
+        return logits
+
+
+@contextlib.contextmanager
+def torch_path(model):
+    """Within the block, the model decodes through torch and bigdl's kernels (to compare the two)."""
+    decoder, model.fused_decoder = model.fused_decoder, None
+    try:
+        yield model
+    finally:
+        model.fused_decoder = decoder
