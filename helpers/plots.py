@@ -23,3 +23,17 @@ def plot_threads(results):
     ax.set_xticks(threads)
     fig.tight_layout()
     plt.show()
+
+
+def plot_kernel_sweeps(sweeps):
+    """The fused step's weight reading against threads, next to its bandwidth bound (helpers/kernel_sweep.py)."""
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 3.2))
+    for ax, sweep in zip([axes] if len(sweeps) == 1 else axes, sweeps):
+        threads = [r["threads"] for r in sweep["records"]]
+        ax.plot(threads, [r["kernel_ms"] for r in sweep["records"]], marker="o", label="fused INT4 kernel")
+        ax.plot(threads, [r["bound_ms"] for r in sweep["records"]], linestyle="--", label="bandwidth bound")
+        ax.set(xlabel="threads", ylabel="ms per token", title=f"{sweep['shape']}: weights of one token", ylim=(0, None))
+        ax.set_xticks(threads)
+        ax.legend()
+    fig.tight_layout()
+    plt.show()

@@ -13,8 +13,10 @@ import sys
 from helpers import fused_decode
 from helpers.cpu import NATIVE_BUILDS, bigdl_libs_dir, cpu_info
 from helpers.environment import bigdl_llm_init_settings
+from helpers.paths import DATA_DIR
 
 PROMPT_TOKENS, DECODE_TOKENS = 16, 48
+SWEEPS_DIR = DATA_DIR / "sweeps"
 RUNTIMES = {  # name: bigdl-llm-init options
     "Intel OpenMP, system malloc": "",
     "Intel OpenMP, jemalloc": "-j",
@@ -62,6 +64,11 @@ def pinnings(threads):
     if shutil.which("numactl"):
         options[f"numactl -C {cores} -m 0"] = ("numactl", "-C", cores, "-m", "0")
     return options
+
+
+def kernel_sweeps():
+    """The committed runs of helpers/kernel_sweep.py on a bigger machine (data/sweeps/), smallest shape first."""
+    return [json.loads(path.read_text()) for path in sorted(SWEEPS_DIR.glob("fused-kernel-*.json"))]
 
 
 def recommended_commands():

@@ -1,5 +1,8 @@
 """The native decoding step (helpers/rwkv4_decode.c) computes what the torch path computes."""
 import contextlib
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from conftest import SAMPLE_TEXTS
 from helpers import fused_decode
 from helpers.cpu import cpu_info
 from helpers.loading import load_low_bit_model
+from helpers.paths import REPO_ROOT
 from helpers.quality import agreement, stepwise_logits
 from test_low_bit import THRESHOLDS
 
@@ -91,3 +95,17 @@ def test_a_failing_compiler_gets_a_reason(monkeypatch):
     monkeypatch.setenv("CC", "false")
     with pytest.raises(RuntimeError, match="false failed"):
         fused_decode.build_library(("-DFORCE_A_NEW_BUILD",))
+
+
+@needs_vnni
+def test_kernel_sweep_times_one_tokens_weights(tmp_path):
+    result_file = tmp_path / "sweep.json"
+    script = REPO_ROOT / "helpers" / "kernel_sweep.py"
+    subprocess.run([sys.executable, str(script), "--shape", "1b5", "--threads", "1,2", "--json", str(result_file)],
+                   check=True, capture_output=True)
+    result = json.loads(result_file.read_text())
+    hidden, layers = 2048, 24
+    weights = layers * (5 * hidden * hidden + 2 * 4 * hidden * hidden) + 65536 * hidden
+    assert result["weight_bytes"] == weights // 64 * 34
+    assert [r["threads"] for r in result["records"]] == [1, 2]
+    assert all(r["kernel_ms"] > 0 and r["bound_ms"] > 0 for r in result["records"])

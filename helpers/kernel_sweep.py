@@ -1,0 +1,128 @@
+"""Thread sweep of the fused decoding step's INT4 kernel alone, for a machine without this project's stack.
+
+    python helpers/kernel_sweep.py [--shape 1b5] [--json PATH]
+
+Run it as a file, not with -m: it needs only torch and a C compiler, not bigdl-llm. It compiles
+rwkv4_decode.c, fills one token's worth of sym_int4 matrices of the shape (every block linear and the
+head) with random blocks, and for each thread count times reading them all once, as a decoding step
+does, next to torch's read bandwidth with as many threads. Results for notebook 04.
+"""
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("rwkv4_decode.c")
+BLOCK, BLOCK_BYTES = 64, 34
+# (layers, hidden) of the RWKV-4 World shapes; the feed-forward is 4x hidden, the vocabulary 65536.
+SHAPES = {"1b5": (24, 2048), "3b": (32, 2560), "7b": (32, 4096)}
+VOCAB = 65536
+
+
+def cpu_description():
+    fields = {}
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("Flags", "").split())
+    return {
+        "model": fields.get("Model name", platform.processor()),
+        "sockets": int(fields.get("Socket(s)", 1)),
+        "cores_per_socket": int(fields.get("Core(s) per socket", os.cpu_count())),
+        "threads_per_core": int(fields.get("Thread(s) per core", 1)),
+        "avx512_vnni": "avx512_vnni" in flags,
+        "gfni": "gfni" in flags,
+    }
+
+
+def compile_kernel(folder):
+    library = Path(folder) / "rwkv4_decode.so"
+    subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(library), "-lm"],
+                   check=True)
+    native = ctypes.CDLL(str(library))
+    native.rwkv4_matvec.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_int]
+    return native
+
+
+def random_int4(rows, cols, generator):
+    """A sym_int4 matrix of random nibbles, every block scaled by 0.01."""
+    blocks = torch.randint(0, 256, (rows, cols // BLOCK, BLOCK_BYTES), dtype=torch.uint8, generator=generator)
+    blocks[:, :, :2] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)
+    return blocks.reshape(-1)
+
+
+def token_matrices(shape):
+    """(weights, rows, cols) of every linear one decoded token reads."""
+    layers, hidden = SHAPES[shape]
+    per_layer = [(hidden, hidden)] * 5 + [(4 * hidden, hidden), (hidden, 4 * hidden)]
+    generator = torch.Generator().manual_seed(0)
+    return [(random_int4(rows, cols, generator), rows, cols) for rows, cols in per_layer * layers + [(VOCAB, hidden)]]
+
+
+def read_bandwidth_gbs(threads, repeats=5):
+    torch.set_num_threads(threads)
+    matrix = torch.ones(2**28 // 4096, 4096)  # 1 GiB of fp32
+    best = min(_seconds(matrix.sum) for _ in range(repeats))
+    return matrix.numel() * 4 / best / 1e9
+
+
+def _seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def sweep(shape, thread_counts):
+    description = cpu_description()
+    if not description["avx512_vnni"]:
+        return {"shape": shape, "machine": description, "error": "this CPU lacks AVX-512 VNNI"}
+    with tempfile.TemporaryDirectory() as folder:
+        native = compile_kernel(folder)
+        matrices = token_matrices(shape)
+        inputs = {cols: torch.randn(cols) for _, _, cols in matrices}
+        outputs = {rows: torch.empty(rows) for _, rows, _ in matrices}
+        weight_bytes = sum(weights.numel() for weights, _, _ in matrices)
+
+        def one_token(threads):
+            for weights, rows, cols in matrices:
+                native.rwkv4_matvec(weights.data_ptr(), rows, cols, inputs[cols].data_ptr(),
+                                    outputs[rows].data_ptr(), threads)
+
+        records = []
+        for threads in thread_counts:
+            bandwidth = read_bandwidth_gbs(threads)
+            one_token(threads)  # warm-up
+            milliseconds = statistics.median(_seconds(lambda: one_token(threads)) for _ in range(7)) * 1000
+            records.append({"threads": threads, "kernel_ms": milliseconds, "bandwidth_gbs": bandwidth,
+                            "bound_ms": weight_bytes / (bandwidth * 1e9) * 1000})
+            print(json.dumps(records[-1]), flush=True)
+    return {"shape": shape, "machine": description, "weight_bytes": weight_bytes, "records": records}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="1b5", choices=list(SHAPES))
+    parser.add_argument("--threads", default="", help="comma-separated thread counts (default: 1, 2, 4, ... all CPUs)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    cpus = os.cpu_count()
+    counts = [int(n) for n in args.threads.split(",")] if args.threads else sorted(
+        {min(2**i, cpus) for i in range(cpus.bit_length() + 1)})
+    result = sweep(args.shape, counts)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
