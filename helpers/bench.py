@@ -113,7 +113,7 @@ def measure(option, shape, threads):
         "bound_ms": weight_bytes / (bandwidth * 1e9) * 1000,
         "model_bytes": model_weight_bytes(model),
         "tokens": run.tokens,
-        "fused_decode": getattr(model, "fused_decoder", None) is not None,
+        "fused_decode": getattr(model, "fused_forward", None) is not None,
     }
 
 

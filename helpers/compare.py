@@ -71,7 +71,7 @@ def decode_path_rows(model, input_ids, reference_logits, prompt_tokens=8):
     """Decoding input_ids token by token through the fused step and through torch + bigdl's kernels:
     ms per token and agreement with FP32 (reference_logits: FP32's logits at every position)."""
     paths = [("torch + bigdl-llm's INT4 kernel", torch_path(model))]
-    if model.fused_decoder is not None:
+    if model.fused_forward is not None:
         paths.insert(0, ("fused step (one native call)", contextlib.nullcontext()))
     rows = []
     for label, context in paths:

@@ -1,11 +1,11 @@
-"""A whole RWKV-4 decoding step in one native call, on bigdl-llm's sym_int4 weights (rwkv4_decode.c).
+"""RWKV-4 forwards (a prompt, or one decoding step) in one native call on bigdl-llm's sym_int4 weights.
 
 bigdl-llm's own INT4 kernel and the ~30 small torch operations per layer around it leave a token
-at about 2.7x the time its weights take to read. The C step reads the same INT4 blocks with
-AVX-512 VNNI and prefetching, and does the layer norms, token shift, WKV and channel mix in
-place. It is compiled for this CPU on first use (``cc -O3 -march=native -fopenmp``) into build/;
-without a C compiler, or for formats other than sym_int4, models decode through the torch path.
-Set ``RWKV_FUSED_DECODE=0`` to turn it off.
+at about 2.7x the time its weights take to read. rwkv4_decode.c reads the same INT4 blocks with
+AVX-512 VNNI and prefetching (a prompt's tokens four at a time per loaded block), and does the layer
+norms, token shift, WKV and channel mix in place. It is compiled for this CPU on first use
+(``cc -O3 -march=native -fopenmp``) into build/; without a C compiler, or for formats other than
+sym_int4, models run through the torch path. Set ``RWKV_FUSED_DECODE=0`` to turn it off.
 """
 import contextlib
 import ctypes
@@ -24,7 +24,7 @@ SOURCE = REPO_ROOT / "helpers" / "rwkv4_decode.c"
 BUILD_DIR = REPO_ROOT / "build"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 BLOCK = 64
-ROWS_PER_STEP = 4
+ROWS_PER_STEP = 4  # rows % 4 == 0: the kernel computes 4 rows at a time
 
 
 class Layer(ctypes.Structure):
@@ -73,9 +73,9 @@ def build_library(extra_flags=()):
 
 def load_library(extra_flags=()):
     library = ctypes.CDLL(str(build_library(extra_flags)))
-    library.rwkv4_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
-                                     ctypes.c_void_p, ctypes.c_int]
-    library.rwkv4_matvec.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+    library.rwkv4_forward.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int,
+                                      ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    library.rwkv4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                      ctypes.c_void_p, ctypes.c_int]
     return library
 
@@ -108,8 +108,8 @@ def _is_sym_int4(linear, rows, cols):
             and tuple(linear.weight_shape) == (rows, cols) and rows % ROWS_PER_STEP == 0 and cols % BLOCK == 0)
 
 
-class FusedDecoder:
-    """Decodes one token of batch 1 for a repaired bigdl sym_int4 RWKV-4 model; see ``for_model``."""
+class FusedForward:
+    """Runs a repaired bigdl sym_int4 RWKV-4 model on token ids of batch 1; see ``for_model``."""
 
     def __init__(self, model, native):
         config, rwkv = model.config, model.rwkv
@@ -149,7 +149,7 @@ class FusedDecoder:
 
     @classmethod
     def for_model(cls, model):
-        """A decoder when every linear of the model is sym_int4 and the library is available, else None."""
+        """A FusedForward when every linear of the model is sym_int4 and the library is available, else None."""
         from helpers.rwkv_cpu import HalfEmbedding
 
         native = library()
@@ -166,27 +166,35 @@ class FusedDecoder:
             return None
         return cls(model, native)
 
-    def can_decode(self, input_ids, state):
-        """One token of batch 1 continuing a state laid out as transformers makes it."""
-        return (input_ids is not None and tuple(input_ids.shape) == (1, 1) and state is not None
-                and all(s.dtype == torch.float32 and s.shape[0] == 1 and s.is_contiguous() for s in state))
+    def can_run(self, input_ids, state):
+        """Token ids of batch 1, from the start or continuing a state laid out as transformers makes it."""
+        return (input_ids is not None and input_ids.dim() == 2 and input_ids.shape[0] == 1 and input_ids.shape[1] > 0
+                and (state is None or all(s.dtype == torch.float32 and s.shape[0] == 1 and s.is_contiguous()
+                                          for s in state)))
 
-    def __call__(self, input_ids, state):
-        """Logits [1, 1, vocab] for the token; updates the state in place."""
-        logits = torch.empty(1, 1, self.model.vocab)
+    def new_state(self):
+        """The state transformers starts from: zeros, and a running maximum of -1e30."""
+        model = self.model
+        state = [torch.zeros(1, model.hidden, model.layers) for _ in range(5)]
+        state[4] -= 1e30
+        return state
+
+    def __call__(self, input_ids, state=None, all_logits=True):
+        """(logits [1, tokens or 1, vocab], state): reads the tokens, updating the state in place."""
+        state = self.new_state() if state is None else state
+        ids = input_ids[0].to(torch.int64).contiguous()
+        logits = torch.empty(1, ids.numel() if all_logits else 1, self.model.vocab)
         states = (ctypes.c_void_p * 5)(*(s.data_ptr() for s in state))
-        status = self.native.rwkv4_decode(ctypes.byref(self.model), int(input_ids[0, 0]), states,
-                                          _address(logits), torch.get_num_threads())
-        if status != 0:
-            raise RuntimeError("model too wide for the fused decoder")
-        return logits
+        self.native.rwkv4_forward(ctypes.byref(self.model), ids.data_ptr(), ids.numel(), states, logits.data_ptr(),
+                                  int(all_logits), torch.get_num_threads())
+        return logits, state
 
 
 @contextlib.contextmanager
 def torch_path(model):
-    """Within the block, the model decodes through torch and bigdl's kernels (to compare the two)."""
-    decoder, model.fused_decoder = model.fused_decoder, None
+    """Within the block, the model runs through torch and bigdl's kernels (to compare the two)."""
+    fused, model.fused_forward = model.fused_forward, None
     try:
         yield model
     finally:
-        model.fused_decoder = decoder
+        model.fused_forward = fused

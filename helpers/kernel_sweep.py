@@ -49,8 +49,8 @@ def compile_kernel(folder):
     subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(library), "-lm"],
                    check=True)
     native = ctypes.CDLL(str(library))
-    native.rwkv4_matvec.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_int]
+    native.rwkv4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                    ctypes.c_void_p, ctypes.c_int]
     return native
 
 
@@ -95,7 +95,7 @@ def sweep(shape, thread_counts):
 
         def one_token(threads):
             for weights, rows, cols in matrices:
-                native.rwkv4_matvec(weights.data_ptr(), rows, cols, inputs[cols].data_ptr(),
+                native.rwkv4_matmul(weights.data_ptr(), rows, cols, inputs[cols].data_ptr(), 1,
                                     outputs[rows].data_ptr(), threads)
 
         records = []

@@ -1,15 +1,17 @@
-/* One RWKV-4 decoding step (one token, batch 1) on bigdl-llm's sym_int4 weights, in one call.
+/* RWKV-4 on bigdl-llm's sym_int4 weights, in one call for a token or a whole prompt (batch 1).
 
    Weights stay where bigdl keeps them. A sym_int4 row is a run of 34-byte blocks: an fp16 scale,
    then 32 bytes holding 64 weights as nibbles (byte j: low nibble = weight j, high = weight j + 32),
    each weight = (nibble - 8) * scale. The input vector is quantized to int8 per 64 values (as
    bigdl does), so a block's dot product is one AVX-512 VNNI instruction. Everything else (layer
    norms, token shift, WKV, channel mix) runs here too: a token is one call from Python instead of
-   hundreds of small tensor operations. Needs AVX-512 VNNI (Intel Ice Lake / AMD Zen 4 or newer). */
+   hundreds of small tensor operations. A prompt's tokens share each loaded weight block, 4 at a time.
+   Needs AVX-512 VNNI (Intel Ice Lake / AMD Zen 4 or newer). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #ifndef __AVX512VNNI__
 #error "rwkv4_decode.c needs AVX-512 VNNI"
@@ -18,28 +20,36 @@
 #define BLOCK 64
 #define BLOCK_BYTES 34
 #define ROWS 4        /* rows computed together, sharing the loads of the input */
-#define MAX_COLS 16384
+#define TOKENS 16     /* prompt tokens computed together: one per 32-bit lane */
 
+/* Inputs quantized to int8 per block of 64, one row of cols values per token; for a prompt also
+   regrouped TOKENS tokens at a time so that each 32-bit lane holds one token's 4 values. */
 typedef struct {
-    int8_t values[MAX_COLS];
-    float scales[MAX_COLS / BLOCK];
-    int32_t offsets[MAX_COLS / BLOCK]; /* -8 * sum of the block's values: the nibbles' zero point */
-} QuantizedVector;
+    int8_t *values;   /* [tokens][cols] */
+    float *scales;    /* [tokens][cols / BLOCK] */
+    int32_t *offsets; /* [tokens][cols / BLOCK]: -8 * sum of the block's values, the nibbles' zero point */
+    int8_t *lanes;    /* [tokens / TOKENS][cols / 4][TOKENS][4] */
+    float *lane_scales;    /* [tokens / TOKENS][cols / BLOCK][TOKENS] */
+    int32_t *lane_offsets; /* [tokens / TOKENS][cols / BLOCK][TOKENS] */
+} Quantized;
 
-static void quantize(const float *x, int cols, QuantizedVector *q) {
+static void quantize(const float *x, int cols, int8_t *values, float *scales, int32_t *offsets) {
     for (int b = 0; b < cols / BLOCK; b++) {
-        const float *block = x + b * BLOCK;
-        float amax = 0.0f;
-        for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(block[i]));
-        float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int32_t sum = 0;
-        for (int i = 0; i < BLOCK; i++) {
-            int8_t value = (int8_t)lrintf(block[i] * inverse);
-            q->values[b * BLOCK + i] = value;
-            sum += value;
+        __m512 parts[4], amax = _mm512_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            parts[i] = _mm512_loadu_ps(x + b * BLOCK + 16 * i);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(parts[i]));
         }
-        q->scales[b] = amax / 127.0f;
-        q->offsets[b] = -8 * sum;
+        float largest = _mm512_reduce_max_ps(amax);
+        __m512 inverse = _mm512_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
+        __m512i sum = _mm512_setzero_si512();
+        for (int i = 0; i < 4; i++) {
+            __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(parts[i], inverse)); /* to nearest, ties to even */
+            sum = _mm512_add_epi32(sum, rounded);
+            _mm_storeu_si128((__m128i *)(values + b * BLOCK + 16 * i), _mm512_cvtepi32_epi8(rounded));
+        }
+        scales[b] = largest / 127.0f;
+        offsets[b] = -8 * _mm512_reduce_add_epi32(sum);
     }
 }
 
@@ -60,7 +70,7 @@ static inline __m512i unpack_block(const uint8_t *block) {
 
 /* out[0..ROWS) = dot products of ROWS consecutive rows with q. Blocks go in chunks of 16, whose
    16 fp16 scales per row are gathered and converted at once; the next rows are prefetched. */
-static void rows_dot(const uint8_t *first_row, size_t row_bytes, const QuantizedVector *q, int blocks, float *out) {
+static void rows_dot(const uint8_t *first_row, size_t row_bytes, const Quantized *q, int blocks, float *out) {
     const __m512i block_starts = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(BLOCK_BYTES));
     __m512 acc[ROWS];
@@ -90,21 +100,157 @@ static void rows_dot(const uint8_t *first_row, size_t row_bytes, const Quantized
     for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-/* y[rows] = W x, W a sym_int4 [rows, cols] matrix (rows % ROWS == 0); rows shared among threads. */
-static void matvec(const uint8_t *weight, int rows, int cols, const float *x, float *y, int threads,
-                   QuantizedVector *q) {
-    int blocks = cols / BLOCK;
-    size_t row_bytes = (size_t)blocks * BLOCK_BYTES;
-    quantize(x, cols, q);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int r = 0; r < rows; r += ROWS) rows_dot(weight + r * row_bytes, row_bytes, q, blocks, y + r);
+/* The 4 bytes at p in every 32-bit lane, loaded straight from memory (a load, no shuffle: compilers
+   otherwise rebuild it from a register with two shuffles, the bottleneck of rows_tokens_dot). */
+static inline __m512i broadcast_dword(const uint8_t *p) {
+    __m512i v;
+    __asm__("vpbroadcastd %1, %0" : "=v"(v) : "m"(*(const int32_t *)p));
+    return v;
 }
 
-/* Exposed for tests: y = W x through the decoder's kernel. */
-void rwkv4_matvec(const uint8_t *weight, int rows, int cols, const float *x, float *y, int threads) {
-    QuantizedVector *q = malloc(sizeof *q);
-    matvec(weight, rows, cols, x, y, threads, q);
-    free(q);
+/* out[t * rows + r] for TOKENS tokens of group `group` and ROWS consecutive rows: each lane of a
+   dot product is one token, each weight broadcast to all lanes, so a block's scale applies to a
+   whole vector (one conversion per row and block instead of one per row, block and token). */
+static void rows_tokens_dot(const uint8_t *first_row, size_t row_bytes, const Quantized *q, int group, int cols,
+                            int rows, float *out) {
+    int blocks = cols / BLOCK;
+    const int8_t *lanes = q->lanes + (size_t)group * cols * TOKENS;
+    const float *lane_scales = q->lane_scales + (size_t)group * blocks * TOKENS;
+    const int32_t *lane_offsets = q->lane_offsets + (size_t)group * blocks * TOKENS;
+    __m512 acc[ROWS];
+    uint8_t weights[ROWS][BLOCK];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        __m512i even[ROWS], odd[ROWS]; /* two sums per row, so consecutive dot products do not wait */
+        for (int r = 0; r < ROWS; r++) {
+            const uint8_t *block = first_row + r * row_bytes + b * BLOCK_BYTES;
+            _mm_prefetch((const char *)block + ROWS * row_bytes, _MM_HINT_T0);
+            _mm512_storeu_si512(weights[r], unpack_block(block));
+            even[r] = _mm512_loadu_si512(lane_offsets + b * TOKENS);
+            odd[r] = _mm512_setzero_si512();
+        }
+        const int8_t *x = lanes + (size_t)b * BLOCK * TOKENS;
+        for (int g = 0; g < BLOCK / 4; g += 2) {
+            __m512i x_even = _mm512_loadu_si512(x + g * 4 * TOKENS), x_odd = _mm512_loadu_si512(x + (g + 1) * 4 * TOKENS);
+            for (int r = 0; r < ROWS; r++) {
+                even[r] = _mm512_dpbusd_epi32(even[r], broadcast_dword(weights[r] + 4 * g), x_even);
+                odd[r] = _mm512_dpbusd_epi32(odd[r], broadcast_dword(weights[r] + 4 * g + 4), x_odd);
+            }
+        }
+        __m512 x_scales = _mm512_loadu_ps(lane_scales + b * TOKENS);
+        for (int r = 0; r < ROWS; r++) {
+            float w_scale = _cvtsh_ss(*(const uint16_t *)(first_row + r * row_bytes + b * BLOCK_BYTES));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r])),
+                                     _mm512_mul_ps(x_scales, _mm512_set1_ps(w_scale)), acc[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        float per_token[TOKENS];
+        _mm512_storeu_ps(per_token, acc[r]);
+        for (int t = 0; t < TOKENS; t++) out[(size_t)t * rows + r] = per_token[t];
+    }
+}
+
+/* Regroup the quantized inputs of tokens [group * TOKENS, + TOKENS) into q's lane layout. */
+static void to_lanes(const Quantized *q, int group, int cols) {
+    int blocks = cols / BLOCK;
+    const __m512i tokens = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i value_starts = _mm512_mullo_epi32(tokens, _mm512_set1_epi32(cols));
+    const __m512i block_starts = _mm512_mullo_epi32(tokens, _mm512_set1_epi32(blocks));
+    size_t first = (size_t)group * TOKENS;
+    int32_t *lanes = (int32_t *)(q->lanes + first * cols);
+    for (int k = 0; k < cols / 4; k++)
+        _mm512_storeu_si512(lanes + (size_t)k * TOKENS,
+                            _mm512_i32gather_epi32(value_starts, q->values + first * cols + 4 * k, 1));
+    for (int b = 0; b < blocks; b++) {
+        _mm512_storeu_ps(q->lane_scales + (first * blocks) + (size_t)b * TOKENS,
+                         _mm512_i32gather_ps(block_starts, q->scales + first * blocks + b, 4));
+        _mm512_storeu_si512(q->lane_offsets + (first * blocks) + (size_t)b * TOKENS,
+                            _mm512_i32gather_epi32(block_starts, q->offsets + first * blocks + b, 4));
+    }
+}
+
+/* y[tokens][rows] = x[tokens][cols] W^T for a prompt (tokens > 1), W a sym_int4 [rows, cols] matrix
+   (rows % ROWS == 0), TOKENS tokens at a time: y and q padded to a multiple of TOKENS tokens. Rows are
+   shared among the threads. */
+static void prompt_matmul(const uint8_t *weight, int rows, int cols, const float *x, int tokens, float *y,
+                          int threads, const Quantized *q) {
+    int blocks = cols / BLOCK, groups = (tokens + TOKENS - 1) / TOKENS;
+    size_t row_bytes = (size_t)blocks * BLOCK_BYTES;
+#pragma omp parallel for num_threads(threads)
+    for (int t = 0; t < groups * TOKENS; t++) {
+        if (t < tokens) {
+            quantize(x + (size_t)t * cols, cols, q->values + (size_t)t * cols, q->scales + (size_t)t * blocks,
+                     q->offsets + (size_t)t * blocks);
+        } else { /* zero inputs for the padding tokens */
+            memset(q->values + (size_t)t * cols, 0, cols);
+            memset(q->scales + (size_t)t * blocks, 0, sizeof(float) * blocks);
+            memset(q->offsets + (size_t)t * blocks, 0, sizeof(int32_t) * blocks);
+        }
+    }
+    for (int group = 0; group < groups; group++) to_lanes(q, group, cols);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < rows; r += ROWS)
+        for (int group = 0; group < groups; group++)
+            rows_tokens_dot(weight + r * row_bytes, row_bytes, q, group, cols, rows,
+                            y + (size_t)group * TOKENS * rows + r);
+}
+
+typedef struct {
+    const uint8_t *weight; /* sym_int4 [rows, cols] */
+    int rows, cols;
+    const float *x; /* [tokens][cols] */
+    float *y;       /* [tokens][rows] */
+} Product;
+
+#define MAX_PRODUCTS 3
+
+/* Independent products y = x W^T of `tokens` tokens; q holds a buffer per product. One token (decoding)
+   shares a single parallel loop over all their rows: an unbroken stream of weights, and one wait at
+   its end instead of one per product. A prompt computes them one after another. */
+static void products(const Product *p, int count, int tokens, int threads, const Quantized *q) {
+    if (tokens > 1) {
+        for (int i = 0; i < count; i++) prompt_matmul(p[i].weight, p[i].rows, p[i].cols, p[i].x, tokens, p[i].y, threads, q);
+        return;
+    }
+    int first_group[MAX_PRODUCTS + 1] = {0};
+    for (int i = 0; i < count; i++) {
+        quantize(p[i].x, p[i].cols, q[i].values, q[i].scales, q[i].offsets);
+        first_group[i + 1] = first_group[i] + p[i].rows / ROWS;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int g = 0; g < first_group[count]; g++) {
+        int i = 0;
+        while (g >= first_group[i + 1]) i++;
+        int blocks = p[i].cols / BLOCK, r = (g - first_group[i]) * ROWS;
+        size_t row_bytes = (size_t)blocks * BLOCK_BYTES;
+        rows_dot(p[i].weight + r * row_bytes, row_bytes, &q[i], blocks, p[i].y + r);
+    }
+}
+
+static Quantized quantized_buffers(int tokens, int cols) {
+    size_t padded = (size_t)(tokens + TOKENS - 1) / TOKENS * TOKENS, blocks = cols / BLOCK;
+    Quantized q = {malloc(padded * cols), malloc(sizeof(float) * padded * blocks), malloc(sizeof(int32_t) * padded * blocks),
+                   malloc(padded * cols), malloc(sizeof(float) * padded * blocks), malloc(sizeof(int32_t) * padded * blocks)};
+    return q;
+}
+
+static void free_quantized(Quantized *q) {
+    free(q->values);
+    free(q->scales);
+    free(q->offsets);
+    free(q->lanes);
+    free(q->lane_scales);
+    free(q->lane_offsets);
+}
+
+/* Exposed for tests: y[tokens][rows] = x[tokens][cols] W^T through the model's kernels (y padded to a
+   multiple of TOKENS tokens when tokens > 1). */
+void rwkv4_matmul(const uint8_t *weight, int rows, int cols, const float *x, int tokens, float *y, int threads) {
+    Quantized q = quantized_buffers(tokens, cols);
+    Product product = {weight, rows, cols, x, y};
+    products(&product, 1, tokens, threads, &q);
+    free_quantized(&q);
 }
 
 typedef struct {
@@ -135,79 +281,138 @@ static void layer_norm(const float *x, const float *weight, const float *bias, i
     for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * inverse * weight[i] + bias[i];
 }
 
-/* out = previous + (current - previous) * mix, the token shift; previous = state column l. */
-static void shift_mix(const float *current, const float *state, int layers, int l, const float *mix, int n,
-                      float *out) {
-    for (int i = 0; i < n; i++) {
-        float previous = state[i * layers + l];
-        out[i] = previous + (current[i] - previous) * mix[i];
-    }
+/* out[t] = previous + (normed[t] - previous) * mix for each token, previous being the token before
+   (for the first, column l of the state). */
+static void shift_mix(const float *normed, int tokens, int n, const float *state, int layers, int l,
+                      const float *mix, float *out) {
+    for (int t = 0; t < tokens; t++)
+        for (int i = 0; i < n; i++) {
+            float previous = t > 0 ? normed[(size_t)(t - 1) * n + i] : state[(size_t)i * layers + l];
+            out[(size_t)t * n + i] = previous + (normed[(size_t)t * n + i] - previous) * mix[i];
+        }
 }
 
-static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* e^x for 16 floats: 2^(x log2 e) split into an integer power, applied by scalef, and 2^f for
+   |f| <= 1/2 by its Taylor series to degree 7 (relative error below 1e-8). */
+static inline __m512 exp16(__m512 x) {
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, whole), _mm512_set1_ps(0.69314718055994531f));
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    const float coefficients[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(coefficients[i]));
+    return _mm512_scalef_ps(p, whole);
+}
 
-/* The state is transformers' list of five [1, hidden, layers] tensors: feed-forward shift,
-   attention shift, WKV numerator, denominator and running maximum. Returns 0, or -1 when the
-   model is wider than MAX_COLS. */
-int rwkv4_decode(const Model *m, int token, float *const state[5], float *logits, int threads) {
-    int n = m->hidden, layers = m->layers;
-    if (m->intermediate > MAX_COLS || n > MAX_COLS) return -1;
-    float *buffer = malloc(sizeof(float) * (size_t)(7 * n + 2 * m->intermediate));
-    QuantizedVector *quantized = malloc(sizeof *quantized);
-    float *x = buffer, *normed = x + n, *mixed = normed + n, *key = mixed + n, *value = key + n,
-          *receptance = value + n, *out = receptance + n, *wide = out + n, *wide_mixed = wide + m->intermediate;
-    float *ffn_shift = state[0], *att_shift = state[1], *num = state[2], *den = state[3], *max_state = state[4];
+static inline __m512 sigmoid16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
 
-    for (int i = 0; i < n; i++) x[i] = _cvtsh_ss(m->embeddings[(size_t)token * n + i]);
-    layer_norm(x, m->ln0_weight, m->ln0_bias, n, m->eps, x);
+/* The WKV recurrence of layer l over the tokens for channels [c, c + 16): mixed = sigmoid(receptance)
+   * wkv, and the numerator, denominator and maximum (columns of the state) move on. */
+static void wkv16(const Layer *layer, int c, int tokens, int n, int layers, int l, const float *key,
+                  const float *value, const float *receptance, float *mixed, float *const state[5]) {
+    float column[3][16];
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 3; j++) column[j][i] = state[2 + j][(size_t)(c + i) * layers + l];
+    __m512 num = _mm512_loadu_ps(column[0]), den = _mm512_loadu_ps(column[1]), max_state = _mm512_loadu_ps(column[2]);
+    __m512 time_first = _mm512_loadu_ps(layer->time_first + c), decay = _mm512_loadu_ps(layer->decay + c);
+    for (int t = 0; t < tokens; t++) {
+        size_t at = (size_t)t * n + c;
+        __m512 k = _mm512_loadu_ps(key + at), v = _mm512_loadu_ps(value + at);
+        __m512 with_bonus = _mm512_add_ps(time_first, k), top = _mm512_max_ps(max_state, with_bonus);
+        __m512 e1 = exp16(_mm512_sub_ps(max_state, top)), e2 = exp16(_mm512_sub_ps(with_bonus, top));
+        __m512 wkv = _mm512_div_ps(_mm512_fmadd_ps(e1, num, _mm512_mul_ps(e2, v)), _mm512_fmadd_ps(e1, den, e2));
+        _mm512_storeu_ps(mixed + at, _mm512_mul_ps(sigmoid16(_mm512_loadu_ps(receptance + at)), wkv));
+        __m512 decayed = _mm512_add_ps(max_state, decay);
+        top = _mm512_max_ps(decayed, k);
+        e1 = exp16(_mm512_sub_ps(decayed, top));
+        e2 = exp16(_mm512_sub_ps(k, top));
+        num = _mm512_fmadd_ps(e1, num, _mm512_mul_ps(e2, v));
+        den = _mm512_fmadd_ps(e1, den, e2);
+        max_state = top;
+    }
+    _mm512_storeu_ps(column[0], num);
+    _mm512_storeu_ps(column[1], den);
+    _mm512_storeu_ps(column[2], max_state);
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 3; j++) state[2 + j][(size_t)(c + i) * layers + l] = column[j][i];
+}
+
+static int padded(int tokens) { return tokens == 1 ? 1 : (tokens + TOKENS - 1) / TOKENS * TOKENS; }
+
+/* Reads `tokens` token ids continuing the state and writes the logits of the last one, or of every
+   one when all_logits. The state is transformers' list of five [1, hidden, layers] tensors:
+   feed-forward shift, attention shift, WKV numerator, denominator and running maximum. */
+void rwkv4_forward(const Model *m, const int64_t *ids, int tokens, float *const state[5], float *logits,
+                   int all_logits, int threads) {
+    int n = m->hidden, wide_n = m->intermediate, layers = m->layers;
+    size_t rows = (size_t)padded(tokens);
+    float *buffer = malloc(sizeof(float) * rows * (10 * n + wide_n));
+    float *x = buffer, *normed = x + rows * n, *key = normed + rows * n, *value = key + rows * n,
+          *receptance = value + rows * n, *out = receptance + rows * n, *wide = out + rows * n,
+          *mixed[3] = {wide + rows * wide_n, wide + rows * (wide_n + n), wide + rows * (wide_n + 2 * n)};
+    float *ffn_shift = state[0], *att_shift = state[1];
+    int widest = wide_n > n ? wide_n : n;
+    Quantized q[MAX_PRODUCTS] = {quantized_buffers(tokens, widest), quantized_buffers(1, widest),
+                                 quantized_buffers(1, widest)};
+
+    for (int t = 0; t < tokens; t++) {
+        float *row = x + (size_t)t * n;
+        for (int i = 0; i < n; i++) row[i] = _cvtsh_ss(m->embeddings[(size_t)ids[t] * n + i]);
+        layer_norm(row, m->ln0_weight, m->ln0_bias, n, m->eps, row);
+    }
     for (int l = 0; l < layers; l++) {
         const Layer *layer = &m->layer[l];
         /* time mixing */
-        layer_norm(x, layer->ln1_weight, layer->ln1_bias, n, m->eps, normed);
-        shift_mix(normed, att_shift, layers, l, layer->attention_mix, n, mixed);
-        matvec(layer->attention_key, n, n, mixed, key, threads, quantized);
-        shift_mix(normed, att_shift, layers, l, layer->attention_mix + n, n, mixed);
-        matvec(layer->attention_value, n, n, mixed, value, threads, quantized);
-        shift_mix(normed, att_shift, layers, l, layer->attention_mix + 2 * n, n, mixed);
-        matvec(layer->attention_receptance, n, n, mixed, receptance, threads, quantized);
-        for (int i = 0; i < n; i++) {
-            size_t s = (size_t)i * layers + l;
-            float k = key[i], v = value[i], with_bonus = layer->time_first[i] + k;
-            float top = fmaxf(max_state[s], with_bonus);
-            float e1 = expf(max_state[s] - top), e2 = expf(with_bonus - top);
-            mixed[i] = sigmoid(receptance[i]) * (e1 * num[s] + e2 * v) / (e1 * den[s] + e2);
-            float decayed = max_state[s] + layer->decay[i];
-            top = fmaxf(decayed, k);
-            e1 = expf(decayed - top);
-            e2 = expf(k - top);
-            num[s] = e1 * num[s] + e2 * v;
-            den[s] = e1 * den[s] + e2;
-            max_state[s] = top;
-            att_shift[s] = normed[i];
-        }
-        matvec(layer->attention_output, n, n, mixed, out, threads, quantized);
-        for (int i = 0; i < n; i++) x[i] += out[i] * layer->output_scale;
+#pragma omp parallel for num_threads(threads) if (tokens > 1)
+        for (int t = 0; t < tokens; t++)
+            layer_norm(x + (size_t)t * n, layer->ln1_weight, layer->ln1_bias, n, m->eps, normed + (size_t)t * n);
+        for (int j = 0; j < 3; j++) shift_mix(normed, tokens, n, att_shift, layers, l, layer->attention_mix + j * n, mixed[j]);
+        Product attention[3] = {{layer->attention_key, n, n, mixed[0], key},
+                                {layer->attention_value, n, n, mixed[1], value},
+                                {layer->attention_receptance, n, n, mixed[2], receptance}};
+        products(attention, 3, tokens, threads, q);
+#pragma omp parallel for num_threads(threads) if (tokens > 1)
+        for (int c = 0; c < n; c += 16) wkv16(layer, c, tokens, n, layers, l, key, value, receptance, mixed[0], state);
+        for (int i = 0; i < n; i++) att_shift[(size_t)i * layers + l] = normed[(size_t)(tokens - 1) * n + i];
+        Product attention_output = {layer->attention_output, n, n, mixed[0], out};
+        products(&attention_output, 1, tokens, threads, q);
+        for (size_t at = 0; at < (size_t)tokens * n; at++) x[at] += out[at] * layer->output_scale;
         /* channel mixing */
-        layer_norm(x, layer->ln2_weight, layer->ln2_bias, n, m->eps, normed);
-        shift_mix(normed, ffn_shift, layers, l, layer->feed_forward_mix, n, mixed);
-        matvec(layer->feed_forward_key, m->intermediate, n, mixed, wide, threads, quantized);
-        for (int i = 0; i < m->intermediate; i++) {
-            float k = wide[i] > 0.0f ? wide[i] : 0.0f;
-            wide_mixed[i] = k * k;
+#pragma omp parallel for num_threads(threads) if (tokens > 1)
+        for (int t = 0; t < tokens; t++)
+            layer_norm(x + (size_t)t * n, layer->ln2_weight, layer->ln2_bias, n, m->eps, normed + (size_t)t * n);
+        for (int j = 0; j < 2; j++) shift_mix(normed, tokens, n, ffn_shift, layers, l, layer->feed_forward_mix + j * n, mixed[j]);
+        Product feed_forward[2] = {{layer->feed_forward_key, wide_n, n, mixed[0], wide},
+                                   {layer->feed_forward_receptance, n, n, mixed[1], receptance}};
+        products(feed_forward, 2, tokens, threads, q);
+        for (size_t at = 0; at < (size_t)tokens * wide_n; at++) {
+            float k = wide[at] > 0.0f ? wide[at] : 0.0f;
+            wide[at] = k * k;
         }
-        shift_mix(normed, ffn_shift, layers, l, layer->feed_forward_mix + n, n, mixed);
-        matvec(layer->feed_forward_receptance, n, n, mixed, receptance, threads, quantized);
-        matvec(layer->feed_forward_value, n, m->intermediate, wide_mixed, out, threads, quantized);
-        for (int i = 0; i < n; i++) {
-            x[i] += sigmoid(receptance[i]) * out[i] * layer->output_scale;
-            ffn_shift[(size_t)i * layers + l] = normed[i];
-        }
+        Product feed_forward_value = {layer->feed_forward_value, n, wide_n, wide, out};
+        products(&feed_forward_value, 1, tokens, threads, q);
+        __m512 scale = _mm512_set1_ps(layer->output_scale);
+        for (size_t at = 0; at < (size_t)tokens * n; at += 16) /* n % 64 == 0 */
+            _mm512_storeu_ps(x + at, _mm512_fmadd_ps(_mm512_mul_ps(sigmoid16(_mm512_loadu_ps(receptance + at)),
+                                                                   _mm512_loadu_ps(out + at)), scale, _mm512_loadu_ps(x + at)));
+        for (int i = 0; i < n; i++) ffn_shift[(size_t)i * layers + l] = normed[(size_t)(tokens - 1) * n + i];
         if (m->rescale_every > 0 && (l + 1) % m->rescale_every == 0)
-            for (int i = 0; i < n; i++) x[i] *= 0.5f;
+            for (size_t at = 0; at < (size_t)tokens * n; at++) x[at] *= 0.5f;
     }
-    layer_norm(x, m->ln_out_weight, m->ln_out_bias, n, m->eps, normed);
-    matvec(m->head, m->vocab, n, normed, logits, threads, quantized);
-    free(quantized);
+    int first = all_logits ? 0 : tokens - 1, count = tokens - first;
+    for (int t = first; t < tokens; t++)
+        layer_norm(x + (size_t)t * n, m->ln_out_weight, m->ln_out_bias, n, m->eps, normed + (size_t)(t - first) * n);
+    /* the head's output padded to a multiple of TOKENS tokens for a prompt, then trimmed */
+    float *head_out = count == 1 ? logits : malloc(sizeof(float) * padded(count) * m->vocab);
+    Product head = {m->head, m->vocab, n, normed, head_out};
+    products(&head, 1, count, threads, q);
+    if (count > 1) {
+        memcpy(logits, head_out, sizeof(float) * count * m->vocab);
+        free(head_out);
+    }
+    for (int i = 0; i < MAX_PRODUCTS; i++) free_quantized(&q[i]);
     free(buffer);
-    return 0;
 }

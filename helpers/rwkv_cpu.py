@@ -15,8 +15,8 @@ embedding table, which bigdl widens to fp32, goes back to the checkpoint's fp16.
 The forwards compute the same maths as transformers' RwkvSelfAttention / RwkvFeedForward with
 fewer tensor operations: one batched mix for key / value / receptance, the decay exponent computed
 once, and for a single token (decoding) bigdl's INT4 kernel called directly. Under generate() the
-head runs on the last position only. A sym_int4 model decodes a token continuing a state in one
-native call instead, where helpers.fused_decode is available.
+head runs on the last position only. A sym_int4 model runs token ids of batch 1 (a prompt, or a
+decoding step) in one native call instead, where helpers.fused_decode is available.
 """
 import ctypes
 import gc
@@ -25,7 +25,7 @@ import sys
 import torch
 from transformers.models.rwkv.modeling_rwkv import RwkvCausalLMOutput
 
-from helpers.fused_decode import FusedDecoder
+from helpers.fused_decode import FusedForward
 
 
 def _linear(module, x):
@@ -106,13 +106,14 @@ def prepare_inputs_for_generation(self, *args, **kwargs):
 
 def causal_lm_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, use_cache=None,
                       last_logits_only=False, **kwargs):
-    """One token continuing a state decodes in one native call where the model allows it; under
-    generate(), which reads only the last position's logits, the head (65536 rows) runs for it alone."""
-    decoder = self.fused_decoder
+    """Token ids of batch 1 run in one native call where the model allows it. Under generate(), which
+    reads only the last position's logits, the head (65536 rows) runs for that position alone."""
+    fused = self.fused_forward
     plain_output = not (kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
                         or kwargs.get("return_dict") is False)
-    if decoder is not None and inputs_embeds is None and plain_output and decoder.can_decode(input_ids, state):
-        return RwkvCausalLMOutput(logits=decoder(input_ids, state), state=state)
+    if fused is not None and inputs_embeds is None and plain_output and fused.can_run(input_ids, state):
+        logits, state = fused(input_ids, state, all_logits=not last_logits_only)
+        return RwkvCausalLMOutput(logits=logits, state=state)
     if not last_logits_only:
         return type(self).forward(self, input_ids, attention_mask, inputs_embeds, state, use_cache=use_cache, **kwargs)
     out = self.rwkv(input_ids, inputs_embeds=inputs_embeds, state=state, use_cache=use_cache, return_dict=True)
@@ -175,7 +176,7 @@ def repair_for_cpu(model):
     rwkv.layers_are_rescaled = True
     model.prepare_inputs_for_generation = prepare_inputs_for_generation.__get__(model, type(model))
     model.forward = causal_lm_forward.__get__(model, type(model))
-    model.fused_decoder = FusedDecoder.for_model(model)
+    model.fused_forward = FusedForward.for_model(model)
     model.eval()
     release_freed_memory()
     return model
