@@ -2,7 +2,7 @@
 
 bigdl-llm's own INT4 kernel and the ~30 small torch operations per layer around it leave a token
 at about 2.7x the time its weights take to read. rwkv4_decode.c reads the same INT4 blocks with
-AVX-512 VNNI and prefetching (a prompt's tokens four at a time per loaded block), and does the layer
+AVX-512 VNNI and prefetching (a prompt's tokens 16 at a time per unpacked block), and does the layer
 norms, token shift, WKV and channel mix in place. It is compiled for this CPU on first use
 (``cc -O3 -march=native -fopenmp``) into build/; without a C compiler, or for formats other than
 sym_int4, models run through the torch path. Set ``RWKV_FUSED_DECODE=0`` to turn it off.
@@ -95,10 +95,6 @@ def library():
             except (RuntimeError, OSError) as error:
                 unavailable_reason = str(error)
     return _library
-
-
-def _address(tensor):
-    return ctypes.c_void_p(tensor.data_ptr())
 
 
 def _is_sym_int4(linear, rows, cols):

@@ -5,7 +5,8 @@
    each weight = (nibble - 8) * scale. The input vector is quantized to int8 per 64 values (as
    bigdl does), so a block's dot product is one AVX-512 VNNI instruction. Everything else (layer
    norms, token shift, WKV, channel mix) runs here too: a token is one call from Python instead of
-   hundreds of small tensor operations. A prompt's tokens share each loaded weight block, 4 at a time.
+   hundreds of small tensor operations. A prompt's tokens share each unpacked weight block, TOKENS
+   (16) at a time, one per 32-bit lane.
    Needs AVX-512 VNNI (Intel Ice Lake / AMD Zen 4 or newer). */
 #include <immintrin.h>
 #include <math.h>
@@ -21,6 +22,9 @@
 #define BLOCK_BYTES 34
 #define ROWS 4        /* rows computed together, sharing the loads of the input */
 #define TOKENS 16     /* prompt tokens computed together: one per 32-bit lane */
+
+/* Tokens rounded up to whole groups of TOKENS for a prompt; one token (decoding) needs no padding. */
+static int padded(int tokens) { return tokens == 1 ? 1 : (tokens + TOKENS - 1) / TOKENS * TOKENS; }
 
 /* Inputs quantized to int8 per block of 64, one row of cols values per token; for a prompt also
    regrouped TOKENS tokens at a time so that each 32-bit lane holds one token's 4 values. */
@@ -175,7 +179,7 @@ static void to_lanes(const Quantized *q, int group, int cols) {
    shared among the threads. */
 static void prompt_matmul(const uint8_t *weight, int rows, int cols, const float *x, int tokens, float *y,
                           int threads, const Quantized *q) {
-    int blocks = cols / BLOCK, groups = (tokens + TOKENS - 1) / TOKENS;
+    int blocks = cols / BLOCK, groups = padded(tokens) / TOKENS;
     size_t row_bytes = (size_t)blocks * BLOCK_BYTES;
 #pragma omp parallel for num_threads(threads)
     for (int t = 0; t < groups * TOKENS; t++) {
@@ -229,9 +233,9 @@ static void products(const Product *p, int count, int tokens, int threads, const
 }
 
 static Quantized quantized_buffers(int tokens, int cols) {
-    size_t padded = (size_t)(tokens + TOKENS - 1) / TOKENS * TOKENS, blocks = cols / BLOCK;
-    Quantized q = {malloc(padded * cols), malloc(sizeof(float) * padded * blocks), malloc(sizeof(int32_t) * padded * blocks),
-                   malloc(padded * cols), malloc(sizeof(float) * padded * blocks), malloc(sizeof(int32_t) * padded * blocks)};
+    size_t rows = (size_t)padded(tokens), blocks = cols / BLOCK;
+    Quantized q = {malloc(rows * cols), malloc(sizeof(float) * rows * blocks), malloc(sizeof(int32_t) * rows * blocks),
+                   malloc(rows * cols), malloc(sizeof(float) * rows * blocks), malloc(sizeof(int32_t) * rows * blocks)};
     return q;
 }
 
@@ -339,8 +343,6 @@ static void wkv16(const Layer *layer, int c, int tokens, int n, int layers, int 
     for (int i = 0; i < 16; i++)
         for (int j = 0; j < 3; j++) state[2 + j][(size_t)(c + i) * layers + l] = column[j][i];
 }
-
-static int padded(int tokens) { return tokens == 1 ? 1 : (tokens + TOKENS - 1) / TOKENS * TOKENS; }
 
 /* Reads `tokens` token ids continuing the state and writes the logits of the last one, or of every
    one when all_logits. The state is transformers' list of five [1, hidden, layers] tensors:
