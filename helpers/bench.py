@@ -26,8 +26,10 @@ from helpers.cpu import cpu_info
 from helpers.memory import GIB, model_weight_bytes
 from helpers.paths import DATA_DIR
 
-OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "sym_int4_unfused", "asym_int4", "sym_int5", "sym_int8", "sym_int4_cache"]
+OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained", "asym_int4", "sym_int5",
+           "sym_int8", "sym_int4_cache"]
 UNFUSED = "_unfused"  # sym_int4 decoded through torch and bigdl's kernels, without helpers.fused_decode
+FROM_PRETRAINED = "_from_pretrained"  # loaded by bigdl-llm's from_pretrained instead of tensor by tensor
 PROMPT_TOKENS = 32
 DECODE_TOKENS = 64
 
@@ -68,6 +70,8 @@ def load_option(option, source):
         return load_hf_model(source, torch.bfloat16)
     if option.endswith("_cache"):
         return load_cached_low_bit_model(source, option.removesuffix("_cache"))
+    if option.endswith(FROM_PRETRAINED):
+        return load_low_bit_model(source, option.removesuffix(FROM_PRETRAINED), loader="from_pretrained")
     return load_low_bit_model(source, option.removesuffix(UNFUSED))
 
 

@@ -4,6 +4,8 @@ import gc
 import time
 from dataclasses import dataclass
 
+import torch
+
 from helpers.fused_decode import torch_path
 from helpers.memory import BITS_PER_WEIGHT, PeakRss, model_weight_bytes, rss_bytes
 from helpers.quality import agreement, logits_for, stepwise_logits
@@ -30,6 +32,13 @@ def timed_load(load, *args, **kwargs):
         model = load(*args, **kwargs)
         seconds = time.perf_counter() - start
     return Loaded(model, seconds, memory.peak - before, memory.end - before)
+
+
+def same_weights(model, other):
+    """True when both models hold the same parameters bit for bit, low-bit blocks included."""
+    mine, theirs = dict(model.named_parameters()), dict(other.named_parameters())
+    return mine.keys() == theirs.keys() and all(
+        mine[name].dtype == theirs[name].dtype and torch.equal(mine[name].data, theirs[name].data) for name in mine)
 
 
 def count_low_bit_linears(model):

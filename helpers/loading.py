@@ -1,7 +1,8 @@
 """Load RWKV-4 as HF transformers reference models or as bigdl-llm low-bit models that run on CPU.
 
-Every bigdl-llm path (``from_pretrained(load_in_4bit / load_in_low_bit)``, ``optimize_model()``,
-``load_low_bit``) goes through ``repair_for_cpu``; see helpers.rwkv_cpu for why.
+Every low-bit path (this project's tensor-by-tensor loader and bigdl-llm's ``from_pretrained(load_in_4bit /
+load_in_low_bit)``, ``optimize_model()`` and ``load_low_bit``) goes through ``repair_for_cpu``; see
+helpers.rwkv_cpu for why.
 """
 import logging
 import shutil
@@ -14,6 +15,7 @@ from helpers.errors import UserError
 from helpers.memory import check_fits
 from helpers.paths import MODELS_DIR
 from helpers.rwkv_cpu import release_freed_memory, repair_for_cpu
+from helpers.tensor_loading import mapped_low_bit_cache, quantized_from_checkpoint, safetensors_files
 
 logging.getLogger().setLevel(logging.WARNING)  # bigdl-llm sets the root logger to INFO on import
 
@@ -42,15 +44,26 @@ def load_hf_model(source, dtype=torch.float32):
     return model.eval()
 
 
-def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True):
-    """bigdl-llm's from_pretrained with load_in_low_bit (load_in_4bit is the same as sym_int4).
+def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True, loader="tensor_by_tensor"):
+    """The low-bit model of an fp16 checkpoint, repaired for CPU.
 
-    A folder written by save_low_bit keeps the format it was saved in and loads with load_low_bit.
+    loader="tensor_by_tensor" reads a local safetensors checkpoint one tensor at a time and quantizes it
+    with bigdl-llm's own quantizer (helpers.tensor_loading): the weights of bigdl-llm's from_pretrained,
+    at a fraction of its peak memory. loader="from_pretrained" calls bigdl-llm's
+    ``from_pretrained(load_in_low_bit=...)`` (load_in_4bit is the same as sym_int4), which other
+    checkpoints (.bin files, hub ids) always use. optimize_model=True divides the layers' output weights
+    as bigdl-llm does; False scales the layer outputs instead.
+    A folder written by save_low_bit keeps the format it was saved in and loads as a low-bit cache.
     """
     saved_format = source.config.get("bigdl_transformers_low_bit")
     if saved_format:
         return _load_saved_low_bit(source.location, source.config, saved_format)
     _check_low_bit(low_bit)
+    if loader not in ("tensor_by_tensor", "from_pretrained"):
+        raise UserError(f"Unknown loader {loader!r}; choose 'tensor_by_tensor' or 'from_pretrained'.")
+    if loader == "tensor_by_tensor" and safetensors_files(source.location):
+        check_fits(source.config, low_bit, tensor_by_tensor=True)
+        return repair_for_cpu(quantized_from_checkpoint(source.location, low_bit, rescale=optimize_model))
     check_fits(source.config, low_bit)
     model = LowBitModel.from_pretrained(
         source.location, load_in_low_bit=low_bit, optimize_model=optimize_model, trust_remote_code=True
@@ -70,8 +83,11 @@ def cache_dir(source, low_bit):
     return CACHE_DIR / f"{source.name}-{low_bit}"
 
 
-def load_cached_low_bit_model(source, low_bit="sym_int4"):
-    """Convert once with save_low_bit into data/models/low-bit/, then load with load_low_bit."""
+def load_cached_low_bit_model(source, low_bit="sym_int4", loader="mapped"):
+    """Convert once with save_low_bit into data/models/low-bit/, then load that folder.
+
+    loader="mapped" memory-maps its weights (helpers.tensor_loading); "load_low_bit" calls bigdl-llm's.
+    """
     folder = cache_dir(source, low_bit)
     if not (folder / "config.json").exists():
         model = load_low_bit_model(source, low_bit)
@@ -83,12 +99,16 @@ def load_cached_low_bit_model(source, low_bit="sym_int4"):
         partial.rename(folder)
         del model
         release_freed_memory()
-    return _load_saved_low_bit(folder, source.config, low_bit)
+    return _load_saved_low_bit(folder, source.config, low_bit, loader)
 
 
-def _load_saved_low_bit(folder, config, low_bit):
+def _load_saved_low_bit(folder, config, low_bit, loader="mapped"):
     _check_low_bit(low_bit)
+    if loader not in ("mapped", "load_low_bit"):
+        raise UserError(f"Unknown loader {loader!r}; choose 'mapped' or 'load_low_bit'.")
     check_fits(config, low_bit, from_cache=True)
+    if loader == "mapped":
+        return repair_for_cpu(mapped_low_bit_cache(folder, low_bit))
     return repair_for_cpu(LowBitModel.load_low_bit(str(folder), trust_remote_code=True))
 
 

@@ -42,10 +42,13 @@ def checkpoint_bytes(config):
     return sum(parameter_counts(config)) * 2
 
 
-def estimate_load_bytes(config, fmt, from_cache=False):
-    """Peak memory while loading: the fp16 checkpoint is mapped while the converted copy is built."""
+def estimate_load_bytes(config, fmt, from_cache=False, tensor_by_tensor=False):
+    """Peak memory while loading: the converted model, plus the whole fp16 checkpoint for from_pretrained
+    or its largest tensor (embeddings or head, in fp16) for the tensor-by-tensor loader."""
     if from_cache:
         return weight_bytes(config, fmt)
+    if tensor_by_tensor:
+        return weight_bytes(config, fmt) + config["vocab_size"] * config["hidden_size"] * 2
     return checkpoint_bytes(config) + weight_bytes(config, fmt)
 
 
@@ -53,9 +56,9 @@ def available_bytes():
     return psutil.virtual_memory().available
 
 
-def check_fits(config, fmt, from_cache=False, available=None):
+def check_fits(config, fmt, from_cache=False, available=None, tensor_by_tensor=False):
     """Refuse, before loading, a model whose estimated load memory exceeds the available RAM."""
-    needed = estimate_load_bytes(config, fmt, from_cache)
+    needed = estimate_load_bytes(config, fmt, from_cache, tensor_by_tensor)
     available = available_bytes() if available is None else available
     if needed > available:
         raise UserError(

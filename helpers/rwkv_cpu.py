@@ -121,11 +121,13 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, inputs_embeds=N
 
 
 class HalfEmbedding(torch.nn.Module):
-    """The token embedding table kept in fp16, half of bigdl's fp32 copy; looked-up rows are fp32."""
+    """The token embedding table kept in fp16, half of bigdl's fp32 copy; looked-up rows are fp32.
+
+    An fp16 table (a mapped low-bit cache) is kept as it is, not copied."""
 
     def __init__(self, weight):
         super().__init__()
-        self.weight = torch.nn.Parameter(weight.detach().to(torch.float16, copy=True), requires_grad=False)
+        self.weight = torch.nn.Parameter(weight.detach().to(torch.float16), requires_grad=False)
 
     def forward(self, input_ids):
         return torch.nn.functional.embedding(input_ids, self.weight).float()

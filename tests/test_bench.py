@@ -8,16 +8,19 @@ KEYS = {"option", "load_s", "peak_load_rss_gib", "steady_rss_gib", "prefill_ms",
 
 def test_bench_prints_a_table_and_writes_records(tmp_path):
     records_file, plot_file = tmp_path / "bench.json", tmp_path / "bench.png"
-    result = run_cli("helpers.bench", "--shape", "tiny", "--options", "hf_fp32,sym_int4,sym_int4_unfused", "--threads", "1",
+    result = run_cli("helpers.bench", "--shape", "tiny", "--options", "hf_fp32,sym_int4,sym_int4_unfused,sym_int4_from_pretrained",
+                     "--threads", "1",
                      "--json", str(records_file), "--plot", str(plot_file))
     assert result.returncode == 0, result.stderr
     assert "| hf_fp32 |" in result.stdout and "| sym_int4 |" in result.stdout
     records = json.loads(records_file.read_text())
-    assert [r["option"] for r in records] == ["hf_fp32", "sym_int4", "sym_int4_unfused"]
+    assert [r["option"] for r in records] == ["hf_fp32", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained"]
     for record in records:
         assert KEYS <= record.keys()
         assert record["decode_ms"] > 0 and record["bound_ms"] > 0 and len(record["tokens"]) == 64
-    fp32, int4, unfused = records
+    fp32, int4, unfused, from_pretrained = records
     assert int4["fused_decode"] == (fused_decode.library() is not None) and not unfused["fused_decode"]
+    assert int4["tokens"] == from_pretrained["tokens"]  # the same weights, loaded two ways
+    assert int4["peak_load_rss_gib"] < from_pretrained["peak_load_rss_gib"] - 0.05  # no whole fp16 model in memory
     assert int4["weight_bytes"] < fp32["weight_bytes"] / 6  # 4.25 bits per weight against 32
     assert plot_file.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,231 @@
+"""Build bigdl-llm low-bit RWKV-4 models one tensor at a time, with little more memory than the result.
+
+bigdl-llm's ``from_pretrained`` loads the whole fp16 model, then converts each linear through an fp32
+copy of it: its peak holds the fp16 model, the growing low-bit copy and fp32 temporaries (the 1.5B
+head alone is 512 MiB in fp32). Here the model starts empty, on torch's meta device, and each tensor
+of the fp16 checkpoint is read from its safetensors file and quantized a few rows at a time by
+bigdl-llm's own quantizer: the peak is the low-bit model plus one fp16 tensor, and the low-bit bytes
+are bigdl-llm's (a test checks that they are equal).
+
+The low-bit cache that ``save_low_bit`` writes is memory-mapped rather than copied: its pages are the
+page cache's, read once and shared.
+"""
+import contextlib
+import ctypes
+import json
+import math
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from helpers.errors import UserError
+
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+CHUNK_VALUES = 2**22  # weights read and quantized at once by each thread
+PAGE = 4096
+RESCALED = {"attention": ["attention", "output", "weight"], "feed_forward": ["feed_forward", "value", "weight"]}
+
+
+def safetensors_files(folder):
+    """The checkpoint's safetensors files, in shard order; empty when it has none (a .bin checkpoint)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / name for name in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else []
+
+
+class SafetensorsFile:
+    """The tensors of a safetensors file, read with plain reads rather than a memory map, so that what a
+    read brings in is freed with its tensor (a mapped file stays in the process's memory while open)."""
+
+    def __init__(self, path):
+        self.path = path
+        with open(path, "rb") as file:
+            (header_size,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(header_size))
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_size
+        self.entries = dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
+        for name, entry in self.entries.items():
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise UserError(f"{path} holds {name} as {entry['dtype']}; expected fp16, bf16 or fp32 weights.")
+
+    def dtype(self, name):
+        return SAFETENSORS_DTYPES[self.entries[name]["dtype"]]
+
+    def read(self, name, first_row=0, rows=None, out=None):
+        """Rows [first_row, first_row + rows) of a tensor (all of it by default), into `out` if given."""
+        shape = self.entries[name]["shape"]
+        rows = shape[0] if rows is None else rows
+        row_bytes = math.prod(shape[1:]) * self.dtype(name).itemsize
+        if out is None:
+            out = torch.empty([rows, *shape[1:]] if shape else [], dtype=self.dtype(name))
+        target = out.view(-1).view(torch.uint8).numpy()
+        offset = self.data_start + self.entries[name]["data_offsets"][0] + first_row * row_bytes
+        with open(self.path, "rb", buffering=0) as file:
+            if os.preadv(file.fileno(), [target], offset) != target.nbytes:
+                raise UserError(f"{self.path} is truncated (at {name}); download or rebuild the checkpoint.")
+        return out
+
+
+def quantize(checkpoint, name, qtype, divisor, buffers, pool):
+    """bigdl-llm's low-bit blocks of a [rows, cols] weight of the checkpoint, divided by `divisor` first
+    (in its own dtype, as transformers' rescale does). Each thread of the pool reads and quantizes a
+    share of the rows, a chunk at a time through its pair of buffers (raw bytes, fp32); bigdl-llm's
+    quantizer is a C function, so they run in parallel."""
+    import bigdl.llm.ggml.model.llama.llama_cpp as ggml
+
+    rows, cols = checkpoint.entries[name]["shape"]
+    row_bytes = cols // ggml.ggml_qk_size(qtype) * ggml.ggml_type_size(qtype)
+    blocks = torch.empty(rows * row_bytes, dtype=torch.uint8)
+    step = max(1, CHUNK_VALUES // cols)
+
+    def quantize_share(thread):
+        raw, values = buffers[thread]
+        for start in range(thread * step, rows, len(buffers) * step):
+            count = min(step, rows - start) * cols
+            chunk = checkpoint.read(name, start, count // cols, raw.view(checkpoint.dtype(name))[:count])
+            if divisor > 1:
+                chunk.div_(divisor)
+            values[:count].copy_(chunk)
+            ggml.ggml_quantize_tensor(ctypes.cast(values.data_ptr(), ctypes.POINTER(ctypes.c_float)),
+                                      ctypes.c_void_p(blocks.data_ptr() + start * row_bytes), qtype, count,
+                                      cols, (ctypes.c_int64 * 16)())
+
+    list(pool.map(quantize_share, range(len(buffers))))
+    return blocks
+
+
+@contextlib.contextmanager
+def _skipped_init():
+    """No random initialisation while the empty model is built (on meta tensors it only costs time)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def empty_low_bit_model(config_folder, low_bit):
+    """The RWKV-4 model of the folder's config on the meta device, its linears bigdl-llm LowBitLinears."""
+    from bigdl.llm.ggml.quantize import ggml_tensor_qtype
+    from bigdl.llm.transformers.convert import ggml_convert_low_bit
+    from bigdl.llm.transformers.model import save_low_bit
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    config = AutoConfig.from_pretrained(config_folder)
+    with torch.device("meta"), no_init_weights(), _skipped_init():
+        model = AutoModelForCausalLM.from_config(config)
+        model = ggml_convert_low_bit(model, ggml_tensor_qtype[low_bit], optimize_model=False, device="meta")
+    model.config.update({"bigdl_transformers_low_bit": low_bit, "tie_word_embeddings": False})
+    model.save_low_bit = save_low_bit.__get__(model, type(model))
+    return model
+
+
+def _rescale_divisor(name, config, rescale):
+    """2 ** (layer // rescale_every) for the weights transformers' _rescale_layers divides, else 1."""
+    parts = name.split(".")  # rwkv.blocks.<layer>.attention.output.weight
+    if not rescale or config.rescale_every <= 0 or parts[3:] not in (RESCALED["attention"], RESCALED["feed_forward"]):
+        return 1
+    return 2 ** (int(parts[2]) // config.rescale_every)
+
+
+def _low_bit_linear(model, name):
+    """The LowBitLinear whose weight is called `name`, or None."""
+    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
+
+    module_name, _, field = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    return module if isinstance(module, LowBitLinear) and field == "weight" else None
+
+
+def _place(model, name, tensor, label):
+    """Put a tensor into the empty model as the parameter `name` (a low-bit linear's blocks become its
+    FP4Params). Raises UserError for a name that the model has no place for."""
+    from bigdl.llm.transformers.low_bit_linear import FP4Params
+
+    module_name, _, field = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    if module is None or field not in module._parameters:
+        raise UserError(f"{label} holds {name!r}, which RWKV-4 has no place for; is it an RWKV-4 checkpoint?")
+    if _low_bit_linear(model, name):
+        module._parameters[field] = FP4Params(tensor, quantized=True, _shape=module.weight_shape, qtype=module.qtype)
+    elif tensor.shape != module._parameters[field].shape:
+        raise UserError(f"{label}: {name} has shape {list(tensor.shape)}, but its config.json makes it "
+                        f"{list(module._parameters[field].shape)}; is the checkpoint complete?")
+    else:
+        module._parameters[field] = torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def _check_complete(model, label):
+    missing = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+    if missing:
+        raise UserError(f"{label} lacks {len(missing)} tensors (first: {missing[0]}); download or rebuild it.")
+    return model.eval()
+
+
+def quantized_from_checkpoint(folder, low_bit, rescale=True):
+    """The low-bit model of an fp16 safetensors checkpoint, read tensor by tensor (see the module doc).
+
+    rescale=True divides the output weights before quantizing, as bigdl-llm's optimize_model=True does.
+    """
+    model = empty_low_bit_model(folder, low_bit)
+    files = [SafetensorsFile(path) for path in safetensors_files(folder)]
+    widest = max(entry["shape"][-1] for file in files for entry in file.entries.values() if entry["shape"])
+    threads = torch.get_num_threads()
+    buffers = [(torch.empty(4 * max(CHUNK_VALUES, widest), dtype=torch.uint8), torch.empty(max(CHUNK_VALUES, widest)))
+               for _ in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        for checkpoint in files:
+            for name in checkpoint.entries:
+                linear = _low_bit_linear(model, name)
+                if linear:
+                    if checkpoint.entries[name]["shape"] != list(linear.weight_shape):
+                        raise UserError(f"{folder}: {name} has shape {checkpoint.entries[name]['shape']}, but its "
+                                        f"config.json makes it {list(linear.weight_shape)}; is the checkpoint complete?")
+                    divisor = _rescale_divisor(name, model.config, rescale)
+                    tensor = quantize(checkpoint, name, linear.qtype, divisor, buffers, pool)
+                else:
+                    tensor = checkpoint.read(name)
+                _place(model, name, tensor, str(folder))
+    model.rwkv.layers_are_rescaled = rescale
+    return _check_complete(model, str(folder))
+
+
+def mapped_low_bit_cache(folder, low_bit):
+    """A model saved by save_low_bit, its pytorch_model.bin (or shards) memory-mapped and read in once.
+
+    save_low_bit is only ever called on rescaled weights, as bigdl-llm's load_low_bit assumes too.
+    """
+    folder = Path(folder)
+    index = folder / "pytorch_model.bin.index.json"
+    files = ([folder / name for name in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+             if index.exists() else [folder / "pytorch_model.bin"])
+    model = empty_low_bit_model(folder, low_bit)
+    for path in files:
+        for name, tensor in torch.load(path, mmap=True, weights_only=True, map_location="cpu").items():
+            _place(model, name, _read_in(tensor), str(folder))
+    model.rwkv.layers_are_rescaled = True
+    return _check_complete(model, str(folder))
+
+
+def _read_in(tensor):
+    """Touch one byte per page, so the mapped tensor is in memory now rather than at the first token."""
+    if tensor.numel():
+        tensor.view(-1).view(torch.uint8)[::PAGE].sum()
+    return tensor

@@ -1,0 +1,74 @@
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers.errors import UserError
+from helpers.loading import LOW_BIT_FORMATS, load_cached_low_bit_model, load_low_bit_model
+from helpers.models import resolve_model
+
+
+def parameters(model):
+    return {name: parameter.data for name, parameter in model.named_parameters()}
+
+
+def assert_same_parameters(ours, bigdl):
+    assert ours.keys() == bigdl.keys()
+    for name in bigdl:
+        assert ours[name].dtype == bigdl[name].dtype and torch.equal(ours[name], bigdl[name]), name
+
+
+@pytest.mark.parametrize("low_bit, optimize_model", [(f, True) for f in LOW_BIT_FORMATS] + [("sym_int4", False)])
+def test_tensor_by_tensor_gives_bigdls_weights(tiny_source, low_bit, optimize_model):
+    ours = load_low_bit_model(tiny_source, low_bit, optimize_model)
+    bigdl = load_low_bit_model(tiny_source, low_bit, optimize_model, loader="from_pretrained")
+    assert ours.rwkv.layers_are_rescaled == bigdl.rwkv.layers_are_rescaled
+    assert_same_parameters(parameters(ours), parameters(bigdl))
+
+
+def test_the_mapped_cache_gives_bigdls_load_low_bit_weights(tiny_source, tmp_path, monkeypatch):
+    monkeypatch.setattr("helpers.loading.CACHE_DIR", tmp_path)
+    mapped = load_cached_low_bit_model(tiny_source)
+    bigdl = load_cached_low_bit_model(tiny_source, loader="load_low_bit")
+    assert_same_parameters(parameters(mapped), parameters(bigdl))
+    assert mapped.rwkv.embeddings.weight.dtype == torch.float16
+
+
+@pytest.fixture
+def broken_copy(tiny_source, tmp_path):
+    """A copy of the tiny checkpoint, and its weights file to break."""
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_source.location, folder)
+    return folder, folder / "model.safetensors"
+
+
+def test_a_truncated_checkpoint_is_reported(broken_copy):
+    folder, weights = broken_copy
+    with open(weights, "r+b") as file:
+        file.truncate(weights.stat().st_size - 1000)
+    with pytest.raises(UserError, match="truncated"):
+        load_low_bit_model(resolve_model(str(folder)))
+
+
+def test_a_missing_tensor_is_reported(broken_copy):
+    folder, weights = broken_copy
+    tensors = load_file(weights)
+    del tensors["head.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(UserError, match="lacks 1 tensors .first: head.weight"):
+        load_low_bit_model(resolve_model(str(folder)))
+
+
+def test_a_tensor_of_another_model_is_reported(broken_copy):
+    folder, weights = broken_copy
+    tensors = load_file(weights)
+    tensors["transformer.wte.weight"] = torch.zeros(4, 4, dtype=torch.float16)
+    save_file(tensors, weights)
+    with pytest.raises(UserError, match="no place for"):
+        load_low_bit_model(resolve_model(str(folder)))
+
+
+def test_an_unknown_loader_is_refused(tiny_source):
+    with pytest.raises(UserError, match="Unknown loader"):
+        load_low_bit_model(tiny_source, loader="fast")
