@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import json
 import math
-import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,15 +59,17 @@ class SafetensorsFile:
     def read(self, name, first_row=0, rows=None, out=None):
         """Rows [first_row, first_row + rows) of a tensor (all of it by default), into `out` if given."""
         shape = self.entries[name]["shape"]
-        rows = shape[0] if rows is None else rows
-        row_bytes = math.prod(shape[1:]) * self.dtype(name).itemsize
         if out is None:
-            out = torch.empty([rows, *shape[1:]] if shape else [], dtype=self.dtype(name))
-        target = out.view(-1).view(torch.uint8).numpy()
-        offset = self.data_start + self.entries[name]["data_offsets"][0] + first_row * row_bytes
-        with open(self.path, "rb", buffering=0) as file:
-            if os.preadv(file.fileno(), [target], offset) != target.nbytes:
-                raise UserError(f"{self.path} is truncated (at {name}); download or rebuild the checkpoint.")
+            out = torch.empty(shape if rows is None else [rows, *shape[1:]], dtype=self.dtype(name))
+        row_bytes = math.prod(shape[1:]) * self.dtype(name).itemsize
+        target = memoryview(out.view(-1).view(torch.uint8).numpy())
+        with open(self.path, "rb", buffering=0) as file:  # a file of its own: threads read at once
+            file.seek(self.data_start + self.entries[name]["data_offsets"][0] + first_row * row_bytes)
+            while target.nbytes:
+                count = file.readinto(target)
+                if not count:
+                    raise UserError(f"{self.path} is truncated (at {name}); download or rebuild the checkpoint.")
+                target = target[count:]
         return out
 
 
