@@ -28,13 +28,19 @@ PAGE = 4096
 RESCALED = {"attention": ["attention", "output", "weight"], "feed_forward": ["feed_forward", "value", "weight"]}
 
 
-def safetensors_files(folder):
-    """The checkpoint's safetensors files, in shard order; empty when it has none (a .bin checkpoint)."""
+def _weight_files(folder, single_name):
+    """A checkpoint's files of one kind, in shard order: the shards its index lists, or the single file;
+    empty when it has neither."""
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
+    index = folder / f"{single_name}.index.json"
     if index.exists():
         return [folder / name for name in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
-    return [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else []
+    return [folder / single_name] if (folder / single_name).exists() else []
+
+
+def safetensors_files(folder):
+    """The checkpoint's safetensors files; empty when it has none (a .bin checkpoint)."""
+    return _weight_files(folder, "model.safetensors")
 
 
 class SafetensorsFile:
@@ -152,10 +158,16 @@ def _low_bit_linear(model, name):
     return module if isinstance(module, LowBitLinear) and field == "weight" else None
 
 
+def _check_shape(label, name, shape, expected):
+    if list(shape) != list(expected):
+        raise UserError(f"{label}: {name} has shape {list(shape)}, but its config.json makes it {list(expected)}; "
+                        "is the checkpoint complete?")
+
+
 def _place(model, name, tensor, label):
     """Put a tensor into the empty model as the parameter `name` (a low-bit linear's blocks become its
     FP4Params). Raises UserError for a name that the model has no place for."""
-    from bigdl.llm.transformers.low_bit_linear import FP4Params
+    from bigdl.llm.transformers.low_bit_linear import FP4Params, LowBitLinear
 
     module_name, _, field = name.rpartition(".")
     try:
@@ -164,12 +176,10 @@ def _place(model, name, tensor, label):
         module = None
     if module is None or field not in module._parameters:
         raise UserError(f"{label} holds {name!r}, which RWKV-4 has no place for; is it an RWKV-4 checkpoint?")
-    if _low_bit_linear(model, name):
+    if isinstance(module, LowBitLinear) and field == "weight":
         module._parameters[field] = FP4Params(tensor, quantized=True, _shape=module.weight_shape, qtype=module.qtype)
-    elif tensor.shape != module._parameters[field].shape:
-        raise UserError(f"{label}: {name} has shape {list(tensor.shape)}, but its config.json makes it "
-                        f"{list(module._parameters[field].shape)}; is the checkpoint complete?")
     else:
+        _check_shape(label, name, tensor.shape, module._parameters[field].shape)
         module._parameters[field] = torch.nn.Parameter(tensor, requires_grad=False)
 
 
@@ -196,9 +206,7 @@ def quantized_from_checkpoint(folder, low_bit, rescale=True):
             for name in checkpoint.entries:
                 linear = _low_bit_linear(model, name)
                 if linear:
-                    if checkpoint.entries[name]["shape"] != list(linear.weight_shape):
-                        raise UserError(f"{folder}: {name} has shape {checkpoint.entries[name]['shape']}, but its "
-                                        f"config.json makes it {list(linear.weight_shape)}; is the checkpoint complete?")
+                    _check_shape(folder, name, checkpoint.entries[name]["shape"], linear.weight_shape)
                     divisor = _rescale_divisor(name, model.config, rescale)
                     tensor = quantize(checkpoint, name, linear.qtype, divisor, buffers, pool)
                 else:
@@ -213,12 +221,8 @@ def mapped_low_bit_cache(folder, low_bit):
 
     save_low_bit is only ever called on rescaled weights, as bigdl-llm's load_low_bit assumes too.
     """
-    folder = Path(folder)
-    index = folder / "pytorch_model.bin.index.json"
-    files = ([folder / name for name in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
-             if index.exists() else [folder / "pytorch_model.bin"])
     model = empty_low_bit_model(folder, low_bit)
-    for path in files:
+    for path in _weight_files(folder, "pytorch_model.bin"):
         for name, tensor in torch.load(path, mmap=True, weights_only=True, map_location="cpu").items():
             _place(model, name, _read_in(tensor), str(folder))
     model.rwkv.layers_are_rescaled = True
