@@ -102,8 +102,9 @@ class TimedDecode:
     tokens: list = field(default_factory=list)
 
 
-def timed_greedy_decode(model, input_ids, n_tokens):
-    """Greedy decoding, one forward per token, timing every step."""
+def timed_greedy_decode(model, input_ids, n_tokens, between_tokens=None):
+    """Greedy decoding, one forward per token, timing every step; between_tokens(step), if given, runs
+    untimed after each step (step 0 reads the prompt)."""
     run, state, token = TimedDecode(), None, input_ids
     with torch.inference_mode():
         for step in range(n_tokens + 1):
@@ -117,6 +118,8 @@ def timed_greedy_decode(model, input_ids, n_tokens):
                 run.latency_ms.append(elapsed_ms)
                 run.rss_bytes.append(rss_bytes())
                 run.tokens.append(int(token))
+            if between_tokens:
+                between_tokens(step)
     return run
 
 

@@ -7,13 +7,17 @@ of the fp16 checkpoint is read from its safetensors file and quantized a few row
 bigdl-llm's own quantizer: the peak is the low-bit model plus one fp16 tensor, and the low-bit bytes
 are bigdl-llm's (a test checks that they are equal).
 
-The low-bit cache that ``save_low_bit`` writes is memory-mapped rather than copied: its pages are the
-page cache's, read once and shared.
+The low-bit weights share one buffer on transparent huge pages where Linux offers them: a decoding
+step reads every weight once, and 2 MiB pages spare it a TLB miss every 4 KiB (2-4% of a 1.5B
+token here). The low-bit cache that ``save_low_bit`` writes is memory-mapped rather than copied: its
+pages are the page cache's, read once and shared.
 """
 import contextlib
 import ctypes
 import json
+import itertools
 import math
+import mmap
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +29,8 @@ from helpers.errors import UserError
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 CHUNK_VALUES = 2**22  # weights read and quantized at once by each thread
 PAGE = 4096
+HUGE_PAGE = 2 * 1024 * 1024
+ALIGNMENT = 64  # each low-bit weight starts on a cache line
 RESCALED = {"attention": ["attention", "output", "weight"], "feed_forward": ["feed_forward", "value", "weight"]}
 
 
@@ -79,16 +85,48 @@ class SafetensorsFile:
         return out
 
 
-def quantize(checkpoint, name, qtype, divisor, buffers, pool):
-    """bigdl-llm's low-bit blocks of a [rows, cols] weight of the checkpoint, divided by `divisor` first
-    (in its own dtype, as transformers' rescale does). Each thread of the pool reads and quantizes a
-    share of the rows, a chunk at a time through its pair of buffers (raw bytes, fp32); bigdl-llm's
-    quantizer is a C function, so they run in parallel."""
+def huge_page_buffer(nbytes):
+    """An uninitialised uint8 tensor of nbytes, on transparent huge pages where the system allows them
+    (Linux, THP "always" or "madvise"); elsewhere on ordinary pages."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(nbytes, dtype=torch.uint8)
+    size = max(HUGE_PAGE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)  # whole huge pages: Linux then aligns the mapping
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # a kernel built without THP: ordinary pages
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.uint8)[:nbytes]  # the tensor keeps the mapping alive
+
+
+def low_bit_bytes(linear):
+    """Bytes of a LowBitLinear's weight blocks."""
+    import bigdl.llm.ggml.model.llama.llama_cpp as ggml
+
+    rows, cols = linear.weight_shape
+    return rows * (cols // ggml.ggml_qk_size(linear.qtype) * ggml.ggml_type_size(linear.qtype))
+
+
+def low_bit_weight_buffers(model):
+    """{weight name: uint8 tensor} for every LowBitLinear of the model, consecutive slices of one huge-page
+    buffer in the order the model reads them."""
+    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
+
+    sizes = {f"{name}.weight": low_bit_bytes(module) for name, module in model.named_modules()
+             if isinstance(module, LowBitLinear)}
+    spans = [-(-size // ALIGNMENT) * ALIGNMENT for size in sizes.values()]
+    buffer = huge_page_buffer(sum(spans))
+    starts = itertools.accumulate(spans, initial=0)
+    return {name: buffer[start:start + size] for (name, size), start in zip(sizes.items(), starts)}
+
+
+def quantize(checkpoint, name, qtype, divisor, buffers, pool, blocks):
+    """Fill `blocks` with bigdl-llm's low-bit blocks of a [rows, cols] weight of the checkpoint, divided by
+    `divisor` first (in its own dtype, as transformers' rescale does). Each thread of the pool reads and
+    quantizes a share of the rows, a chunk at a time through its pair of buffers (raw bytes, fp32);
+    bigdl-llm's quantizer is a C function, so they run in parallel."""
     import bigdl.llm.ggml.model.llama.llama_cpp as ggml
 
     rows, cols = checkpoint.entries[name]["shape"]
-    row_bytes = cols // ggml.ggml_qk_size(qtype) * ggml.ggml_type_size(qtype)
-    blocks = torch.empty(rows * row_bytes, dtype=torch.uint8)
+    row_bytes = blocks.numel() // rows
     step = max(1, CHUNK_VALUES // cols)
 
     def quantize_share(thread):
@@ -196,6 +234,7 @@ def quantized_from_checkpoint(folder, low_bit, rescale=True):
     rescale=True divides the output weights before quantizing, as bigdl-llm's optimize_model=True does.
     """
     model = empty_low_bit_model(folder, low_bit)
+    weight_buffers = low_bit_weight_buffers(model)
     files = [SafetensorsFile(path) for path in safetensors_files(folder)]
     widest = max(entry["shape"][-1] for file in files for entry in file.entries.values() if entry["shape"])
     threads = torch.get_num_threads()
@@ -208,7 +247,7 @@ def quantized_from_checkpoint(folder, low_bit, rescale=True):
                 if linear:
                     _check_shape(folder, name, checkpoint.entries[name]["shape"], linear.weight_shape)
                     divisor = _rescale_divisor(name, model.config, rescale)
-                    tensor = quantize(checkpoint, name, linear.qtype, divisor, buffers, pool)
+                    tensor = quantize(checkpoint, name, linear.qtype, divisor, buffers, pool, weight_buffers[name])
                 else:
                     tensor = checkpoint.read(name)
                 _place(model, name, tensor, str(folder))

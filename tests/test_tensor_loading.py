@@ -35,6 +35,38 @@ def test_the_mapped_cache_gives_bigdls_load_low_bit_weights(tiny_source, tmp_pat
     assert mapped.rwkv.embeddings.weight.dtype == torch.float16
 
 
+def _transparent_huge_pages():
+    try:
+        return "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
+
+
+def _anon_huge_kib(address):
+    """AnonHugePages of the mapping of this process that holds `address`."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if "-" in first and ":" not in first:
+            start, end = (int(part, 16) for part in first.split("-"))
+            inside = start <= address < end
+        elif inside and first == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+def test_low_bit_weights_share_one_aligned_buffer(tiny_source):
+    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
+
+    model = load_low_bit_model(tiny_source)
+    weights = sorted((m.weight.data for m in model.modules() if isinstance(m, LowBitLinear)), key=torch.Tensor.data_ptr)
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == 1
+    assert all(w.data_ptr() % 64 == 0 for w in weights)
+    assert all(a.data_ptr() + a.nbytes <= b.data_ptr() for a, b in zip(weights, weights[1:]))  # no overlap
+    if _transparent_huge_pages():
+        assert _anon_huge_kib(weights[0].data_ptr()) >= 2048
+
+
 @pytest.fixture
 def broken_copy(tiny_source, tmp_path):
     """A copy of the tiny checkpoint, and its weights file to break."""
