@@ -7,8 +7,9 @@ Decode is memory-bound: each token reads every weight of the block linears and t
 weight bytes / read bandwidth is the fastest a token can be (`bound_ms`). On a shared machine the
 bandwidth drifts from second to second, so it is sampled between the decoded tokens (every
 BANDWIDTH_EVERY tokens) and the bound uses the samples' median, like the decode time it is set
-against. `best_bound_ms` uses the best of many reads just before and after decoding instead: a
-stricter bound that no token, nor torch's own reads, reaches on a busy host.
+against. `best_bound_ms` uses the single best read instead (of those between the tokens and ten each
+just before and after decoding): a stricter bound that no token, nor torch's own reads, reaches on a
+busy host.
 """
 import argparse
 import json

@@ -14,8 +14,8 @@ pages are the page cache's, read once and shared.
 """
 import contextlib
 import ctypes
-import json
 import itertools
+import json
 import math
 import mmap
 import struct
