@@ -92,13 +92,13 @@ def measure(option, shape, threads):
 
     import helpers  # noqa: F401
     from helpers.checkpoint import ensure_checkpoint
-    from helpers.loading import cache_dir
+    from helpers.loading import cache_dir, cache_problem
     from helpers.models import resolve_model
     from helpers.streaming import timed_greedy_decode
 
     torch.set_num_threads(threads)
     source = resolve_model(str(ensure_checkpoint(shape)))
-    if option.endswith("_cache") and not (cache_dir(source, option.removesuffix("_cache")) / "config.json").exists():
+    if option.endswith("_cache") and cache_problem(source, cache_dir(source, option.removesuffix("_cache"))):
         load_option(option, source)  # write the cache in a run of its own; time the second load
         return None
     start = time.perf_counter()

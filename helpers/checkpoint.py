@@ -1,10 +1,15 @@
 """Build the offline RWKV-4 World checkpoint: random weights, real architecture, real tokenizer.
 
-The folder is laid out like the Hugging Face repos ``RWKV/rwkv-4-world-*`` (config.json, fp16
-safetensors, tokenizer files), so the loading code that serves it serves the real models too.
+Two layouts, the same weights:
+- ``safetensors`` (the default): config.json, fp16 safetensors (in 2 GiB shards above that), the
+  tokenizer files;
+- ``hub``: exactly as the Hugging Face repos ``RWKV/rwkv-4-world-*`` ship it: config.json with
+  ``"intermediate_size": null``, one fp16 ``pytorch_model.bin`` in torch's zip format (in shards with
+  ``pytorch_model.bin.index.json`` when --shard-gb is given), the tokenizer module, vocabulary,
+  tokenizer_config.json and special_tokens_map.json.
 Its text is meaningless: the weights are random.
 
-    python -m helpers.checkpoint --shape tiny --out data/models/rwkv-4-world-tiny
+    python -m helpers.checkpoint --shape tiny [--layout hub] [--out data/models/rwkv-4-world-tiny]
 """
 import argparse
 import json
@@ -30,15 +35,16 @@ SHAPES = {
 }
 VOCAB_SIZE = 65536
 CONTEXT_LENGTH = 4096
-SHARD_BYTES = 2 * 1024**3
+SHARD_BYTES = 2 * 1024**3  # of the safetensors layout
 SEED = 20230424
+LAYOUTS = {"safetensors": "model.safetensors", "hub": "pytorch_model.bin"}  # layout: its single weight file
 
 
-def default_checkpoint_dir(shape="tiny"):
-    return MODELS_DIR / f"rwkv-4-world-{shape}"
+def default_checkpoint_dir(shape="tiny", layout="safetensors"):
+    return MODELS_DIR / (f"rwkv-4-world-{shape}" + ("-hub" if layout == "hub" else ""))
 
 
-def make_config(shape):
+def make_config(shape, layout="safetensors"):
     layers, hidden = SHAPES[shape]
     return {
         "architectures": ["RwkvForCausalLM"],
@@ -48,7 +54,7 @@ def make_config(shape):
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "attention_hidden_size": hidden,
-        "intermediate_size": 4 * hidden,
+        "intermediate_size": None if layout == "hub" else 4 * hidden,
         "layer_norm_epsilon": 1e-5,
         "bos_token_id": 0,
         "eos_token_id": 0,
@@ -63,7 +69,8 @@ def make_config(shape):
 
 def tensor_shapes(config):
     """(name, shape) of every weight, in the order and naming of transformers' RwkvForCausalLM."""
-    hidden, inner, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    inner = config["intermediate_size"] or 4 * hidden
     shapes = [("rwkv.embeddings.weight", (vocab, hidden))]
     for layer in range(config["num_hidden_layers"]):
         block = f"rwkv.blocks.{layer}"
@@ -121,12 +128,13 @@ def make_tensor(name, shape, config):
     return torch.randn(shape, generator=generator) * std
 
 
-def plan_shards(shapes):
-    """Group weights into files of at most SHARD_BYTES (fp16)."""
+def plan_shards(shapes, shard_bytes=None):
+    """Group weights into files of at most shard_bytes (fp16; default SHARD_BYTES), 0 for a single file."""
+    shard_bytes = SHARD_BYTES if shard_bytes is None else shard_bytes
     shards, current, size = [], [], 0
     for name, shape in shapes:
         nbytes = 2 * math.prod(shape)
-        if current and size + nbytes > SHARD_BYTES:
+        if current and shard_bytes and size + nbytes > shard_bytes:
             shards.append(current)
             current, size = [], 0
         current.append((name, shape))
@@ -134,23 +142,29 @@ def plan_shards(shapes):
     return shards + [current]
 
 
-def write_weights(config, out):
-    shards = plan_shards(tensor_shapes(config))
+def write_weights(config, out, layout="safetensors", shard_bytes=None):
+    """The fp16 weights in the layout's file format, in shards (and an index) where shard_bytes asks for them."""
+    single = LAYOUTS[layout]
+    shards = plan_shards(tensor_shapes(config), shard_bytes if shard_bytes is not None or layout != "hub" else 0)
     if len(shards) == 1:
-        file_names = ["model.safetensors"]
+        file_names = [single]
     else:
-        file_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        stem, suffix = single.split(".")
+        file_names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{suffix}" for i in range(len(shards))]
     weight_map, total = {}, 0
     for file_name, shard in zip(file_names, shards):
         tensors = {name: make_tensor(name, shape, config).to(torch.float16).contiguous() for name, shape in shard}
-        save_file(tensors, str(out / file_name), metadata={"format": "pt"})
+        if layout == "hub":
+            torch.save(tensors, out / file_name)
+        else:
+            save_file(tensors, str(out / file_name), metadata={"format": "pt"})
         for name, tensor in tensors.items():
             weight_map[name] = file_name
             total += tensor.nbytes
         del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (out / f"{single}.index.json").write_text(json.dumps(index, indent=2))
 
 
 def write_tokenizer(out):
@@ -167,39 +181,61 @@ def write_tokenizer(out):
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
-def build_checkpoint(shape="tiny", out=None):
+def write_special_tokens_map(out):
+    """The hub repos' special_tokens_map.json (the tokenizer module's defaults make it optional)."""
+    special_tokens = dict.fromkeys(("bos_token", "eos_token", "unk_token", "pad_token"), tokenization_rwkv_world.END_OF_TEXT)
+    (out / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2))
+
+
+def refresh_tokenizer_module(folder):
+    """Give an offline checkpoint built by an older version of this project the current tokenizer module."""
+    target = Path(folder) / "tokenization_rwkv_world.py"
+    current = Path(tokenization_rwkv_world.__file__).read_bytes()
+    if target.exists() and target.read_bytes() != current:
+        target.write_bytes(current)
+
+
+def build_checkpoint(shape="tiny", out=None, layout="safetensors", shard_bytes=None):
     """Write the checkpoint into `out` (a temporary folder first, so a broken build never looks complete)."""
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
-    out = Path(out or default_checkpoint_dir(shape))
+    if shape not in SHAPES or layout not in LAYOUTS:
+        raise ValueError(f"unknown shape {shape!r} or layout {layout!r}; choose from {list(SHAPES)} and {list(LAYOUTS)}")
+    out = Path(out or default_checkpoint_dir(shape, layout))
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    config = make_config(shape)
-    write_weights(config, partial)
+    config = make_config(shape, layout)
+    write_weights(config, partial, layout, shard_bytes)
     write_tokenizer(partial)
+    if layout == "hub":
+        write_special_tokens_map(partial)
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     return out
 
 
-def ensure_checkpoint(shape="tiny", out=None):
+def ensure_checkpoint(shape="tiny", out=None, layout="safetensors"):
     """The checkpoint folder, built first if it is missing."""
-    out = Path(out or default_checkpoint_dir(shape))
+    out = Path(out or default_checkpoint_dir(shape, layout))
     if not (out / "config.json").exists():
-        print(f"Building the offline {shape} checkpoint in {out} (random weights, once)...", flush=True)
-        build_checkpoint(shape, out)
+        print(f"Building the offline {shape} checkpoint ({layout} layout) in {out} (random weights, once)...", flush=True)
+        build_checkpoint(shape, out, layout)
+    refresh_tokenizer_module(out)
     return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
-    parser.add_argument("--out", type=Path, help="target folder (default: data/models/rwkv-4-world-SHAPE)")
+    parser.add_argument("--layout", choices=list(LAYOUTS), default="safetensors",
+                        help="safetensors (default), or hub: pytorch_model.bin as the Hugging Face repos ship it")
+    parser.add_argument("--shard-gb", type=float, help="weights in files of at most this many GB "
+                        "(default: 2 GiB shards for safetensors, one file for hub)")
+    parser.add_argument("--out", type=Path, help="target folder (default: data/models/rwkv-4-world-SHAPE[-hub])")
     args = parser.parse_args(argv)
-    out = build_checkpoint(args.shape, args.out)
-    print(f"Wrote the {args.shape} checkpoint to {out}")
+    shard_bytes = None if args.shard_gb is None else int(args.shard_gb * 1e9)
+    out = build_checkpoint(args.shape, args.out, args.layout, shard_bytes)
+    print(f"Wrote the {args.shape} checkpoint in the {args.layout} layout to {out}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
     python -m helpers.generate [--repo-id-or-model-path PATH_OR_ID] [--prompt TEXT] [--n-predict N] [--low-bit FMT]
 
-Without a model it uses the offline checkpoint (random weights: the text is meaningless).
+Without a model it uses the offline checkpoint (random weights: the text is meaningless). The first run
+converts the model into a low-bit cache, later runs load that (RWKV_LOW_BIT_CACHE=0: convert every time);
+a line on stderr says which happened.
 """
 import argparse
 import sys
@@ -65,7 +67,8 @@ def main(argv=None):
         format_prompt(args.prompt)  # refuse bad input before anything slow
         source = resolve_model(args.repo_id_or_model_path)
         check_n_predict(args.n_predict, source.config["context_length"])
-        model, tokenizer = load_model(source, args.low_bit), load_tokenizer(source)
+        model = load_model(source, args.low_bit, report=lambda line: print(line, file=sys.stderr))
+        tokenizer = load_tokenizer(source)
         result = generate(model, tokenizer, args.prompt, args.n_predict)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

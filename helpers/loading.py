@@ -2,10 +2,16 @@
 
 Every low-bit path (this project's tensor-by-tensor loader and bigdl-llm's ``from_pretrained(load_in_4bit /
 load_in_low_bit)``, ``optimize_model()`` and ``load_low_bit``) goes through ``repair_for_cpu``; see
-helpers.rwkv_cpu for why.
+helpers.rwkv_cpu for why. ``load_model``, what the CLI, notebooks and playground call, converts a model once
+into a low-bit cache (data/models/low-bit/) and loads it from there afterwards.
 """
+import hashlib
+import json
 import logging
+import os
 import shutil
+import time
+from pathlib import Path
 
 import torch
 from bigdl.llm.transformers import AutoModelForCausalLM as LowBitModel  # after helpers chose the native library
@@ -13,14 +19,16 @@ from bigdl.llm.transformers import AutoModelForCausalLM as LowBitModel  # after 
 from helpers.cpu import require_avx2
 from helpers.errors import UserError
 from helpers.memory import check_fits
-from helpers.paths import MODELS_DIR
+from helpers.paths import MODELS_DIR, REPO_ROOT
 from helpers.rwkv_cpu import release_freed_memory, repair_for_cpu
-from helpers.tensor_loading import mapped_low_bit_cache, quantized_from_checkpoint, safetensors_files
+from helpers.tensor_loading import WEIGHT_FILES, checkpoint_files, mapped_low_bit_cache, quantized_from_checkpoint
 
 logging.getLogger().setLevel(logging.WARNING)  # bigdl-llm sets the root logger to INFO on import
 
 LOW_BIT_FORMATS = ("sym_int4", "asym_int4", "sym_int5", "sym_int8")
 CACHE_DIR = MODELS_DIR / "low-bit"
+CACHE_VARIABLE = "RWKV_LOW_BIT_CACHE"
+MANIFEST = "low_bit_cache.json"  # written last: a cache without it is unfinished
 
 
 def _check_low_bit(low_bit):
@@ -39,21 +47,20 @@ def load_hf_model(source, dtype=torch.float32):
     """The plain transformers model, the reference every low-bit result is compared with."""
     from transformers import AutoModelForCausalLM
 
-    check_fits(source.config, {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
+    check_fits(source.config, {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype], loader="from_pretrained")
     model = AutoModelForCausalLM.from_pretrained(source.location, torch_dtype=dtype)
     return model.eval()
 
 
 def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True, loader="tensor_by_tensor"):
-    """The low-bit model of an fp16 checkpoint, repaired for CPU.
+    """The low-bit model of a checkpoint folder, repaired for CPU.
 
-    loader="tensor_by_tensor" reads a local safetensors checkpoint one tensor at a time and quantizes it
-    with bigdl-llm's own quantizer (helpers.tensor_loading): the weights of bigdl-llm's from_pretrained,
-    at a fraction of its peak memory. loader="from_pretrained" calls bigdl-llm's
-    ``from_pretrained(load_in_low_bit=...)`` (load_in_4bit is the same as sym_int4), which other
-    checkpoints (.bin files, hub ids) always use. optimize_model=True divides the layers' output weights
-    as bigdl-llm does; False scales the layer outputs instead.
-    A folder written by save_low_bit keeps the format it was saved in and loads as a low-bit cache.
+    loader="tensor_by_tensor" reads the checkpoint (safetensors or pytorch_model.bin, single or sharded)
+    one tensor at a time and quantizes it with bigdl-llm's own quantizer (helpers.tensor_loading): the
+    weights of bigdl-llm's from_pretrained, at a fraction of its peak memory. loader="from_pretrained" calls
+    bigdl-llm's ``from_pretrained(load_in_low_bit=...)`` (load_in_4bit is the same as sym_int4).
+    optimize_model=True divides the layers' output weights as bigdl-llm does; False scales the layer
+    outputs instead. A folder written by save_low_bit keeps the format it was saved in.
     """
     saved_format = source.config.get("bigdl_transformers_low_bit")
     if saved_format:
@@ -61,10 +68,9 @@ def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True, loader="
     _check_low_bit(low_bit)
     if loader not in ("tensor_by_tensor", "from_pretrained"):
         raise UserError(f"Unknown loader {loader!r}; choose 'tensor_by_tensor' or 'from_pretrained'.")
-    if loader == "tensor_by_tensor" and safetensors_files(source.location):
-        check_fits(source.config, low_bit, tensor_by_tensor=True)
+    check_fits(source.config, low_bit, loader)
+    if loader == "tensor_by_tensor":
         return repair_for_cpu(quantized_from_checkpoint(source.location, low_bit, rescale=optimize_model))
-    check_fits(source.config, low_bit)
     model = LowBitModel.from_pretrained(
         source.location, load_in_low_bit=low_bit, optimize_model=optimize_model, trust_remote_code=True
     )
@@ -79,39 +85,108 @@ def optimize_hf_model(model, low_bit="sym_int4"):
     return repair_for_cpu(optimize_model(model, low_bit=low_bit))
 
 
+def cache_enabled():
+    """False when RWKV_LOW_BIT_CACHE=0: every load then converts from the checkpoint."""
+    return os.environ.get(CACHE_VARIABLE, "1") != "0"
+
+
 def cache_dir(source, low_bit):
-    return CACHE_DIR / f"{source.name}-{low_bit}"
+    """Where the low-bit cache of a model folder lives: named after the folder, told apart by its path."""
+    place = hashlib.sha256(str(Path(source.location).resolve()).encode()).hexdigest()[:8]
+    return CACHE_DIR / f"{source.name}-{place}-{low_bit}"
 
 
-def load_cached_low_bit_model(source, low_bit="sym_int4", loader="mapped"):
+def _source_files(source):
+    """{name: [size, modification time]} of the checkpoint's weight files: a cache made from other files is stale."""
+    return {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in checkpoint_files(source.location)}
+
+
+def cache_problem(source, folder):
+    """Why the cache in `folder` cannot be used (missing, unfinished, truncated, stale), or None when it can."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "no cache yet" if not folder.exists() else "the cache is incomplete"
+    if manifest.get("source_files") != _source_files(source):
+        return "the checkpoint changed since the cache was made"
+    for name, size in manifest["files"].items():
+        if not (folder / name).is_file() or (folder / name).stat().st_size != size:
+            return f"{name} in the cache is missing or truncated"
+    return None
+
+
+def _write_cache(source, low_bit, folder):
+    """Convert, save with save_low_bit beside copies of the folder's tokenizer files (whatever its tokenizer
+    class: some cannot save_pretrained), and finish with a manifest of it all, in one rename."""
+    model = load_low_bit_model(source, low_bit)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_low_bit(str(partial))
+    del model
+    release_freed_memory()
+    weights = {path.name for path in checkpoint_files(source.location)} | {f"{n}.index.json" for n in WEIGHT_FILES}
+    for path in Path(source.location).iterdir():
+        if path.is_file() and path.name not in weights and not (partial / path.name).exists():
+            shutil.copyfile(path, partial / path.name)
+    files = {path.name: path.stat().st_size for path in partial.iterdir()}
+    manifest = {"source": str(source.location), "low_bit": low_bit, "source_files": _source_files(source), "files": files}
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+
+
+def load_cached_low_bit_model(source, low_bit="sym_int4", loader="mapped", report=print):
     """Convert once with save_low_bit into data/models/low-bit/, then load that folder.
 
-    loader="mapped" memory-maps its weights (helpers.tensor_loading); "load_low_bit" calls bigdl-llm's.
+    A missing, unfinished, truncated or stale cache is (re)built. report (a function of one line of text)
+    is told which happened and where. loader="mapped" memory-maps the weights (helpers.tensor_loading);
+    "load_low_bit" calls bigdl-llm's.
     """
     folder = cache_dir(source, low_bit)
-    if not (folder / "config.json").exists():
-        model = load_low_bit_model(source, low_bit)
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_low_bit(str(partial))
-        load_tokenizer(source).save_pretrained(str(partial))
-        shutil.rmtree(folder, ignore_errors=True)  # an unfinished copy, if any
-        partial.rename(folder)
-        del model
-        release_freed_memory()
-    return _load_saved_low_bit(folder, source.config, low_bit, loader)
+    start = time.perf_counter()
+    problem = cache_problem(source, folder)
+    if problem:
+        _write_cache(source, low_bit, folder)
+    try:
+        model = _load_saved_low_bit(folder, source.config, low_bit, loader)
+    except (RuntimeError, UserError, ValueError) as error:  # files of the right size that do not load
+        if problem:
+            raise
+        problem = f"the cache did not load ({error})"
+        _write_cache(source, low_bit, folder)
+        model = _load_saved_low_bit(folder, source.config, low_bit, loader)
+    seconds = time.perf_counter() - start
+    where = _shown_path(folder)
+    if problem:
+        report(f"Converted {source.name} to {low_bit} in {seconds:.1f} s ({problem}) and saved it in {where}.")
+    else:
+        report(f"Loaded {source.name} in {low_bit} from the cache in {where} in {seconds:.1f} s.")
+    return model
+
+
+def _shown_path(path):
+    """A path relative to the project where it is inside it (the same in every clone), else absolute."""
+    try:
+        return str(Path(path).relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _load_saved_low_bit(folder, config, low_bit, loader="mapped"):
     _check_low_bit(low_bit)
     if loader not in ("mapped", "load_low_bit"):
         raise UserError(f"Unknown loader {loader!r}; choose 'mapped' or 'load_low_bit'.")
-    check_fits(config, low_bit, from_cache=True)
+    check_fits(config, low_bit, "cache")
     if loader == "mapped":
         return repair_for_cpu(mapped_low_bit_cache(folder, low_bit))
     return repair_for_cpu(LowBitModel.load_low_bit(str(folder), trust_remote_code=True))
 
 
-def load_model(source, low_bit="sym_int4"):
-    """The HF fp32 reference for low_bit="fp32", else the bigdl-llm low-bit model repaired for CPU."""
-    return load_hf_model(source) if low_bit == "fp32" else load_low_bit_model(source, low_bit)
+def load_model(source, low_bit="sym_int4", report=print):
+    """What the CLI, notebooks and playground run: the HF fp32 reference for low_bit="fp32"; else the low-bit
+    model repaired for CPU, from the low-bit cache (made on the first load) unless RWKV_LOW_BIT_CACHE=0."""
+    if low_bit == "fp32":
+        return load_hf_model(source)
+    if cache_enabled() and not source.config.get("bigdl_transformers_low_bit"):
+        return load_cached_low_bit_model(source, low_bit, report=report)
+    return load_low_bit_model(source, low_bit)

@@ -38,27 +38,32 @@ def weight_bytes(config, fmt):
 
 
 def checkpoint_bytes(config):
-    """Bytes of the fp16 checkpoint on disk."""
-    return sum(parameter_counts(config)) * 2
+    """Bytes of the checkpoint on disk (fp16, or fp32 where its config says so)."""
+    return sum(parameter_counts(config)) * _checkpoint_itemsize(config)
 
 
-def estimate_load_bytes(config, fmt, from_cache=False, tensor_by_tensor=False):
-    """Peak memory while loading: the converted model, plus the whole fp16 checkpoint for from_pretrained
-    or its largest tensor (embeddings or head, in fp16) for the tensor-by-tensor loader."""
-    if from_cache:
+def estimate_load_bytes(config, fmt, loader="tensor_by_tensor"):
+    """Peak memory while loading in `fmt`, by the loader that will run: the converted model alone from the
+    low-bit cache ("cache"); plus the checkpoint's largest tensor (embeddings or head) for this project's
+    tensor-by-tensor loader; plus the whole checkpoint for transformers' and bigdl-llm's from_pretrained."""
+    if loader == "cache":
         return weight_bytes(config, fmt)
-    if tensor_by_tensor:
-        return weight_bytes(config, fmt) + config["vocab_size"] * config["hidden_size"] * 2
+    if loader == "tensor_by_tensor":
+        return weight_bytes(config, fmt) + config["vocab_size"] * config["hidden_size"] * _checkpoint_itemsize(config)
     return checkpoint_bytes(config) + weight_bytes(config, fmt)
+
+
+def _checkpoint_itemsize(config):
+    return 4 if config.get("torch_dtype") == "float32" else 2
 
 
 def available_bytes():
     return psutil.virtual_memory().available
 
 
-def check_fits(config, fmt, from_cache=False, available=None, tensor_by_tensor=False):
+def check_fits(config, fmt, loader="tensor_by_tensor", available=None):
     """Refuse, before loading, a model whose estimated load memory exceeds the available RAM."""
-    needed = estimate_load_bytes(config, fmt, from_cache, tensor_by_tensor)
+    needed = estimate_load_bytes(config, fmt, loader)
     available = available_bytes() if available is None else available
     if needed > available:
         raise UserError(

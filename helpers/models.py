@@ -7,6 +7,7 @@ from pathlib import Path
 
 from helpers.checkpoint import ensure_checkpoint
 from helpers.errors import UserError
+from helpers.tensor_loading import checkpoint_files
 
 # The real RWKV-4 World models on the Hugging Face hub, with their fp16 download size in GB.
 HUB_MODELS = {
@@ -16,7 +17,8 @@ HUB_MODELS = {
     "RWKV/rwkv-4-world-3b": 6.1,
     "RWKV/rwkv-4-world-7b": 15.0,
 }
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# The files of a hub model that loading it needs (the hub repos also hold READMEs, images and so on).
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.py", "*.txt", "*.model"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -24,13 +26,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ModelSource:
     """What to pass to from_pretrained, with the model's config already read and checked."""
 
-    location: str  # a local folder, or a hub id that is cached or reachable
+    location: str  # a local folder: the one given, or a hub model's snapshot in the Hugging Face cache
     config: dict
     offline: bool  # True for the project's random-weight checkpoint
-
-    @property
-    def name(self):
-        return Path(self.location).name if Path(self.location).exists() else self.location.replace("/", "--")
+    name: str  # the folder's name, or the hub id with "--" for "/"
 
 
 def _read_config(config_file, label):
@@ -46,11 +45,12 @@ def _read_config(config_file, label):
     return config
 
 
-def _hub_config(repo_id):
-    from huggingface_hub import hf_hub_download
+def _hub_snapshot(repo_id):
+    """The local folder of a hub model: its snapshot in the Hugging Face cache, downloaded first if missing."""
+    from huggingface_hub import snapshot_download
 
     try:
-        return hf_hub_download(repo_id, "config.json")  # cache first when offline
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS))  # the cache alone when offline
     except Exception:
         raise UserError(
             f"{repo_id} is neither in the local Hugging Face cache nor reachable. Fetch it once where there "
@@ -63,20 +63,22 @@ def resolve_model(name_or_path=None):
     """A ModelSource for a local folder, a hub id, or (None / empty) the offline tiny checkpoint."""
     name_or_path = (name_or_path or os.environ.get("RWKV_MODEL") or "").strip()
     if not name_or_path:
-        folder = ensure_checkpoint("tiny")
-        return ModelSource(str(folder), _read_config(folder / "config.json", str(folder)), offline=True)
+        return _folder_source(ensure_checkpoint("tiny"))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        config = _read_config(path / "config.json", str(path))
-        if not any((path / name).exists() for name in WEIGHT_FILES):
-            raise UserError(f"{path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}).")
-        return ModelSource(str(path), config, offline="offline_checkpoint" in config)
+        return _folder_source(path)
     if path.exists():
         raise UserError(f"{path} is a file; pass the folder that holds config.json and the weights.")
     if HUB_ID.match(name_or_path) and not name_or_path.startswith("."):
-        config = _read_config(_hub_config(name_or_path), name_or_path)
-        return ModelSource(name_or_path, config, offline=False)
+        return _folder_source(_hub_snapshot(name_or_path), name=name_or_path.replace("/", "--"))
     raise UserError(
         f"No model folder at {path}. Pass an existing folder, a hub id such as RWKV/rwkv-4-world-7b, "
         "or leave the model out to use the offline checkpoint."
     )
+
+
+def _folder_source(folder, name=None):
+    config = _read_config(folder / "config.json", str(folder))
+    if not checkpoint_files(folder):
+        raise UserError(f"{folder} has a config.json but no weights (model.safetensors or pytorch_model.bin).")
+    return ModelSource(str(folder), config, offline="offline_checkpoint" in config, name=name or folder.name)

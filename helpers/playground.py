@@ -83,11 +83,12 @@ class Playground:
         try:
             self._say("Loading...")
             source = resolve_model(name)
-            self.model, self.tokenizer, self.source = load_model(source), load_tokenizer(source), source
+            reports = []  # whether it was converted or loaded from the low-bit cache, and where
+            self.model, self.tokenizer, self.source = load_model(source, report=reports.append), load_tokenizer(source), source
         except UserError as error:
             return self._say(f"error: {error}", error=True)
         kind = "random weights: the text is meaningless" if source.offline else "real weights"
-        self._say(f"Loaded {source.name} in sym_int4 ({kind}).")
+        self._say(" ".join([*reports, f"Ready: {source.name} in sym_int4 ({kind})."]))
 
     def generate(self):
         """Start generating in a background thread; returns at once."""

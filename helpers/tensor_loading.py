@@ -3,9 +3,10 @@
 bigdl-llm's ``from_pretrained`` loads the whole fp16 model, then converts each linear through an fp32
 copy of it: its peak holds the fp16 model, the growing low-bit copy and fp32 temporaries (the 1.5B
 head alone is 512 MiB in fp32). Here the model starts empty, on torch's meta device, and each tensor
-of the fp16 checkpoint is read from its safetensors file and quantized a few rows at a time by
-bigdl-llm's own quantizer: the peak is the low-bit model plus one fp16 tensor, and the low-bit bytes
-are bigdl-llm's (a test checks that they are equal).
+of the checkpoint (safetensors, or the zip files of torch.save named pytorch_model.bin; fp16, bf16 or
+fp32) is read at its offset in the file and quantized a few rows at a time by bigdl-llm's own
+quantizer: the peak is the low-bit model plus one tensor of the checkpoint, and the low-bit bytes are
+bigdl-llm's (a test checks that they are equal).
 
 The low-bit weights share one buffer on transparent huge pages where Linux offers them: a decoding
 step reads every weight once, and 2 MiB pages spare it a TLB miss every 4 KiB (2-4% of a 1.5B
@@ -14,12 +15,16 @@ pages are the page cache's, read once and shared.
 """
 import contextlib
 import ctypes
+import io
 import itertools
 import json
 import math
 import mmap
+import pickle
 import struct
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,14 +32,16 @@ import torch
 from helpers.errors import UserError
 
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+TORCH_STORAGE_DTYPES = {"HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16, "FloatStorage": torch.float32}
 CHUNK_VALUES = 2**22  # weights read and quantized at once by each thread
 PAGE = 4096
 HUGE_PAGE = 2 * 1024 * 1024
 ALIGNMENT = 64  # each low-bit weight starts on a cache line
 RESCALED = {"attention": ["attention", "output", "weight"], "feed_forward": ["feed_forward", "value", "weight"]}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # each alone, or in shards listed by NAME.index.json
 
 
-def _weight_files(folder, single_name):
+def weight_files(folder, single_name):
     """A checkpoint's files of one kind, in shard order: the shards its index lists, or the single file;
     empty when it has neither."""
     folder = Path(folder)
@@ -44,45 +51,108 @@ def _weight_files(folder, single_name):
     return [folder / single_name] if (folder / single_name).exists() else []
 
 
-def safetensors_files(folder):
-    """The checkpoint's safetensors files; empty when it has none (a .bin checkpoint)."""
-    return _weight_files(folder, "model.safetensors")
+def checkpoint_files(folder):
+    """The checkpoint's weight files: safetensors where it has them, else torch's .bin; empty when neither."""
+    return weight_files(folder, WEIGHT_FILES[0]) or weight_files(folder, WEIGHT_FILES[1])
 
 
-class SafetensorsFile:
-    """The tensors of a safetensors file, read with plain reads rather than a memory map, so that what a
-    read brings in is freed with its tensor (a mapped file stays in the process's memory while open)."""
+@dataclass
+class TensorEntry:
+    dtype: torch.dtype
+    shape: list
+    offset: int  # of its first byte in the file
+
+
+class TensorFile:
+    """The tensors of one checkpoint file (safetensors, or torch.save's zip as in pytorch_model.bin), read
+    with plain reads at their offsets rather than through a memory map, so that what a read brings in is
+    freed with its tensor (a mapped file stays in the process's memory while open)."""
 
     def __init__(self, path):
-        self.path = path
-        with open(path, "rb") as file:
-            (header_size,) = struct.unpack("<Q", file.read(8))
-            header = json.loads(file.read(header_size))
-        header.pop("__metadata__", None)
-        self.data_start = 8 + header_size
-        self.entries = dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
-        for name, entry in self.entries.items():
-            if entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise UserError(f"{path} holds {name} as {entry['dtype']}; expected fp16, bf16 or fp32 weights.")
-
-    def dtype(self, name):
-        return SAFETENSORS_DTYPES[self.entries[name]["dtype"]]
+        self.path = Path(path)
+        try:
+            entries = _torch_zip_entries(self.path) if self.path.suffix == ".bin" else _safetensors_entries(self.path)
+        except (OSError, ValueError, KeyError, struct.error, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+            raise UserError(f"{self.path} is not a checkpoint file this loader reads ({error}).") from None
+        self.entries = dict(sorted(entries.items(), key=lambda item: item[1].offset))
 
     def read(self, name, first_row=0, rows=None, out=None):
         """Rows [first_row, first_row + rows) of a tensor (all of it by default), into `out` if given."""
-        shape = self.entries[name]["shape"]
+        entry = self.entries[name]
         if out is None:
-            out = torch.empty(shape if rows is None else [rows, *shape[1:]], dtype=self.dtype(name))
-        row_bytes = math.prod(shape[1:]) * self.dtype(name).itemsize
+            out = torch.empty(entry.shape if rows is None else [rows, *entry.shape[1:]], dtype=entry.dtype)
+        row_bytes = math.prod(entry.shape[1:]) * entry.dtype.itemsize
         target = memoryview(out.view(-1).view(torch.uint8).numpy())
         with open(self.path, "rb", buffering=0) as file:  # a file of its own: threads read at once
-            file.seek(self.data_start + self.entries[name]["data_offsets"][0] + first_row * row_bytes)
+            file.seek(entry.offset + first_row * row_bytes)
             while target.nbytes:
                 count = file.readinto(target)
                 if not count:
                     raise UserError(f"{self.path} is truncated (at {name}); download or rebuild the checkpoint.")
                 target = target[count:]
         return out
+
+
+def _safetensors_entries(path):
+    with open(path, "rb") as file:
+        (header_size,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(header_size))
+    header.pop("__metadata__", None)
+    entries = {}
+    for name, entry in header.items():
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise UserError(f"{path} holds {name} as {entry['dtype']}; expected fp16, bf16 or fp32 weights.")
+        entries[name] = TensorEntry(SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"],
+                                    8 + header_size + entry["data_offsets"][0])
+    return entries
+
+
+class _StateDictIndex(pickle.Unpickler):
+    """Unpickles the data.pkl of a torch.save zip into {name: (storage key, dtype, byte offset, shape)},
+    reading no tensor data and allowing only what a state dict of tensors holds: unlike torch.load, no
+    code from the file runs."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self.tensor
+        if module == "torch" and name in TORCH_STORAGE_DTYPES:
+            return TORCH_STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"it holds {module}.{name}, not only fp16, bf16 or fp32 tensors")
+
+    def persistent_load(self, saved_id):
+        _, dtype, key, _location, _numel = saved_id  # ("storage", storage class, key, location, numel)
+        return key, dtype
+
+    @staticmethod
+    def tensor(storage, storage_offset, shape, stride, *_):
+        key, dtype = storage
+        contiguous = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+        if list(stride) != contiguous and math.prod(shape) > 1:
+            raise pickle.UnpicklingError("a tensor is stored non-contiguously; re-save it with save_pretrained")
+        return key, dtype, storage_offset * dtype.itemsize, list(shape)
+
+
+def _torch_zip_entries(path):
+    """Entries of a file written by torch.save in its zip format: each storage is stored uncompressed as
+    <archive>/data/<key>, and <archive>/data.pkl pickles the tensors over them."""
+    with zipfile.ZipFile(path) as archive:
+        pickled = next((name for name in archive.namelist() if name.endswith("/data.pkl")), None)
+        if pickled is None:
+            raise ValueError("no data.pkl: torch's legacy format? re-save it with save_pretrained")
+        prefix = pickled[:-len("data.pkl")]
+        state_dict = _StateDictIndex(io.BytesIO(archive.read(pickled))).load()
+        entries = {}
+        with open(path, "rb") as file:
+            for name, (key, dtype, offset, shape) in state_dict.items():
+                info = archive.getinfo(f"{prefix}data/{key}")
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise ValueError(f"{name} is compressed")
+                file.seek(info.header_offset)  # a local file header: 30 bytes, then its name and extra field
+                name_length, extra_length = struct.unpack("<26xHH", file.read(30))
+                entries[name] = TensorEntry(dtype, shape, info.header_offset + 30 + name_length + extra_length + offset)
+    return entries
 
 
 def huge_page_buffer(nbytes):
@@ -125,7 +195,7 @@ def quantize(checkpoint, name, qtype, divisor, buffers, pool, blocks):
     bigdl-llm's quantizer is a C function, so they run in parallel."""
     import bigdl.llm.ggml.model.llama.llama_cpp as ggml
 
-    rows, cols = checkpoint.entries[name]["shape"]
+    rows, cols = checkpoint.entries[name].shape
     row_bytes = blocks.numel() // rows
     step = max(1, CHUNK_VALUES // cols)
 
@@ -133,7 +203,7 @@ def quantize(checkpoint, name, qtype, divisor, buffers, pool, blocks):
         raw, values = buffers[thread]
         for start in range(thread * step, rows, len(buffers) * step):
             count = min(step, rows - start) * cols
-            chunk = checkpoint.read(name, start, count // cols, raw.view(checkpoint.dtype(name))[:count])
+            chunk = checkpoint.read(name, start, count // cols, raw.view(checkpoint.entries[name].dtype)[:count])
             if divisor > 1:
                 chunk.div_(divisor)
             values[:count].copy_(chunk)
@@ -229,14 +299,14 @@ def _check_complete(model, label):
 
 
 def quantized_from_checkpoint(folder, low_bit, rescale=True):
-    """The low-bit model of an fp16 safetensors checkpoint, read tensor by tensor (see the module doc).
+    """The low-bit model of a local checkpoint folder, read tensor by tensor (see the module doc).
 
     rescale=True divides the output weights before quantizing, as bigdl-llm's optimize_model=True does.
     """
     model = empty_low_bit_model(folder, low_bit)
     weight_buffers = low_bit_weight_buffers(model)
-    files = [SafetensorsFile(path) for path in safetensors_files(folder)]
-    widest = max(entry["shape"][-1] for file in files for entry in file.entries.values() if entry["shape"])
+    files = [TensorFile(path) for path in checkpoint_files(folder)]
+    widest = max(entry.shape[-1] for file in files for entry in file.entries.values() if entry.shape)
     threads = torch.get_num_threads()
     buffers = [(torch.empty(4 * max(CHUNK_VALUES, widest), dtype=torch.uint8), torch.empty(max(CHUNK_VALUES, widest)))
                for _ in range(threads)]
@@ -245,7 +315,7 @@ def quantized_from_checkpoint(folder, low_bit, rescale=True):
             for name in checkpoint.entries:
                 linear = _low_bit_linear(model, name)
                 if linear:
-                    _check_shape(folder, name, checkpoint.entries[name]["shape"], linear.weight_shape)
+                    _check_shape(folder, name, checkpoint.entries[name].shape, linear.weight_shape)
                     divisor = _rescale_divisor(name, model.config, rescale)
                     tensor = quantize(checkpoint, name, linear.qtype, divisor, buffers, pool, weight_buffers[name])
                 else:
@@ -261,7 +331,7 @@ def mapped_low_bit_cache(folder, low_bit):
     save_low_bit is only ever called on rescaled weights, as bigdl-llm's load_low_bit assumes too.
     """
     model = empty_low_bit_model(folder, low_bit)
-    for path in _weight_files(folder, "pytorch_model.bin"):
+    for path in weight_files(folder, WEIGHT_FILES[1]):
         for name, tensor in torch.load(path, mmap=True, weights_only=True, map_location="cpu").items():
             _place(model, name, _read_in(tensor), str(folder))
     model.rwkv.layers_are_rescaled = True

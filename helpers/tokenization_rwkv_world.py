@@ -67,6 +67,11 @@ class RWKVWorldTokenizer(PreTrainedTokenizer):
                     break
         return ids
 
+    def tokenize(self, text, **kwargs):
+        """Text is encoded as text, as TRIE_TOKENIZER does: a literal "<|endoftext|>" in a prompt is bytes like
+        any other, not id 0, and the spaces around it stay (transformers would split on it and strip them)."""
+        return self._tokenize(text)
+
     def _tokenize(self, text, **kwargs):
         return [self.id_to_byte[idx].decode("latin-1") for idx in self.encode_bytes(text.encode("utf-8"))]
 

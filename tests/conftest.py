@@ -21,6 +21,12 @@ def tiny_source():
 
 
 @pytest.fixture(scope="session")
+def hub_source():
+    """The tiny checkpoint in the layout the hub ships: config.json with intermediate_size null, pytorch_model.bin."""
+    return resolve_model(str(ensure_checkpoint("tiny", layout="hub")))
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_source):
     return load_tokenizer(tiny_source)
 

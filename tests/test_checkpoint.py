@@ -1,9 +1,11 @@
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import checkpoint
@@ -27,9 +29,33 @@ def test_layout_matches_hugging_face_repos(tiny_source):
         assert (folder / name).exists()
 
 
-def test_build_is_deterministic(tmp_path, tiny_source):
-    built = checkpoint.build_checkpoint("tiny", tmp_path / "again")
-    assert digest(built) == digest(Path(tiny_source.location))
+def test_build_is_deterministic(tmp_path, tiny_source, hub_source):
+    for layout, source in (("safetensors", tiny_source), ("hub", hub_source)):
+        built = checkpoint.build_checkpoint("tiny", tmp_path / layout, layout)
+        assert digest(built) == digest(Path(source.location))
+
+
+def test_hub_layout_is_the_hubs(hub_source, tiny_source):
+    folder = Path(hub_source.location)
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "config.json", "pytorch_model.bin", "rwkv_vocab_v20230424.txt", "special_tokens_map.json",
+        "tokenization_rwkv_world.py", "tokenizer_config.json"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["intermediate_size"] is None
+    assert {k: v for k, v in config.items() if k != "intermediate_size"} == {
+        k: v for k, v in tiny_source.config.items() if k != "intermediate_size"}
+    assert zipfile.is_zipfile(folder / "pytorch_model.bin")  # torch.save's format, not the legacy pickle
+    ours = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    expected = load_file(Path(tiny_source.location) / "model.safetensors")
+    assert ours.keys() == expected.keys() and all(torch.equal(ours[name], expected[name]) for name in expected)
+
+
+def test_hub_layout_in_shards(tmp_path):
+    folder = checkpoint.build_checkpoint("tiny", tmp_path / "sharded", "hub", shard_bytes=8 * 1024**2)
+    index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and files[0] == f"pytorch_model-00001-of-{len(files):05d}.bin"
+    assert not (folder / "pytorch_model.bin").exists()
 
 
 @pytest.mark.parametrize("shape", list(checkpoint.SHAPES))

@@ -1,4 +1,6 @@
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,63 @@ def test_tensor_by_tensor_gives_bigdls_weights(tiny_source, low_bit, optimize_mo
     bigdl = load_low_bit_model(tiny_source, low_bit, optimize_model, loader="from_pretrained")
     assert ours.rwkv.layers_are_rescaled == bigdl.rwkv.layers_are_rescaled
     assert_same_parameters(parameters(ours), parameters(bigdl))
+
+
+@pytest.mark.parametrize("low_bit", LOW_BIT_FORMATS)
+def test_a_bin_checkpoint_gives_the_same_weights(tiny_source, hub_source, low_bit):
+    from_bin = load_low_bit_model(hub_source, low_bit)
+    assert_same_parameters(parameters(from_bin), parameters(load_low_bit_model(tiny_source, low_bit)))
+
+
+def bin_copy(hub_source, folder, dtype=torch.float16, shard_bytes=None):
+    """The hub-layout checkpoint re-saved in `dtype`, in one pytorch_model.bin or in shards."""
+    shutil.copytree(hub_source.location, folder)
+    (folder / "pytorch_model.bin").unlink()
+    tensors = {name: tensor.to(dtype) for name, tensor in torch.load(Path(hub_source.location) / "pytorch_model.bin").items()}
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": str(dtype).removeprefix("torch.")}))
+    if shard_bytes is None:
+        torch.save(tensors, folder / "pytorch_model.bin")
+    else:
+        from transformers.modeling_utils import shard_checkpoint
+
+        shards, index = shard_checkpoint(tensors, max_shard_size=shard_bytes, weights_name="pytorch_model.bin")
+        for file_name, shard in shards.items():
+            torch.save(shard, folder / file_name)
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return resolve_model(str(folder))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bf16_and_fp32_bin_checkpoints_give_bigdls_weights(hub_source, tmp_path, dtype):
+    source = bin_copy(hub_source, tmp_path / "copy", dtype)
+    ours = load_low_bit_model(source, "sym_int4")
+    bigdl = load_low_bit_model(source, "sym_int4", loader="from_pretrained")
+    assert_same_parameters(parameters(ours), parameters(bigdl))
+
+
+def test_a_sharded_bin_checkpoint_gives_the_same_weights(hub_source, tmp_path):
+    source = bin_copy(hub_source, tmp_path / "sharded", shard_bytes=8 * 1024**2)
+    assert len(list((tmp_path / "sharded").glob("pytorch_model-*.bin"))) > 3
+    assert_same_parameters(parameters(load_low_bit_model(source)), parameters(load_low_bit_model(hub_source)))
+
+
+def test_a_bin_holding_anything_but_tensors_is_refused_unread(hub_source, tmp_path):
+    folder = tmp_path / "strange"
+    shutil.copytree(hub_source.location, folder)
+    torch.save({"rwkv.embeddings.weight": torch.zeros(2, 2, dtype=torch.int32), "note": ValueError("x")},
+               folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match="not a checkpoint file this loader reads .it holds"):
+        load_low_bit_model(resolve_model(str(folder)))
+
+
+def test_a_truncated_bin_checkpoint_is_reported(hub_source, tmp_path):
+    folder = tmp_path / "truncated"
+    shutil.copytree(hub_source.location, folder)
+    with open(folder / "pytorch_model.bin", "r+b") as file:
+        file.truncate((folder / "pytorch_model.bin").stat().st_size // 2)
+    with pytest.raises(UserError, match="pytorch_model.bin"):
+        load_low_bit_model(resolve_model(str(folder)))
 
 
 def test_the_mapped_cache_gives_bigdls_load_low_bit_weights(tiny_source, tmp_path, monkeypatch):

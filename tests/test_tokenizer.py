@@ -24,6 +24,13 @@ def test_ids_equal_reference_tokenizer(tokenizer, reference, kind):
     assert tokenizer(text).input_ids == reference.encode(text)
 
 
+def test_special_token_text_is_encoded_as_text(tokenizer, reference):
+    text = "Question: what does <|endoftext|> mean?\n\nAnswer:"
+    assert tokenizer(text).input_ids == reference.encode(text)
+    assert 0 not in tokenizer(text).input_ids
+    assert tokenizer.decode(tokenizer(text).input_ids) == text
+
+
 @pytest.mark.parametrize("kind", SAMPLE_TEXTS)
 def test_decode_round_trips(tokenizer, kind):
     text = SAMPLE_TEXTS[kind]
