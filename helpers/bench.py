@@ -92,7 +92,7 @@ def measure(option, shape, threads):
 
     import helpers  # noqa: F401
     from helpers.checkpoint import ensure_checkpoint
-    from helpers.loading import cache_dir, cache_problem
+    from helpers.low_bit_cache import cache_dir, cache_problem
     from helpers.models import resolve_model
     from helpers.streaming import timed_greedy_decode
 

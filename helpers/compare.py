@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from helpers.fused_decode import torch_path
-from helpers.memory import BITS_PER_WEIGHT, PeakRss, model_weight_bytes, rss_bytes
+from helpers.errors import UserError
+from helpers.memory import BITS_PER_WEIGHT, PeakRss, check_fits, model_weight_bytes, rss_bytes
 from helpers.quality import agreement, logits_for, stepwise_logits
 
 
@@ -47,18 +48,33 @@ def count_low_bit_linears(model):
     return sum(isinstance(module, LowBitLinear) for module in model.modules())
 
 
-def format_rows(source, formats, input_ids, reference_logits, load):
-    """One row per format: bits per weight, weight MB, agreement with FP32, load time and memory."""
-    rows = []
+def fits(config, fmt, loader="from_pretrained"):
+    """True when loading the model in `fmt` this way fits in the free RAM; else False, after one line saying so."""
+    try:
+        check_fits(config, fmt, loader)
+        return True
+    except UserError as error:
+        print(f"skipped: {error}")
+        return False
+
+
+def _agreement_columns(result):
+    return [f"{result.top1:.0%}", f"{result.cosine:.4f}"] if result else ["-", "-"]
+
+
+def compare_formats(source, formats, input_ids, reference_logits, load):
+    """{format: (table row, Agreement with FP32 or None without reference_logits)}: bits per weight, weight
+    MB, agreement, load time and memory of each format, loaded one after another."""
+    results = {}
     for low_bit in formats:
         loaded = timed_load(load, source, low_bit)
-        result = agreement(reference_logits, logits_for(loaded.model, input_ids))
-        rows.append([
-            low_bit, f"{BITS_PER_WEIGHT[low_bit]:.2f}", f"{loaded.weight_bytes / 1e6:.1f}",
-            f"{result.top1:.0%}", f"{result.cosine:.4f}", f"{loaded.seconds:.2f} s", f"{loaded.rss_delta / 2**20:.0f} MiB",
-        ])
+        logits = logits_for(loaded.model, input_ids)
+        result = agreement(reference_logits, logits) if reference_logits is not None else None
+        row = [low_bit, f"{BITS_PER_WEIGHT[low_bit]:.2f}", f"{loaded.weight_bytes / 1e6:.1f}", *_agreement_columns(result),
+               f"{loaded.seconds:.2f} s", f"{loaded.rss_delta / 2**20:.0f} MiB"]
+        results[low_bit] = row, result
         del loaded
-    return rows
+    return results
 
 
 FORMAT_HEADERS = ["format", "bits/weight", "weights MB", "top-1 = FP32", "logits cosine", "load", "RSS added"]
@@ -76,19 +92,20 @@ def upstream_error(source, optimize_model=True):
     return "no error: this bigdl-llm build runs RWKV-4 on CPU as shipped"
 
 
-def decode_path_rows(model, input_ids, reference_logits, prompt_tokens=8):
-    """Decoding input_ids token by token through the fused step and through torch + bigdl's kernels:
-    ms per token and agreement with FP32 (reference_logits: FP32's logits at every position)."""
+def compare_decode_paths(model, input_ids, reference_logits, prompt_tokens=8):
+    """Decoding input_ids token by token through the fused step (where it runs) and through torch + bigdl's
+    kernels: {path: (table row, Stepwise run, Agreement with FP32 or None)}; reference_logits: FP32's logits
+    at every position, or None."""
     paths = [("torch + bigdl-llm's INT4 kernel", torch_path(model))]
     if model.fused_forward is not None:
         paths.insert(0, ("fused step (one native call)", contextlib.nullcontext()))
-    rows = []
+    results = {}
     for label, context in paths:
         with context:
             run = stepwise_logits(model, input_ids, prompt_tokens)
-        result = agreement(reference_logits[prompt_tokens:], run.logits)
-        rows.append([label, f"{run.ms_per_token:.2f} ms", f"{result.top1:.0%}", f"{result.cosine:.4f}"])
-    return rows
+        result = agreement(reference_logits[prompt_tokens:], run.logits) if reference_logits is not None else None
+        results[label] = [label, f"{run.ms_per_token:.2f} ms", *_agreement_columns(result)], run, result
+    return results
 
 
 DECODE_PATH_HEADERS = ["decoding path", "per token", "top-1 = FP32", "logits cosine"]

@@ -4,7 +4,8 @@ bigdl-llm ships one build of its kernels per instruction set (``libllama_avx.so`
 ``libllama_amx.so``) and a dispatcher that picks one by CPU *vendor*: a non-Intel CPU gets the
 plain AVX build even when it has AVX-512, which is several times slower. We choose by the CPU's
 actual flags instead and point ``LLAMA_CPP_LIB`` at the build, which must happen before
-``bigdl.llm`` is first imported (``helpers/__init__.py`` does it).
+``bigdl.llm`` is first imported (``helpers/__init__.py`` does it). ``RWKV_NATIVE_BUILD=avx2`` (or
+another build's name) picks a slower build this CPU can run, to test or measure the path of an older CPU.
 """
 import importlib.util
 import os
@@ -97,21 +98,28 @@ class NativeChoice:
     reason: str
 
 
-def choose_native_library(info=None, libs_dir=None):
-    """The fastest libllama build whose instructions this CPU has, and why."""
+def choose_native_library(info=None, libs_dir=None, wanted=None):
+    """The fastest libllama build whose instructions this CPU has (or the build `wanted`, if it has its
+    instructions), and why."""
     info = info or cpu_info()
     libs_dir = Path(libs_dir or bigdl_libs_dir())
+    builds = dict(NATIVE_BUILDS)
+    if wanted and (wanted not in builds or not info.has(*builds[wanted])):
+        runnable = [build for build, needed in NATIVE_BUILDS if info.has(*needed)]
+        raise UserError(f"RWKV_NATIVE_BUILD={wanted} is not a build this CPU runs; choose one of {', '.join(runnable)}.")
     for build, needed in NATIVE_BUILDS:
         path = libs_dir / f"libllama_{build}{'.dll' if sys.platform == 'win32' else '.so'}"
-        if info.has(*needed) and path.exists():
-            reason = f"fastest build whose instructions this CPU has ({', '.join(sorted(needed))})"
+        if (wanted or build) == build and info.has(*needed) and path.exists():
+            reason = (f"chosen by RWKV_NATIVE_BUILD ({', '.join(sorted(needed))})" if wanted else
+                      f"fastest build whose instructions this CPU has ({', '.join(sorted(needed))})")
             return NativeChoice(build, str(path), reason)
     raise UserError(f"No bigdl-llm kernel build in {libs_dir} runs on this CPU (flags lack AVX).")
 
 
 def select_native_library():
-    """Point LLAMA_CPP_LIB at the best build, unless the user chose another. Returns the NativeChoice."""
-    choice = choose_native_library()
+    """Point LLAMA_CPP_LIB at the best build (or RWKV_NATIVE_BUILD's), unless the user set LLAMA_CPP_LIB.
+    Returns the NativeChoice."""
+    choice = choose_native_library(wanted=os.environ.get("RWKV_NATIVE_BUILD") or None)
     preset = os.environ.get("LLAMA_CPP_LIB")
     if preset and Path(preset).resolve() != Path(choice.path).resolve():
         build = Path(preset).stem.replace("libllama_", "").replace("libllama-", "")

@@ -10,6 +10,7 @@ from helpers import fused_decode
 from helpers.bench import load_results
 from helpers.checkpoint import make_config
 from helpers.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
+from helpers.low_bit_cache import planned_loader
 from helpers.memory import GIB, available_bytes, estimate_load_bytes
 
 PACKAGES = ["torch", "transformers", "bigdl-llm", "rwkv", "safetensors", "jupyterlab", "ipywidgets", "nbval"]
@@ -18,10 +19,12 @@ HUB_SIZES = {"169m": 0.169, "430m": 0.43, "1b5": 1.5, "3b": 3.0, "7b": 7.0}
 
 
 def versions():
-    rows = [("Python", platform.python_version())]
+    """Python's minor version and each package's release (without a build tag such as torch's +cpu): the same
+    on every machine set up from requirements.txt."""
+    rows = [("Python", ".".join(platform.python_version_tuple()[:2]))]
     for package in PACKAGES:
         try:
-            rows.append((package, metadata.version(package)))
+            rows.append((package, metadata.version(package).split("+")[0]))
         except metadata.PackageNotFoundError:
             rows.append((package, "not installed"))
     return rows
@@ -81,7 +84,7 @@ def model_memory_rows():
             f"{billions:g}B",
             f"{2 * billions:.1f}",
             f"{0.5 * billions:.2f}",
-            f"{estimate_load_bytes(config, 'sym_int4', tensor_by_tensor=True) / 1e9:.1f}",
+            f"{estimate_load_bytes(config, 'sym_int4', 'tensor_by_tensor') / 1e9:.1f}",
             gigabytes(from_checkpoint, "peak_load_rss_gib"),
             gigabytes(from_cache, "peak_load_rss_gib"),
             gigabytes(from_checkpoint, "steady_rss_gib"),
@@ -107,10 +110,16 @@ def bigdl_llm_init_settings(options="", shorten=True):
             if name in ("OMP_NUM_THREADS", "LD_PRELOAD", "MALLOC_CONF", "KMP_AFFINITY", "KMP_BLOCKTIME")}
 
 
-def verdicts(model_shape="7b"):
-    """(requirement, ok, what to do) for the things this tutorial needs."""
+LOADER_WORDS = {"cache": "from its low-bit cache", "tensor_by_tensor": "from its checkpoint, tensor by tensor"}
+
+
+def verdicts(source):
+    """(requirement, ok, what to do) for the things this tutorial needs, the memory for the model `source`
+    as helpers.loading.load_model will load it (from the low-bit cache once there is one)."""
     info = cpu_info()
-    needed = estimate_load_bytes(make_config(model_shape), "sym_int4", tensor_by_tensor=True)
+    loader = planned_loader(source)
+    needed = estimate_load_bytes(source.config, "sym_int4", loader)
+    reference = estimate_load_bytes(make_config("7b", layout="hub"), "sym_int4", "tensor_by_tensor")
     free = available_bytes()
     try:
         choose_native_library(info)
@@ -124,6 +133,8 @@ def verdicts(model_shape="7b"):
         ("a native kernel build for this CPU", library_ok, "reinstall bigdl-llm: `make clean install`"),
         ("(optional) AVX-512 VNNI and a C compiler, for the fused decoding step", fused_decode.library() is not None,
          "without them decoding runs through bigdl-llm's kernels, slower (notebook 04 measures both); `apt install gcc`"),
-        (f"RAM to load {model_shape} in INT4 ({needed / GIB:.1f} GiB)", free >= needed,
+        (f"RAM to load {source.name} in INT4 {LOADER_WORDS[loader]} ({needed / GIB:.2f} GiB)", free >= needed,
          "pick a smaller model (169m to 3b), or load a low-bit cache made on a bigger machine"),
+        (f"(for the 7B) RAM to convert RWKV/rwkv-4-world-7b from its pytorch_model.bin ({reference / GIB:.1f} GiB)",
+         free >= reference, "use a smaller model here (169m to 3b), or copy a low-bit cache made on a bigger machine"),
     ]

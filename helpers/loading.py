@@ -5,13 +5,9 @@ load_in_low_bit)``, ``optimize_model()`` and ``load_low_bit``) goes through ``re
 helpers.rwkv_cpu for why. ``load_model``, what the CLI, notebooks and playground call, converts a model once
 into a low-bit cache (data/models/low-bit/) and loads it from there afterwards.
 """
-import hashlib
-import json
 import logging
-import os
-import shutil
+import pickle
 import time
-from pathlib import Path
 
 import torch
 from bigdl.llm.transformers import AutoModelForCausalLM as LowBitModel  # after helpers chose the native library
@@ -19,16 +15,13 @@ from bigdl.llm.transformers import AutoModelForCausalLM as LowBitModel  # after 
 from helpers.cpu import require_avx2
 from helpers.errors import UserError
 from helpers.memory import check_fits
-from helpers.paths import MODELS_DIR, REPO_ROOT
+from helpers.low_bit_cache import cache_dir, cache_enabled, cache_problem, save_cache, shown_path
 from helpers.rwkv_cpu import release_freed_memory, repair_for_cpu
-from helpers.tensor_loading import WEIGHT_FILES, checkpoint_files, mapped_low_bit_cache, quantized_from_checkpoint
+from helpers.tensor_loading import mapped_low_bit_cache, quantized_from_checkpoint
 
 logging.getLogger().setLevel(logging.WARNING)  # bigdl-llm sets the root logger to INFO on import
 
 LOW_BIT_FORMATS = ("sym_int4", "asym_int4", "sym_int5", "sym_int8")
-CACHE_DIR = MODELS_DIR / "low-bit"
-CACHE_VARIABLE = "RWKV_LOW_BIT_CACHE"
-MANIFEST = "low_bit_cache.json"  # written last: a cache without it is unfinished
 
 
 def _check_low_bit(low_bit):
@@ -85,54 +78,11 @@ def optimize_hf_model(model, low_bit="sym_int4"):
     return repair_for_cpu(optimize_model(model, low_bit=low_bit))
 
 
-def cache_enabled():
-    """False when RWKV_LOW_BIT_CACHE=0: every load then converts from the checkpoint."""
-    return os.environ.get(CACHE_VARIABLE, "1") != "0"
-
-
-def cache_dir(source, low_bit):
-    """Where the low-bit cache of a model folder lives: named after the folder, told apart by its path."""
-    place = hashlib.sha256(str(Path(source.location).resolve()).encode()).hexdigest()[:8]
-    return CACHE_DIR / f"{source.name}-{place}-{low_bit}"
-
-
-def _source_files(source):
-    """{name: [size, modification time]} of the checkpoint's weight files: a cache made from other files is stale."""
-    return {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in checkpoint_files(source.location)}
-
-
-def cache_problem(source, folder):
-    """Why the cache in `folder` cannot be used (missing, unfinished, truncated, stale), or None when it can."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return "no cache yet" if not folder.exists() else "the cache is incomplete"
-    if manifest.get("source_files") != _source_files(source):
-        return "the checkpoint changed since the cache was made"
-    for name, size in manifest["files"].items():
-        if not (folder / name).is_file() or (folder / name).stat().st_size != size:
-            return f"{name} in the cache is missing or truncated"
-    return None
-
-
-def _write_cache(source, low_bit, folder):
-    """Convert, save with save_low_bit beside copies of the folder's tokenizer files (whatever its tokenizer
-    class: some cannot save_pretrained), and finish with a manifest of it all, in one rename."""
+def _convert_into_cache(source, low_bit, folder):
     model = load_low_bit_model(source, low_bit)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_low_bit(str(partial))
+    save_cache(model, source, folder)
     del model
     release_freed_memory()
-    weights = {path.name for path in checkpoint_files(source.location)} | {f"{n}.index.json" for n in WEIGHT_FILES}
-    for path in Path(source.location).iterdir():
-        if path.is_file() and path.name not in weights and not (partial / path.name).exists():
-            shutil.copyfile(path, partial / path.name)
-    files = {path.name: path.stat().st_size for path in partial.iterdir()}
-    manifest = {"source": str(source.location), "low_bit": low_bit, "source_files": _source_files(source), "files": files}
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
 
 
 def load_cached_low_bit_model(source, low_bit="sym_int4", loader="mapped", report=print):
@@ -146,30 +96,22 @@ def load_cached_low_bit_model(source, low_bit="sym_int4", loader="mapped", repor
     start = time.perf_counter()
     problem = cache_problem(source, folder)
     if problem:
-        _write_cache(source, low_bit, folder)
+        _convert_into_cache(source, low_bit, folder)
     try:
         model = _load_saved_low_bit(folder, source.config, low_bit, loader)
-    except (RuntimeError, UserError, ValueError) as error:  # files of the right size that do not load
+    except (RuntimeError, UserError, ValueError, EOFError, pickle.UnpicklingError) as error:  # right sizes, bad bytes
         if problem:
             raise
         problem = f"the cache did not load ({error})"
-        _write_cache(source, low_bit, folder)
+        _convert_into_cache(source, low_bit, folder)
         model = _load_saved_low_bit(folder, source.config, low_bit, loader)
     seconds = time.perf_counter() - start
-    where = _shown_path(folder)
+    where = shown_path(folder)
     if problem:
         report(f"Converted {source.name} to {low_bit} in {seconds:.1f} s ({problem}) and saved it in {where}.")
     else:
         report(f"Loaded {source.name} in {low_bit} from the cache in {where} in {seconds:.1f} s.")
     return model
-
-
-def _shown_path(path):
-    """A path relative to the project where it is inside it (the same in every clone), else absolute."""
-    try:
-        return str(Path(path).relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
 
 
 def _load_saved_low_bit(folder, config, low_bit, loader="mapped"):

@@ -43,6 +43,7 @@ def run_cli(*args, env=None, timeout=300):
 
 
 def run_python(code, env=None):
-    """Run code in a fresh interpreter (so the native library is chosen anew); returns its stdout."""
-    full_env = dict(os.environ, **(env or {}))
+    """Run code in a fresh interpreter (so the native library is chosen anew); returns its stdout.
+    env: variables to set, or to unset where None."""
+    full_env = {name: value for name, value in {**os.environ, **(env or {})}.items() if value is not None}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, check=True).stdout

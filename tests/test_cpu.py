@@ -59,6 +59,12 @@ def test_never_chooses_a_build_the_cpu_lacks(libs_dir):
                 assert cpu.choose_native_library(lacking, libs_dir).build != build
 
 
+def test_a_wanted_build_is_chosen_where_the_cpu_runs_it(libs_dir):
+    assert cpu.choose_native_library(fake_cpu(SAPPHIRE_RAPIDS), libs_dir, wanted="avx2").build == "avx2"
+    with pytest.raises(UserError, match="RWKV_NATIVE_BUILD=avx512 is not a build this CPU runs; choose one of avx2, avx"):
+        cpu.choose_native_library(fake_cpu(AVX2_ONLY), libs_dir, wanted="avx512")
+
+
 def test_no_avx_is_refused(libs_dir):
     with pytest.raises(UserError, match="AVX"):
         cpu.choose_native_library(fake_cpu({"sse4_2"}), libs_dir)
@@ -77,11 +83,20 @@ def test_the_chosen_library_is_the_one_loaded():
     assert loaded == f"libllama_{chosen}.so"
 
 
+def test_a_wanted_build_is_the_one_loaded():
+    build, loaded = run_python(
+        "import helpers, bigdl.llm.transformers.low_bit_linear\n"
+        "print(helpers.NATIVE_LIBRARY.build, helpers.cpu.loaded_native_library())",
+        env={"RWKV_NATIVE_BUILD": "avx2", "LLAMA_CPP_LIB": None},  # as this process's own choice is inherited
+    ).split()
+    assert (build, loaded) == ("avx2", "libllama_avx2.so")
+
+
 def test_user_setting_wins():
     avx2 = cpu.bigdl_libs_dir() / "libllama_avx2.so"
     reason, loaded = run_python(
         "import helpers, bigdl.llm.transformers.low_bit_linear\n"
         "print(helpers.NATIVE_LIBRARY.reason.replace(' ', '_'), helpers.cpu.loaded_native_library())",
-        env={"LLAMA_CPP_LIB": str(avx2)},
+        env={"LLAMA_CPP_LIB": str(avx2), "RWKV_NATIVE_BUILD": None},
     ).split()
     assert reason == "set_by_you_in_LLAMA_CPP_LIB" and loaded == "libllama_avx2.so"

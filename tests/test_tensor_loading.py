@@ -87,7 +87,7 @@ def test_a_truncated_bin_checkpoint_is_reported(hub_source, tmp_path):
 
 
 def test_the_mapped_cache_gives_bigdls_load_low_bit_weights(tiny_source, tmp_path, monkeypatch):
-    monkeypatch.setattr("helpers.loading.CACHE_DIR", tmp_path)
+    monkeypatch.setattr("helpers.low_bit_cache.CACHE_DIR", tmp_path)
     mapped = load_cached_low_bit_model(tiny_source)
     bigdl = load_cached_low_bit_model(tiny_source, loader="load_low_bit")
     assert_same_parameters(parameters(mapped), parameters(bigdl))
