@@ -1,8 +1,10 @@
 """Benchmark RWKV-4 on this CPU: HF fp32 / bf16 against bigdl-llm low-bit, side by side in one run.
 
-    python -m helpers.bench [--shape 1b5] [--threads N] [--json PATH] [--plot PATH] [--options a,b]
+    python -m helpers.bench [--shape 1b5] [--layout hub] [--threads N] [--json PATH] [--plot PATH] [--options a,b]
 
-Each option runs in its own fresh process, one after another, on the same checkpoint and prompt.
+Each option runs in its own fresh process, one after another, on the same checkpoint and prompt, in the
+offline checkpoint's safetensors layout or in the layout the hub ships (`--layout hub`: one
+pytorch_model.bin).
 Decode is memory-bound: each token reads every weight of the block linears and the head once, so
 weight bytes / read bandwidth is the fastest a token can be (`bound_ms`). On a shared machine the
 bandwidth drifts from second to second, so it is sampled between the decoded tokens (every
@@ -24,7 +26,7 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from helpers.checkpoint import SHAPES
+from helpers.checkpoint import LAYOUTS, SHAPES
 from helpers.cpu import cpu_info
 from helpers.memory import GIB, model_weight_bytes
 from helpers.paths import DATA_DIR
@@ -86,7 +88,7 @@ def prompt_ids(vocab_size):
     return (torch.arange(PROMPT_TOKENS) * 7919 % (vocab_size - 1) + 1).unsqueeze(0)
 
 
-def measure(option, shape, threads):
+def measure(option, shape, threads, layout="safetensors"):
     """One option, in this process: a dict of the numbers the table shows."""
     import torch
 
@@ -97,7 +99,7 @@ def measure(option, shape, threads):
     from helpers.streaming import timed_greedy_decode
 
     torch.set_num_threads(threads)
-    source = resolve_model(str(ensure_checkpoint(shape)))
+    source = resolve_model(str(ensure_checkpoint(shape, layout=layout)))
     if option.endswith("_cache") and cache_problem(source, cache_dir(source, option.removesuffix("_cache"))):
         load_option(option, source)  # write the cache in a run of its own; time the second load
         return None
@@ -134,9 +136,10 @@ def measure(option, shape, threads):
     }
 
 
-def run_worker(option, shape, threads):
+def run_worker(option, shape, threads, layout="safetensors"):
     """Measure one option in a fresh process; None when that run only wrote the low-bit cache."""
-    command = [sys.executable, "-m", "helpers.bench", "--worker", option, "--shape", shape, "--threads", str(threads)]
+    command = [sys.executable, "-m", "helpers.bench", "--worker", option, "--shape", shape, "--threads", str(threads),
+               "--layout", layout]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if option.endswith(UNFUSED):
         env["RWKV_FUSED_DECODE"] = "0"
@@ -146,36 +149,49 @@ def run_worker(option, shape, threads):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_benchmark(shape="1b5", threads=None, options=OPTIONS):
+def run_benchmark(shape="1b5", threads=None, options=OPTIONS, layout="safetensors"):
     threads = threads or psutil.cpu_count(logical=False) or 1
     records = []
-    with tqdm(total=len(options), desc=f"bench {shape}, {threads} threads", unit="option") as progress:
+    with tqdm(total=len(options), desc=f"bench {shape} ({layout}), {threads} threads", unit="option") as progress:
         for option in options:
             progress.set_postfix_str(option)
-            record = run_worker(option, shape, threads)
+            record = run_worker(option, shape, threads, layout)
             if record is None:  # the cache was just written: measure loading it
-                record = run_worker(option, shape, threads)
+                record = run_worker(option, shape, threads, layout)
             records.append(record)
             progress.update()
     reference = next((r["tokens"] for r in records if r["option"] == "hf_fp32"), records[0]["tokens"])
     machine = cpu_info()
     for record in records:
         record["same_tokens"] = sum(a == b for a, b in zip(record["tokens"], reference)) / len(reference)
-        record.update(shape=shape, threads=threads, machine=f"{machine.model}, {machine.physical_cores} cores, {psutil.virtual_memory().total / GIB:.0f} GiB")
-    return {"shape": shape, "threads": threads, "records": records}
+        record.update(shape=shape, layout=layout, threads=threads, machine=f"{machine.model}, {machine.physical_cores} cores, {psutil.virtual_memory().total / GIB:.0f} GiB")
+    return {"shape": shape, "layout": layout, "threads": threads, "records": records}
 
 
-def load_results(shape):
-    """The committed results of `--shape SHAPE --json data/bench/SHAPE.json`, as run_benchmark returns them."""
-    records = json.loads((DATA_DIR / "bench" / f"{shape}.json").read_text())
-    return {"shape": shape, "threads": records[0]["threads"], "records": records}
+def results_file(shape, layout="safetensors"):
+    return DATA_DIR / "bench" / (f"{shape}-hub.json" if layout == "hub" else f"{shape}.json")
+
+
+def load_results(shape, layout="safetensors"):
+    """The committed results of `--shape SHAPE [--layout hub] --json data/bench/SHAPE[-hub].json`, as
+    run_benchmark returns them."""
+    records = json.loads(results_file(shape, layout).read_text())
+    return {"shape": shape, "layout": layout, "threads": records[0]["threads"], "records": records}
+
+
+def load_summary(result):
+    """How far each low-bit load peaked above the model it loaded, and how fast the cache loaded."""
+    lines = [f"{r['option']}: load peak {r['peak_load_rss_gib']:.2f} GiB, {r['peak_load_rss_gib'] - r['steady_rss_gib']:+.2f} "
+             f"GiB above the loaded model ({r['steady_rss_gib']:.2f} GiB), {r['load_s']:.2f} s"
+             for r in result["records"] if not r["option"].startswith("hf_")]
+    return "\n".join(lines)
 
 
 def markdown_table(result):
     fp32 = next((r for r in result["records"] if r["option"] == "hf_fp32"), None)
     bandwidths = [r["bandwidth_gbs"] for r in result["records"]]
     lines = [
-        f"Shape {result['shape']}, {result['threads']} threads, {PROMPT_TOKENS}-token prompt, median of {DECODE_TOKENS} "
+        f"Shape {result['shape']} ({result.get('layout', 'safetensors')} layout), {result['threads']} threads, {PROMPT_TOKENS}-token prompt, median of {DECODE_TOKENS} "
         f"greedy tokens. Read bandwidth between the tokens (median, per option) {min(bandwidths):.1f} to "
         f"{max(bandwidths):.1f} GB/s; best read {max(r['best_bandwidth_gbs'] for r in result['records']):.1f} GB/s.",
         "",
@@ -220,6 +236,8 @@ def plot(result, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1b5", choices=list(SHAPES))
+    parser.add_argument("--layout", default="safetensors", choices=list(LAYOUTS),
+                        help="the checkpoint's layout: safetensors, or hub (pytorch_model.bin, as the hub ships it)")
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
     parser.add_argument("--options", default=",".join(OPTIONS), help="comma-separated subset of " + ",".join(OPTIONS))
     parser.add_argument("--json", type=Path, help="write the records here")
@@ -230,10 +248,12 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown options {', '.join(sorted(unknown))}; choose from {', '.join(OPTIONS)}")
     if args.worker:
-        print(json.dumps(measure(args.worker, args.shape, args.threads)))
+        print(json.dumps(measure(args.worker, args.shape, args.threads, args.layout)))
         return 0
-    result = run_benchmark(args.shape, args.threads, args.options.split(","))
+    result = run_benchmark(args.shape, args.threads, args.options.split(","), args.layout)
     print(markdown_table(result))
+    print()
+    print(load_summary(result))
     if args.json:
         args.json.write_text(json.dumps(result["records"], indent=1))
     if args.plot:

@@ -26,3 +26,15 @@ def test_bench_prints_a_table_and_writes_records(tmp_path):
     assert int4["peak_load_rss_gib"] < from_pretrained["peak_load_rss_gib"] - 0.05  # no whole fp16 model in memory
     assert int4["weight_bytes"] < fp32["weight_bytes"] / 6  # 4.25 bits per weight against 32
     assert plot_file.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_reads_the_hub_layout_and_its_cache(tmp_path):
+    records_file = tmp_path / "bench.json"
+    result = run_cli("helpers.bench", "--shape", "tiny", "--layout", "hub", "--options", "sym_int4,sym_int4_cache",
+                     "--threads", "1", "--json", str(records_file))
+    assert result.returncode == 0, result.stderr
+    assert "Shape tiny (hub layout)" in result.stdout
+    assert "sym_int4: load peak " in result.stdout and "sym_int4_cache: load peak " in result.stdout
+    from_bin, from_cache = json.loads(records_file.read_text())
+    assert from_bin["layout"] == from_cache["layout"] == "hub"
+    assert from_bin["tokens"] == from_cache["tokens"]  # the cache holds the same weights
