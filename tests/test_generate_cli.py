@@ -1,5 +1,6 @@
 """The generate CLI: the upstream example's layout, and one clear line with exit code 2 for bad input."""
 import json
+import shutil
 
 import pytest
 
@@ -72,3 +73,15 @@ def test_cpu_without_avx2_is_refused(monkeypatch, capsys):
     monkeypatch.setattr("helpers.cpu.cpu_info", lambda: CpuInfo("GenuineIntel", "Old CPU", 4, 1, frozenset({"avx"})))
     assert generate.main(["--n-predict", "2"]) == 2
     assert "lacks AVX2" in capsys.readouterr().err
+
+
+def test_a_hub_id_loads_from_the_hugging_face_cache(hub_source, tmp_path):
+    # The hub cache's layout: models--OWNER--NAME/refs/main names the snapshot that holds the files.
+    repo = tmp_path / "hub" / "models--RWKV--rwkv-4-world-tiny"
+    shutil.copytree(hub_source.location, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    result = run_cli("helpers.generate", "--repo-id-or-model-path", "RWKV/rwkv-4-world-tiny", "--n-predict", "3",
+                     env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "RWKV_LOW_BIT_CACHE": "0"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(SEPARATORS[1]) == 1
