@@ -146,8 +146,6 @@ class FusedForward:
     @classmethod
     def for_model(cls, model):
         """A FusedForward when every linear of the model is sym_int4 and the library is available, else None."""
-        from helpers.rwkv_cpu import HalfEmbedding
-
         native = library()
         config, rwkv = model.config, model.rwkv
         hidden, intermediate = config.hidden_size, config.intermediate_size
@@ -158,7 +156,7 @@ class FusedForward:
             shapes_ok = (shapes_ok and all(_is_sym_int4(linear, hidden, hidden) for linear in square)
                          and _is_sym_int4(feed_forward.key, intermediate, hidden)
                          and _is_sym_int4(feed_forward.value, hidden, intermediate))
-        if native is None or not shapes_ok or not isinstance(rwkv.embeddings, HalfEmbedding):
+        if native is None or not shapes_ok or rwkv.embeddings.weight.dtype != torch.float16:  # the kernel reads fp16
             return None
         return cls(model, native)
 
