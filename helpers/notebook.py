@@ -28,8 +28,15 @@ class clear_errors:
         return False
 
 
+def show_markdown(text):
+    """Show Markdown rendered (a table as a table) in JupyterLab and Voila; its source is the text output."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(text))
+
+
 def show_table(rows, headers):
-    """Print rows as a GitHub-style text table (readable on GitHub and compared by nbval)."""
+    """Show rows as a table: rendered in JupyterLab, a GitHub-style text table in the notebook file."""
     from tabulate import tabulate
 
-    print(tabulate(rows, headers, tablefmt="github", disable_numparse=True))
+    show_markdown(tabulate(rows, headers, tablefmt="github", disable_numparse=True))
