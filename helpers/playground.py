@@ -170,13 +170,17 @@ def served_by_voila():
     return "VOILA_BASE_URL" in os.environ
 
 
-def self_test(playground):
-    """Press the buttons as a person would and check what happens; prints one line per check.
+def self_test(shown):
+    """Press the buttons of a playground as a person would and check what happens; prints one line per check.
 
-    Skipped when Voila serves the page, so visitors find the playground untouched.
+    It drives a playground of its own, not shown, on the model that `shown` loaded: the one on screen
+    stays as its user left it. Skipped when Voila serves the page, and while `shown` is generating.
     """
     if served_by_voila():
         return
+    if shown.running:
+        return print("skipped: the playground above is generating; run this cell again once it is done")
+    playground = Playground(shown.source, shown.model, shown.tokenizer)
     checks = []
     playground.prompt.value, playground.greedy.value, playground.n_predict.value = "Tell me about dragons.", True, 400
     playground.generate_button.click()
