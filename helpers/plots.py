@@ -14,11 +14,13 @@ def plot_long_run(run):
     plt.show()
 
 
-def plot_threads(results):
-    """Decode tokens/s against thread count (helpers.tuning)."""
-    threads, speeds = zip(*results)
+def plot_threads(measured):
+    """Decode tokens/s against thread count, the median and the range of the rounds (helpers.tuning)."""
+    threads = [int(label) for label in measured]
+    medians = [m.median for m in measured.values()]
+    spreads = [[m.median - min(m.speeds) for m in measured.values()], [max(m.speeds) - m.median for m in measured.values()]]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(threads, speeds, marker="o")
+    ax.errorbar(threads, medians, yerr=spreads, marker="o", capsize=4)
     ax.set(xlabel="threads (OMP_NUM_THREADS)", ylabel="tokens/s", title="INT4 decode speed", ylim=(0, None))
     ax.set_xticks(threads)
     fig.tight_layout()

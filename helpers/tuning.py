@@ -1,7 +1,10 @@
 """What notebook 04 measures: decode speed against threads, kernel builds, OpenMP and allocators, pinning.
 
 Each configuration runs in a fresh process (threads, LD_PRELOAD and the kernel build are fixed when a
-process starts):  python -m helpers.tuning --worker  prints one JSON line with its decode speed.
+process starts):  python -m helpers.tuning --worker  prints one JSON line with its decode speed. Each
+is measured in ROUNDS rounds, the configurations taking turns within a round, so that the machine's
+drift spreads over all of them; a configuration wins only where its slowest round beats every other's
+fastest.
 """
 import json
 import os
@@ -9,6 +12,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 
 from helpers import fused_decode
 from helpers.cpu import NATIVE_BUILDS, bigdl_libs_dir, cpu_info
@@ -16,6 +20,7 @@ from helpers.environment import bigdl_llm_init_settings
 from helpers.paths import DATA_DIR
 
 PROMPT_TOKENS, DECODE_TOKENS = 16, 48
+ROUNDS = 3
 SWEEPS_DIR = DATA_DIR / "sweeps"
 RUNTIMES = {  # name: bigdl-llm-init options
     "Intel OpenMP, system malloc": "",
@@ -36,7 +41,55 @@ def measure(threads, env=None, prefix=()):
 
 
 def thread_counts():
-    return list(range(1, cpu_info().physical_cores + 1))
+    """1, 2, 4, ... threads, and all physical cores."""
+    cores = cpu_info().physical_cores
+    return sorted({*(2**power for power in range(cores.bit_length()) if 2**power < cores), cores})
+
+
+@dataclass
+class Measured:
+    speeds: list  # decode tokens/s, one per round
+
+    @property
+    def median(self):
+        return statistics.median(self.speeds)
+
+
+def measure_in_rounds(configurations, rounds=ROUNDS):
+    """{label: Measured} for {label: keyword arguments of measure()}, in alternating rounds."""
+    measured = {label: Measured([]) for label in configurations}
+    for _ in range(rounds):
+        for label, settings in configurations.items():
+            measured[label].speeds.append(measure(**settings))
+    return measured
+
+
+def rows(measured):
+    return [(label, f"{m.median:.1f} tokens/s", f"{min(m.speeds):.1f} to {max(m.speeds):.1f}")
+            for label, m in measured.items()]
+
+
+def headers(title):
+    return [title, "median decode speed", f"range over {ROUNDS} rounds"]
+
+
+def winner(measured):
+    """The label whose slowest round is faster than every other configuration's fastest, else None."""
+    best = max(measured, key=lambda label: measured[label].median)
+    others = [max(m.speeds) for label, m in measured.items() if label != best]
+    return best if others and min(measured[best].speeds) > max(others) else None
+
+
+def verdict(title, measured):
+    best = winner(measured)
+    if best:
+        return f"{title}: {best} is fastest here, beyond the spread of the rounds"
+    return f"{title}: no measurable difference here (the ranges of the rounds overlap)"
+
+
+def chosen_threads(threads_measured):
+    """The measured winner, else (no measurable difference) one thread per physical core."""
+    return int(winner(threads_measured) or cpu_info().physical_cores)
 
 
 def native_builds():
@@ -71,14 +124,26 @@ def kernel_sweeps():
     return [json.loads(path.read_text()) for path in sorted(SWEEPS_DIR.glob("fused-kernel-*.json"))]
 
 
-def recommended_commands():
-    """The upstream README's advice made concrete for this machine (a rule, not a measurement)."""
+def recommended_commands(threads_measured, runtime_measured, pinning_measured):
+    """(client command, server commands, notes) from what won on this machine; where nothing won, the
+    plain default (all physical cores, no preloaded libraries, not pinned). The notes say what could
+    not be measured here."""
     info = cpu_info()
+    threads, runtime, pinning = chosen_threads(threads_measured), winner(runtime_measured), winner(pinning_measured)
+    init = [f"source bigdl-llm-init {RUNTIMES[runtime]}".rstrip()] if runtime else []
+    pin = pinnings(threads)[pinning] if pinning else ()
+    client = "\n".join([*init, " ".join([f"OMP_NUM_THREADS={threads}", *pin, "python -m helpers.generate"])])
     per_socket = max(1, info.physical_cores // info.sockets)
-    client = f"OMP_NUM_THREADS={info.physical_cores} python -m helpers.generate"
-    server = (f"source bigdl-llm-init -t\nOMP_NUM_THREADS={per_socket} numactl -C 0-{per_socket - 1} -m 0 "
-              "python -m helpers.generate")
-    return client, server
+    server = list(init) if info.sockets > 1 else [client]  # one socket: one process, as measured
+    for socket in range(info.sockets if info.sockets > 1 else 0):
+        cores = f"{socket * per_socket}-{(socket + 1) * per_socket - 1}"
+        place = f"numactl -C {cores} -m {socket}" if shutil.which("numactl") else f"taskset -c {cores}"
+        server.append(f"OMP_NUM_THREADS={per_socket} {place} python -m helpers.generate &")
+    notes = [f"not measurable here: {what}" for what, missing in (
+        ("numactl (not installed: `apt install numactl`)", not shutil.which("numactl")),
+        ("one process per socket, each on its socket's memory (this machine has one socket)", info.sockets == 1),
+    ) if missing]
+    return client, "\n".join(server), notes
 
 
 def worker():
