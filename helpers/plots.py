@@ -39,3 +39,20 @@ def plot_kernel_sweeps(sweeps):
         ax.legend()
     fig.tight_layout()
     plt.show()
+
+
+def plot_chat_turns(turns):
+    """Per chat turn: the time to read the whole history again against reading the new turn into the
+    carried state (notebook 06)."""
+    numbers = [turn["turn"] for turn in turns]
+    fig, (latency, length) = plt.subplots(1, 2, figsize=(10, 3.2))
+    latency.plot(numbers, [turn["reread_ms"] for turn in turns], marker="o", label="re-read the whole history")
+    latency.plot(numbers, [turn["carried_ms"] for turn in turns], marker="o", label="new turn into the carried state")
+    latency.set(xlabel="turn", ylabel="ms to read", title="Reading a turn", ylim=(0, None))
+    latency.legend()
+    length.plot(numbers, [turn["history_tokens"] for turn in turns], marker="o", label="whole history")
+    length.plot(numbers, [turn["new_tokens"] for turn in turns], marker="o", label="new turn")
+    length.set(xlabel="turn", ylabel="tokens read", title="Tokens read per turn", ylim=(0, None))
+    length.legend()
+    fig.tight_layout()
+    plt.show()

@@ -1,4 +1,5 @@
-"""The playground as a person uses it: in JupyterLab and as a Voila page, in a real (headless) Chromium.
+"""The playground and the chat box as a person uses them: in JupyterLab (the playground also as a Voila
+page), in a real (headless) Chromium.
 
 Needs Debian's chromium at /usr/bin/chromium (`.ci/run` installs it); skipped where it is missing.
 """
@@ -19,6 +20,8 @@ from helpers.paths import REPO_ROOT
 
 CHROMIUM = "/usr/bin/chromium"
 NOTEBOOK = "notebooks/05_prompt_playground.ipynb"
+CHAT_NOTEBOOK = "notebooks/06_chat.ipynb"
+CHAT_BOX_CELL = 9  # the index of the cell that shows the chat box
 SCREENSHOTS = REPO_ROOT / "docs"
 BIN = Path(sys.executable).parent
 
@@ -145,7 +148,7 @@ def test_playground_in_jupyterlab(jupyterlab, page):
     news = page.get_by_role("button", name="No", exact=True)  # "get notified about Jupyter news?"
     if news.count():
         news.click()
-    page.locator(".jp-Notebook .jp-Cell").first.click()
+    page.locator(".jp-Notebook:visible .jp-Cell").first.click()  # the notebook opened, not one the workspace restored
     page.keyboard.press("Escape")
     for _ in range(2):  # run the title cell and the one that shows the playground, as Shift+Enter would
         page.keyboard.press("Shift+Enter")
@@ -158,3 +161,32 @@ def test_playground_as_a_voila_page(voila, page):
     textarea(page, "prompt").wait_for(timeout=90_000)
     assert page.get_by_text("from helpers.playground import Playground").count() == 0  # no code shown
     use_the_playground(page, SCREENSHOTS / "playground-voila.png")
+
+
+def test_chat_box_in_jupyterlab(jupyterlab, page):
+    page.goto(jupyterlab.url.replace(NOTEBOOK, CHAT_NOTEBOOK))
+    page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)
+    news = page.get_by_role("button", name="No", exact=True)
+    if news.count():
+        news.click()
+    page.locator(".jp-Notebook:visible .jp-Cell").first.click()  # the notebook opened, not one the workspace restored
+    page.keyboard.press("Escape")
+    for _ in range(CHAT_BOX_CELL + 1):  # run every cell down to the one that shows the chat box
+        page.keyboard.press("Shift+Enter")
+    message = page.locator(".chat-message input")
+    message.wait_for(timeout=120_000)
+    message.fill("Hello! Who are you?")
+    page.get_by_role("button", name="Send").click()
+    transcript = page.locator(".chat-transcript")
+    transcript.locator("b", has_text="Assistant:").wait_for(timeout=30_000)
+    page.locator(".chat-status", has_text="tokens").wait_for(timeout=60_000)
+    assert "Hello! Who are you?" in transcript.inner_text()
+    message.fill("And then?")
+    message.press("Enter")
+    page.wait_for_function("() => document.querySelector('.chat-transcript').innerText.split('User:').length == 3",
+                           timeout=30_000)
+    page.locator(".chat-status", has_text="tokens").wait_for(timeout=60_000)
+    page.screenshot(path=str(SCREENSHOTS / "chat-jupyterlab.png"), full_page=True)
+    page.get_by_role("button", name="Reset").click()
+    page.locator(".chat-status", has_text="New conversation").wait_for(timeout=10_000)
+    assert transcript.inner_text().strip() == ""

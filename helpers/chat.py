@@ -1,0 +1,126 @@
+"""A chat box for notebook 06: ipywidgets around a reply function that the notebook defines.
+
+The notebook's ``reply(text, conversation)`` reads a user turn into the conversation's RNN state and
+yields the answer's token ids as they come; the box streams them into its transcript, and offers Stop
+(after the current token) and Reset (a new conversation).
+"""
+import html
+import threading
+import time
+
+import ipywidgets as widgets
+
+
+def new_conversation():
+    """What the model remembers of a chat: its RNN state (None before the first turn)."""
+    return {"state": None}
+
+
+class ChatBox:
+    def __init__(self, reply, tokenizer):
+        self.reply, self.tokenizer = reply, tokenizer
+        self.conversation, self.turns = new_conversation(), []  # turns: [user text, answer text]
+        self._thread, self._stop = None, threading.Event()
+        self.message = widgets.Text(placeholder="Say something, then press Send", layout=widgets.Layout(width="70%"))
+        self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
+        self.stop_button = widgets.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
+        self.reset_button = widgets.Button(description="Reset", icon="refresh")
+        self.transcript = widgets.HTML()
+        self.status = widgets.HTML()
+        for name in ("message", "transcript", "status"):  # CSS hooks for browser tests
+            getattr(self, name).add_class(f"chat-{name}")
+        self.send_button.on_click(lambda _: self.send())
+        self.message.on_submit(lambda _: self.send())
+        self.stop_button.on_click(lambda _: self._stop.set())
+        self.reset_button.on_click(lambda _: self.reset())
+        self.widget = widgets.VBox([
+            self.transcript,
+            widgets.HBox([self.message, self.send_button, self.stop_button, self.reset_button]),
+            self.status,
+        ])
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    @property
+    def running(self):
+        return self._thread is not None and self._thread.is_alive()
+
+    def _say(self, text):
+        self.status.value = f'<span style="color:#555">{html.escape(text)}</span>'
+
+    def _show(self):
+        lines = [f"<b>User:</b> {html.escape(user)}<br><b>Assistant:</b> {html.escape(answer)}" for user, answer in self.turns]
+        self.transcript.value = "<br><br>".join(lines)
+
+    def send(self):
+        """Answer the message in a background thread; returns at once."""
+        text = self.message.value.strip()
+        if self.running:
+            return self._say("Still answering: press Stop first.")
+        if not text:
+            return self._say("Type a message first.")
+        self.message.value = ""
+        self.turns.append([text, ""])
+        self._stop.clear()
+        self.send_button.disabled, self.stop_button.disabled = True, False
+        self._say("Answering...")
+        self._thread = threading.Thread(target=self._answer, args=(text,), daemon=True)
+        self._thread.start()
+
+    def _answer(self, text):
+        start, first, tokens = time.perf_counter(), None, 0
+        try:
+            for ids in self.reply(text, self.conversation):
+                first = first or time.perf_counter() - start
+                tokens = len(ids)
+                self.turns[-1][1] = self.tokenizer.decode(ids, skip_special_tokens=True)
+                self._show()
+                if self._stop.is_set():
+                    break
+            stopped = " (stopped)" if self._stop.is_set() else ""
+            self._say(f"{tokens} tokens{stopped}, first after {(first or 0) * 1000:.0f} ms")
+        finally:
+            self.send_button.disabled, self.stop_button.disabled = False, True
+
+    def reset(self):
+        """A new conversation: the state and the transcript start over."""
+        if self.running:
+            return self._say("Still answering: press Stop first.")
+        self.conversation, self.turns = new_conversation(), []
+        self._show()
+        self._say("New conversation.")
+
+    def wait(self, timeout=300):
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.running
+
+
+def self_test(shown):
+    """Chat as a person would, on a chat box of its own (the one on screen stays as its user left it);
+    prints one line per check."""
+    box = ChatBox(shown.reply, shown.tokenizer)
+    checks = []
+    box.message.value = "Hello!"
+    box.send_button.click()
+    checks.append(("the first answer arrives", box.wait() and box.turns[0][1] != ""))
+    before = [tensor.clone() for tensor in box.conversation["state"]]
+    box.message.value = "Tell me more."
+    box.send_button.click()
+    checks.append(("a second turn reads on from the first turn's state", box.wait() and any(
+        not after.equal(earlier) for after, earlier in zip(box.conversation["state"], before))))
+    checks.append(("the transcript holds both turns", box.transcript.value.count("<b>User:</b>") == 2))
+    box.message.value = "And then?"
+    box.send_button.click()
+    box.stop_button.click()
+    checks.append(("Stop ends the answer", box.wait(timeout=60) and "stopped" in box.status.value))
+    box.send_button.click()  # nothing typed
+    checks.append(("an empty message is refused", "Type a message first" in box.status.value))
+    box.reset_button.click()
+    checks.append(("Reset starts a new conversation", box.conversation["state"] is None and box.transcript.value == ""))
+    for name, passed in checks:
+        print(f"{'ok  ' if passed else 'FAIL'} {name}")
+    assert all(passed for _, passed in checks), "the chat self-test failed"
