@@ -180,7 +180,7 @@ def load_results(shape, layout="safetensors"):
 
 
 def load_summary(result):
-    """How far each low-bit load peaked above the model it loaded, and how fast the cache loaded."""
+    """How far each low-bit load peaked above the model it loaded, and how long it took."""
     lines = [f"{r['option']}: load peak {r['peak_load_rss_gib']:.2f} GiB, {r['peak_load_rss_gib'] - r['steady_rss_gib']:+.2f} "
              f"GiB above the loaded model ({r['steady_rss_gib']:.2f} GiB), {r['load_s']:.2f} s"
              for r in result["records"] if not r["option"].startswith("hf_")]
@@ -191,7 +191,7 @@ def markdown_table(result):
     fp32 = next((r for r in result["records"] if r["option"] == "hf_fp32"), None)
     bandwidths = [r["bandwidth_gbs"] for r in result["records"]]
     lines = [
-        f"Shape {result['shape']} ({result.get('layout', 'safetensors')} layout), {result['threads']} threads, {PROMPT_TOKENS}-token prompt, median of {DECODE_TOKENS} "
+        f"Shape {result['shape']} ({result['layout']} layout), {result['threads']} threads, {PROMPT_TOKENS}-token prompt, median of {DECODE_TOKENS} "
         f"greedy tokens. Read bandwidth between the tokens (median, per option) {min(bandwidths):.1f} to "
         f"{max(bandwidths):.1f} GB/s; best read {max(r['best_bandwidth_gbs'] for r in result['records']):.1f} GB/s.",
         "",

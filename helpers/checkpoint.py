@@ -145,7 +145,9 @@ def plan_shards(shapes, shard_bytes=None):
 def write_weights(config, out, layout="safetensors", shard_bytes=None):
     """The fp16 weights in the layout's file format, in shards (and an index) where shard_bytes asks for them."""
     single = LAYOUTS[layout]
-    shards = plan_shards(tensor_shapes(config), shard_bytes if shard_bytes is not None or layout != "hub" else 0)
+    if shard_bytes is None and layout == "hub":
+        shard_bytes = 0  # one file, as the hub ships it
+    shards = plan_shards(tensor_shapes(config), shard_bytes)
     if len(shards) == 1:
         file_names = [single]
     else:

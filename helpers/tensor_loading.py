@@ -73,7 +73,8 @@ class TensorFile:
         try:
             entries = _torch_zip_entries(self.path) if self.path.suffix == ".bin" else _safetensors_entries(self.path)
         except (OSError, ValueError, KeyError, struct.error, zipfile.BadZipFile, pickle.UnpicklingError) as error:
-            raise UserError(f"{self.path} is not a checkpoint file this loader reads ({error}).") from None
+            raise UserError(f"{self.path} cannot be read as a checkpoint ({error}); download it again, or re-save it "
+                            "with save_pretrained.") from None
         self.entries = dict(sorted(entries.items(), key=lambda item: item[1].offset))
 
     def read(self, name, first_row=0, rows=None, out=None):
