@@ -19,7 +19,7 @@ import torch
 
 import helpers  # noqa: F401  (first: picks bigdl-llm's native kernels for this CPU's instruction sets)
 from bigdl.llm.transformers import AutoModelForCausalLM
-from helpers.rwkv_cpu import repair_for_cpu
+from helpers.runtime.rwkv_cpu import repair_for_cpu
 from transformers import AutoTokenizer
 
 # The prompt format of the model card (https://huggingface.co/RWKV/rwkv-4-world-7b), as upstream uses it.

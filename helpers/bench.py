@@ -27,13 +27,13 @@ import psutil
 from tqdm import tqdm
 
 from helpers.checkpoint import LAYOUTS, SHAPES
-from helpers.cpu import cpu_info
-from helpers.memory import GIB, model_weight_bytes
-from helpers.paths import DATA_DIR
+from helpers.runtime.cpu import cpu_info
+from helpers.runtime.memory import GIB, model_weight_bytes
+from helpers.runtime.paths import DATA_DIR
 
 OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained", "asym_int4", "sym_int5",
            "sym_int8", "sym_int4_cache"]
-UNFUSED = "_unfused"  # sym_int4 decoded through torch and bigdl's kernels, without helpers.fused_decode
+UNFUSED = "_unfused"  # sym_int4 decoded through torch and bigdl's kernels, without helpers.runtime.fused_decode
 FROM_PRETRAINED = "_from_pretrained"  # loaded by bigdl-llm's from_pretrained instead of tensor by tensor
 PROMPT_TOKENS = 32
 DECODE_TOKENS = 64
@@ -68,7 +68,7 @@ def linear_weight_bytes(model):
 def load_option(option, source):
     import torch
 
-    from helpers.loading import load_cached_low_bit_model, load_hf_model, load_low_bit_model
+    from helpers.runtime.loading import load_cached_low_bit_model, load_hf_model, load_low_bit_model
 
     if option == "hf_fp32":
         return load_hf_model(source, torch.float32)
@@ -94,7 +94,7 @@ def measure(option, shape, threads, layout="safetensors"):
 
     import helpers  # noqa: F401
     from helpers.checkpoint import ensure_checkpoint
-    from helpers.low_bit_cache import cache_dir, cache_problem
+    from helpers.runtime.low_bit_cache import cache_dir, cache_problem
     from helpers.models import resolve_model
     from helpers.streaming import timed_greedy_decode
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import tokenization_rwkv_world
-from helpers.paths import MODELS_DIR
+from helpers.runtime.paths import MODELS_DIR
 
 # name: (layers, hidden). Intermediate size is 4x hidden; every shape uses the World vocabulary.
 SHAPES = {

@@ -6,12 +6,12 @@ import subprocess
 import sys
 from importlib import metadata
 
-from helpers import fused_decode
+from helpers.runtime import fused_decode
 from helpers.bench import load_results
 from helpers.checkpoint import make_config
-from helpers.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
-from helpers.low_bit_cache import planned_loader
-from helpers.memory import GIB, available_bytes, estimate_load_bytes
+from helpers.runtime.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
+from helpers.runtime.low_bit_cache import planned_loader
+from helpers.runtime.memory import GIB, available_bytes, estimate_load_bytes
 
 PACKAGES = ["torch", "transformers", "bigdl-llm", "rwkv", "safetensors", "jupyterlab", "ipywidgets", "nbval"]
 # The seed's rule of thumb for an X-billion model saved in 16-bit, and the real parameter counts.
@@ -57,7 +57,7 @@ def native_library_rows(choice):
 
 
 def fused_decode_status():
-    """Whether sym_int4 models decode through helpers.fused_decode here, and if not, why."""
+    """Whether sym_int4 models decode through helpers.runtime.fused_decode here, and if not, why."""
     if fused_decode.library() is not None:
         return "helpers' fused AVX-512 VNNI step (compiled for this CPU)"
     return f"bigdl-llm's kernels: {fused_decode.unavailable_reason}"
@@ -115,7 +115,7 @@ LOADER_WORDS = {"cache": "from its low-bit cache", "tensor_by_tensor": "from its
 
 def verdicts(source):
     """(requirement, ok, what to do) for the things this tutorial needs, the memory for the model `source`
-    as helpers.loading.load_model will load it (from the low-bit cache once there is one)."""
+    as helpers.runtime.loading.load_model will load it (from the low-bit cache once there is one)."""
     info = cpu_info()
     loader = planned_loader(source)
     needed = estimate_load_bytes(source.config, "sym_int4", loader)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("rwkv4_decode.c")
+SOURCE = Path(__file__).parent / "runtime" / "rwkv4_decode.c"
 BLOCK, BLOCK_BYTES = 64, 34
 # (layers, hidden) of the RWKV-4 World shapes; the feed-forward is 4x hidden, the vocabulary 65536.
 SHAPES = {"1b5": (24, 2048), "3b": (32, 2560), "7b": (32, 4096)}

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.checkpoint import ensure_checkpoint
-from helpers.errors import UserError
-from helpers.tensor_loading import checkpoint_files
+from helpers.runtime.errors import UserError
+from helpers.runtime.tensor_loading import checkpoint_files
 
 # The real RWKV-4 World models on the Hugging Face hub, with their fp16 download size in GB.
 HUB_MODELS = {

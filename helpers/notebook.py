@@ -1,5 +1,5 @@
 """Notebook conveniences: helpers' errors as one clear line, and quiet library chatter."""
-from helpers.errors import UserError
+from helpers.runtime.errors import UserError
 
 
 def _show_user_error(shell, etype, value, tb, tb_offset=None):

@@ -10,8 +10,8 @@ import time
 
 import ipywidgets as widgets
 
-from helpers.errors import UserError
-from helpers.loading import load_model, load_tokenizer
+from helpers.runtime.errors import UserError
+from helpers.runtime.loading import load_model, load_tokenizer
 from helpers.models import resolve_model
 from helpers.prompt import check_n_predict, format_prompt
 from helpers.streaming import stream_generate

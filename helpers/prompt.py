@@ -1,5 +1,5 @@
 """The prompt format of RWKV-4 World models, and the checks every entry point applies to input."""
-from helpers.errors import UserError
+from helpers.runtime.errors import UserError
 
 # From the model card of RWKV/rwkv-4-world-7b, as the upstream bigdl-llm example uses it.
 PROMPT_FORMAT = "Question: {prompt}\n\nAnswer:"

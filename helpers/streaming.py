@@ -7,7 +7,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from helpers.memory import rss_bytes
+from helpers.runtime.memory import rss_bytes
 from helpers.prompt import check_n_predict, format_prompt
 
 

@@ -14,10 +14,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from helpers import fused_decode
-from helpers.cpu import NATIVE_BUILDS, bigdl_libs_dir, cpu_info
+from helpers.runtime import fused_decode
+from helpers.runtime.cpu import NATIVE_BUILDS, bigdl_libs_dir, cpu_info
 from helpers.environment import bigdl_llm_init_settings
-from helpers.paths import DATA_DIR
+from helpers.runtime.paths import DATA_DIR
 
 PROMPT_TOKENS, DECODE_TOKENS = 16, 48
 ROUNDS = 3
@@ -150,7 +150,7 @@ def worker():
     import torch
 
     import helpers  # noqa: F401
-    from helpers.loading import load_model
+    from helpers.runtime.loading import load_model
     from helpers.models import resolve_model
     from helpers.streaming import timed_greedy_decode
 

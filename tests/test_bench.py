@@ -1,7 +1,7 @@
 import json
 
 from conftest import run_cli
-from helpers import fused_decode
+from helpers.runtime import fused_decode
 
 KEYS = {"option", "load_s", "peak_load_rss_gib", "steady_rss_gib", "prefill_ms", "decode_ms", "bound_ms", "best_bound_ms",
         "weight_bytes"}

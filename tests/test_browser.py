@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.paths import REPO_ROOT
+from helpers.runtime.paths import REPO_ROOT
 
 CHROMIUM = "/usr/bin/chromium"
 NOTEBOOK = "notebooks/05_prompt_playground.ipynb"

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import checkpoint
-from helpers.memory import parameter_counts
+from helpers.runtime.memory import parameter_counts
 
 
 def digest(folder):

@@ -1,8 +1,8 @@
 import pytest
 
 from conftest import run_python
-from helpers import cpu
-from helpers.errors import UserError
+from helpers.runtime import cpu
+from helpers.runtime.errors import UserError
 
 AVX2_ONLY = {"avx", "avx2", "fma"}  # e.g. AMD Zen 2
 ZEN4 = AVX2_ONLY | cpu.AVX512 | {"avx512_vnni"}  # AVX-512 without AMX, on a non-Intel vendor
@@ -78,7 +78,7 @@ def test_missing_avx2_says_what_to_do():
 def test_the_chosen_library_is_the_one_loaded():
     chosen, loaded = run_python(
         "import helpers, bigdl.llm.transformers.low_bit_linear\n"
-        "print(helpers.NATIVE_LIBRARY.build, helpers.cpu.loaded_native_library())"
+        "print(helpers.NATIVE_LIBRARY.build, helpers.runtime.cpu.loaded_native_library())"
     ).split()
     assert loaded == f"libllama_{chosen}.so"
 
@@ -86,7 +86,7 @@ def test_the_chosen_library_is_the_one_loaded():
 def test_a_wanted_build_is_the_one_loaded():
     build, loaded = run_python(
         "import helpers, bigdl.llm.transformers.low_bit_linear\n"
-        "print(helpers.NATIVE_LIBRARY.build, helpers.cpu.loaded_native_library())",
+        "print(helpers.NATIVE_LIBRARY.build, helpers.runtime.cpu.loaded_native_library())",
         env={"RWKV_NATIVE_BUILD": "avx2", "LLAMA_CPP_LIB": None},  # as this process's own choice is inherited
     ).split()
     assert (build, loaded) == ("avx2", "libllama_avx2.so")
@@ -96,7 +96,7 @@ def test_user_setting_wins():
     avx2 = cpu.bigdl_libs_dir() / "libllama_avx2.so"
     reason, loaded = run_python(
         "import helpers, bigdl.llm.transformers.low_bit_linear\n"
-        "print(helpers.NATIVE_LIBRARY.reason.replace(' ', '_'), helpers.cpu.loaded_native_library())",
+        "print(helpers.NATIVE_LIBRARY.reason.replace(' ', '_'), helpers.runtime.cpu.loaded_native_library())",
         env={"LLAMA_CPP_LIB": str(avx2), "RWKV_NATIVE_BUILD": None},
     ).split()
     assert reason == "set_by_you_in_LLAMA_CPP_LIB" and loaded == "libllama_avx2.so"

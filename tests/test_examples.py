@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from helpers.paths import REPO_ROOT
+from helpers.runtime.paths import REPO_ROOT
 from helpers.prompt import PROMPT_FORMAT
 
 SEPARATORS = ["-------------------- Prompt --------------------", "-------------------- Output --------------------"]

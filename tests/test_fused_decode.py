@@ -1,4 +1,4 @@
-"""The native decoding step (helpers/rwkv4_decode.c) computes what the torch path computes."""
+"""The native decoding step (helpers/runtime/rwkv4_decode.c) computes what the torch path computes."""
 import contextlib
 import json
 import subprocess
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXTS
-from helpers import fused_decode
-from helpers.cpu import cpu_info
-from helpers.loading import load_low_bit_model
-from helpers.paths import REPO_ROOT
+from helpers.runtime import fused_decode
+from helpers.runtime.cpu import cpu_info
+from helpers.runtime.loading import load_low_bit_model
+from helpers.runtime.paths import REPO_ROOT
 from helpers.quality import agreement, stepwise_logits
 
 needs_vnni = pytest.mark.skipif(not cpu_info().has(*fused_decode.NEEDED_FLAGS), reason="CPU lacks AVX-512 VNNI")

@@ -7,7 +7,7 @@ import pytest
 from conftest import run_cli
 from helpers import generate
 from helpers.checkpoint import make_config
-from helpers.cpu import CpuInfo
+from helpers.runtime.cpu import CpuInfo
 from helpers.prompt import DRAGON_PROMPT, PROMPT_FORMAT
 
 SEPARATORS = ["-------------------- Prompt --------------------", "-------------------- Output --------------------"]
@@ -70,7 +70,7 @@ def test_model_too_large_for_ram_is_refused_before_loading(tmp_path):
 
 
 def test_cpu_without_avx2_is_refused(monkeypatch, capsys):
-    monkeypatch.setattr("helpers.cpu.cpu_info", lambda: CpuInfo("GenuineIntel", "Old CPU", 4, 1, frozenset({"avx"})))
+    monkeypatch.setattr("helpers.runtime.cpu.cpu_info", lambda: CpuInfo("GenuineIntel", "Old CPU", 4, 1, frozenset({"avx"})))
     assert generate.main(["--n-predict", "2"]) == 2
     assert "lacks AVX2" in capsys.readouterr().err
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXTS, run_cli
-from helpers.loading import (LOW_BIT_FORMATS, load_cached_low_bit_model, load_low_bit_model, load_model, load_tokenizer,
+from helpers.runtime.loading import (LOW_BIT_FORMATS, load_cached_low_bit_model, load_low_bit_model, load_model, load_tokenizer,
                              optimize_hf_model)
-from helpers.low_bit_cache import cache_dir
+from helpers.runtime.low_bit_cache import cache_dir
 from helpers.models import resolve_model
 from helpers.quality import agreement, logits_for
 
@@ -65,7 +65,7 @@ def test_optimize_model_api_matches(tiny_source, input_ids, sym_int4_logits):
 @pytest.fixture
 def cache_here(tmp_path, monkeypatch):
     """The low-bit cache in a folder of the test's own; returns the lines the loads report."""
-    monkeypatch.setattr("helpers.low_bit_cache.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr("helpers.runtime.low_bit_cache.CACHE_DIR", tmp_path / "cache")
     return []
 
 
@@ -165,7 +165,7 @@ def test_a_saved_low_bit_folder_loads_as_a_model(tiny_source, cache_here):
 def test_no_fp16_view_of_the_checkpoint_remains(tiny_source):
     from bigdl.llm.transformers.low_bit_linear import LowBitLinear
 
-    from helpers.rwkv_cpu import HalfEmbedding
+    from helpers.runtime.rwkv_cpu import HalfEmbedding
 
     model = load_low_bit_model(tiny_source, "sym_int4")
     assert isinstance(model.rwkv.embeddings, HalfEmbedding) and model.rwkv.embeddings.weight.dtype == torch.float16
@@ -188,16 +188,16 @@ def test_greedy_output_is_reproducible_across_runs_and_threads():
 
 
 def test_cpu_forwards_compute_the_transformers_maths(tiny_source, input_ids, reference_logits):
-    from helpers.loading import load_hf_model
-    from helpers.rwkv_cpu import repair_for_cpu
+    from helpers.runtime.loading import load_hf_model
+    from helpers.runtime.rwkv_cpu import repair_for_cpu
 
     model = repair_for_cpu(load_hf_model(tiny_source))  # fp32 linears: only the forwards differ
     assert torch.allclose(logits_for(model, input_ids), reference_logits, atol=1e-4)
 
 
 def test_token_by_token_decoding_matches_the_whole_sequence(tiny_source, input_ids, reference_logits):
-    from helpers.loading import load_hf_model
-    from helpers.rwkv_cpu import repair_for_cpu
+    from helpers.runtime.loading import load_hf_model
+    from helpers.runtime.rwkv_cpu import repair_for_cpu
 
     # Exact maths with fp32 linears; in INT4 ggml's one-row and many-row kernels round differently.
     for model, tolerance in ((repair_for_cpu(load_hf_model(tiny_source)), 1e-4), (load_low_bit_model(tiny_source), 0.5)):
@@ -215,7 +215,7 @@ def test_token_by_token_decoding_matches_the_whole_sequence(tiny_source, input_i
 
 @pytest.mark.parametrize("low_bit", LOW_BIT_FORMATS)
 def test_weight_bytes_estimate_matches_the_loaded_model(tiny_source, low_bit):
-    from helpers.memory import model_weight_bytes, weight_bytes
+    from helpers.runtime.memory import model_weight_bytes, weight_bytes
 
     model = load_low_bit_model(tiny_source, low_bit)
     actual = model_weight_bytes(model)
@@ -223,8 +223,8 @@ def test_weight_bytes_estimate_matches_the_loaded_model(tiny_source, low_bit):
 
 
 def test_memory_guidance_follows_the_loader_that_will_run(hub_source, cache_here):
-    from helpers.low_bit_cache import planned_loader
-    from helpers.memory import estimate_load_bytes, weight_bytes
+    from helpers.runtime.low_bit_cache import planned_loader
+    from helpers.runtime.memory import estimate_load_bytes, weight_bytes
 
     assert planned_loader(hub_source) == "tensor_by_tensor"
     load_cached_low_bit_model(hub_source, report=cache_here.append)

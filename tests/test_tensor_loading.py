@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers.errors import UserError
-from helpers.loading import LOW_BIT_FORMATS, load_cached_low_bit_model, load_low_bit_model
+from helpers.runtime.errors import UserError
+from helpers.runtime.loading import LOW_BIT_FORMATS, load_cached_low_bit_model, load_low_bit_model
 from helpers.models import resolve_model
 
 
@@ -87,7 +87,7 @@ def test_a_truncated_bin_checkpoint_is_reported(hub_source, tmp_path):
 
 
 def test_the_mapped_cache_gives_bigdls_load_low_bit_weights(tiny_source, tmp_path, monkeypatch):
-    monkeypatch.setattr("helpers.low_bit_cache.CACHE_DIR", tmp_path)
+    monkeypatch.setattr("helpers.runtime.low_bit_cache.CACHE_DIR", tmp_path)
     mapped = load_cached_low_bit_model(tiny_source)
     bigdl = load_cached_low_bit_model(tiny_source, loader="load_low_bit")
     assert_same_parameters(parameters(mapped), parameters(bigdl))

@@ -2,7 +2,7 @@
 import pytest
 
 from helpers import tuning
-from helpers.cpu import CpuInfo
+from helpers.runtime.cpu import CpuInfo
 
 
 def measured(**speeds):

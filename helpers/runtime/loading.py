@@ -2,7 +2,7 @@
 
 Every low-bit path (this project's tensor-by-tensor loader and bigdl-llm's ``from_pretrained(load_in_4bit /
 load_in_low_bit)``, ``optimize_model()`` and ``load_low_bit``) goes through ``repair_for_cpu``; see
-helpers.rwkv_cpu for why. ``load_model``, what the CLI, notebooks and playground call, converts a model once
+helpers.runtime.rwkv_cpu for why. ``load_model``, what the CLI, notebooks and playground call, converts a model once
 into a low-bit cache (data/models/low-bit/) and loads it from there afterwards.
 """
 import logging
@@ -12,12 +12,12 @@ import time
 import torch
 from bigdl.llm.transformers import AutoModelForCausalLM as LowBitModel  # after helpers chose the native library
 
-from helpers.cpu import require_avx2
-from helpers.errors import UserError
-from helpers.memory import check_fits
-from helpers.low_bit_cache import cache_dir, cache_enabled, cache_problem, save_cache, shown_path
-from helpers.rwkv_cpu import release_freed_memory, repair_for_cpu
-from helpers.tensor_loading import mapped_low_bit_cache, quantized_from_checkpoint
+from helpers.runtime.cpu import require_avx2
+from helpers.runtime.errors import UserError
+from helpers.runtime.memory import check_fits
+from helpers.runtime.low_bit_cache import cache_dir, cache_enabled, cache_problem, save_cache, shown_path
+from helpers.runtime.rwkv_cpu import release_freed_memory, repair_for_cpu
+from helpers.runtime.tensor_loading import mapped_low_bit_cache, quantized_from_checkpoint
 
 logging.getLogger().setLevel(logging.WARNING)  # bigdl-llm sets the root logger to INFO on import
 
@@ -49,7 +49,7 @@ def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True, loader="
     """The low-bit model of a checkpoint folder, repaired for CPU.
 
     loader="tensor_by_tensor" reads the checkpoint (safetensors or pytorch_model.bin, single or sharded)
-    one tensor at a time and quantizes it with bigdl-llm's own quantizer (helpers.tensor_loading): the
+    one tensor at a time and quantizes it with bigdl-llm's own quantizer (helpers.runtime.tensor_loading): the
     weights of bigdl-llm's from_pretrained, at a fraction of its peak memory. loader="from_pretrained" calls
     bigdl-llm's ``from_pretrained(load_in_low_bit=...)`` (load_in_4bit is the same as sym_int4).
     optimize_model=True divides the layers' output weights as bigdl-llm does; False scales the layer
@@ -89,7 +89,7 @@ def load_cached_low_bit_model(source, low_bit="sym_int4", loader="mapped", repor
     """Convert once with save_low_bit into data/models/low-bit/, then load that folder.
 
     A missing, unfinished, truncated or stale cache is (re)built. report (a function of one line of text)
-    is told which happened and where. loader="mapped" memory-maps the weights (helpers.tensor_loading);
+    is told which happened and where. loader="mapped" memory-maps the weights (helpers.runtime.tensor_loading);
     "load_low_bit" calls bigdl-llm's.
     """
     folder = cache_dir(source, low_bit)

@@ -16,7 +16,7 @@ The forwards compute the same maths as transformers' RwkvSelfAttention / RwkvFee
 fewer tensor operations: one batched mix for key / value / receptance, the decay exponent computed
 once, and for a single token (decoding) bigdl's INT4 kernel called directly. Under generate() the
 head runs on the last position only. A sym_int4 model runs token ids of batch 1 (a prompt, or a
-decoding step) in one native call instead, where helpers.fused_decode is available.
+decoding step) in one native call instead, where helpers.runtime.fused_decode is available.
 """
 import ctypes
 import gc
@@ -25,7 +25,7 @@ import sys
 import torch
 from transformers.models.rwkv.modeling_rwkv import RwkvCausalLMOutput
 
-from helpers.fused_decode import FusedForward
+from helpers.runtime.fused_decode import FusedForward
 
 
 def _linear(module, x):

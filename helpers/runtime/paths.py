@@ -1,6 +1,6 @@
 """Where the project keeps its files."""
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO_ROOT / "data"
 MODELS_DIR = DATA_DIR / "models"  # generated checkpoints and low-bit caches; ignored by git

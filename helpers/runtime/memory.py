@@ -4,7 +4,7 @@ import time
 
 import psutil
 
-from helpers.errors import UserError
+from helpers.runtime.errors import UserError
 
 GIB = 1024**3
 
@@ -28,7 +28,7 @@ def parameter_counts(config):
 def weight_bytes(config, fmt):
     """Bytes of the weights in memory once loaded in `fmt`.
 
-    Low-bit models keep the embeddings in fp16 (helpers.rwkv_cpu) and the norms and mixing vectors in fp32.
+    Low-bit models keep the embeddings in fp16 (helpers.runtime.rwkv_cpu) and the norms and mixing vectors in fp32.
     """
     linear, other = parameter_counts(config)
     if fmt in ("fp32", "bf16", "fp16"):

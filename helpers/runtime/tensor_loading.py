@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.errors import UserError
+from helpers.runtime.errors import UserError
 
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 TORCH_STORAGE_DTYPES = {"HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16, "FloatStorage": torch.float32}

@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from helpers.paths import MODELS_DIR, REPO_ROOT
-from helpers.tensor_loading import WEIGHT_FILES, checkpoint_files
+from helpers.runtime.paths import MODELS_DIR, REPO_ROOT
+from helpers.runtime.tensor_loading import WEIGHT_FILES, checkpoint_files
 
 CACHE_DIR = MODELS_DIR / "low-bit"
 CACHE_VARIABLE = "RWKV_LOW_BIT_CACHE"
@@ -60,7 +60,7 @@ def cache_problem(source, folder):
 
 
 def planned_loader(source, low_bit="sym_int4"):
-    """How helpers.loading.load_model will load the source: "cache" from a ready low-bit cache (or a folder
+    """How helpers.runtime.loading.load_model will load the source: "cache" from a ready low-bit cache (or a folder
     that save_low_bit wrote), else "tensor_by_tensor" from its checkpoint."""
     if source.config.get("bigdl_transformers_low_bit"):
         return "cache"

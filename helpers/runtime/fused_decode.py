@@ -14,13 +14,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 import torch
 
-from helpers.cpu import cpu_info
-from helpers.paths import REPO_ROOT
+from helpers.runtime.cpu import cpu_info
+from helpers.runtime.paths import REPO_ROOT
 
-SOURCE = REPO_ROOT / "helpers" / "rwkv4_decode.c"
+SOURCE = Path(__file__).with_name("rwkv4_decode.c")
 BUILD_DIR = REPO_ROOT / "build"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 BLOCK = 64
