@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from helpers.runtime.fused_decode import torch_path
-from helpers.runtime.errors import UserError
-from helpers.runtime.memory import BITS_PER_WEIGHT, PeakRss, check_fits, model_weight_bytes, rss_bytes
 from helpers.quality import agreement, logits_for, stepwise_logits
+from helpers.runtime.errors import UserError
+from helpers.runtime.fused_decode import torch_path
+from helpers.runtime.memory import BITS_PER_WEIGHT, PeakRss, check_fits, model_weight_bytes, rss_bytes
 
 
 @dataclass

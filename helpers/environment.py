@@ -6,9 +6,9 @@ import subprocess
 import sys
 from importlib import metadata
 
-from helpers.runtime import fused_decode
 from helpers.bench import load_results
 from helpers.checkpoint import make_config
+from helpers.runtime import fused_decode
 from helpers.runtime.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
 from helpers.runtime.low_bit_cache import planned_loader
 from helpers.runtime.memory import GIB, available_bytes, estimate_load_bytes

@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 
 import helpers  # noqa: F401  (chooses the native kernel library before bigdl.llm is imported)
-from helpers.runtime.errors import UserError
-from helpers.runtime.loading import LOW_BIT_FORMATS, load_model, load_tokenizer
 from helpers.models import resolve_model
 from helpers.prompt import DEFAULT_N_PREDICT, DRAGON_PROMPT, check_n_predict, format_prompt
+from helpers.runtime.errors import UserError
+from helpers.runtime.loading import LOW_BIT_FORMATS, load_model, load_tokenizer
 
 
 @dataclass

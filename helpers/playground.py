@@ -10,10 +10,10 @@ import time
 
 import ipywidgets as widgets
 
-from helpers.runtime.errors import UserError
-from helpers.runtime.loading import load_model, load_tokenizer
 from helpers.models import resolve_model
 from helpers.prompt import check_n_predict, format_prompt
+from helpers.runtime.errors import UserError
+from helpers.runtime.loading import load_model, load_tokenizer
 from helpers.streaming import stream_generate
 
 OFFLINE = "offline checkpoint (random weights)"

@@ -1,5 +1,4 @@
-"""Token-by-token generation with timings, long runs, and reusing a prompt's RNN state."""
-import copy
+"""Token-by-token generation with timings, and long runs."""
 import time
 from dataclasses import dataclass, field
 
@@ -7,8 +6,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from helpers.runtime.memory import rss_bytes
 from helpers.prompt import check_n_predict, format_prompt
+from helpers.runtime.memory import rss_bytes
 
 
 @dataclass
@@ -86,14 +85,6 @@ def _forward(model, input_ids, state):
     return model(**model.prepare_inputs_for_generation(input_ids, state=state), use_cache=True)
 
 
-def read_prompt(model, tokenizer, prompt):
-    """Run the formatted prompt once; returns (logits of its last position, RNN state)."""
-    input_ids = tokenizer(format_prompt(prompt), return_tensors="pt").input_ids
-    with torch.inference_mode():
-        out = _forward(model, input_ids, None)
-    return out.logits[0, -1], out.state
-
-
 @dataclass
 class TimedDecode:
     prefill_ms: float = 0.0  # reading the prompt and producing the first token
@@ -126,23 +117,3 @@ def timed_greedy_decode(model, input_ids, n_tokens, between_tokens=None):
 def long_run(model, tokenizer, prompt, n_tokens=1000):
     """Greedy decode n_tokens after the formatted prompt, recording each token's latency and RSS."""
     return timed_greedy_decode(model, tokenizer(format_prompt(prompt), return_tensors="pt").input_ids, n_tokens)
-
-
-def continue_from(model, tokenizer, logits, state, n_tokens=20, seed=0, temperature=1.0, top_p=0.7):
-    """Sample a continuation from a prompt's (logits, state) without reading the prompt again.
-
-    The state is copied first, so the same prompt state serves any number of continuations.
-    """
-    state = copy.deepcopy(state)
-    generator = torch.Generator().manual_seed(seed)
-    ids = []
-    with torch.inference_mode():
-        for _ in range(n_tokens):
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(0) - sorted_probs < top_p
-            choice = order[keep][torch.multinomial(sorted_probs[keep], 1, generator=generator)]
-            ids.append(int(choice))
-            out = _forward(model, choice.view(1, 1), state)
-            logits, state = out.logits[0, -1], out.state
-    return tokenizer.decode(ids, skip_special_tokens=True)

@@ -14,9 +14,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from helpers.environment import bigdl_llm_init_settings
 from helpers.runtime import fused_decode
 from helpers.runtime.cpu import NATIVE_BUILDS, bigdl_libs_dir, cpu_info
-from helpers.environment import bigdl_llm_init_settings
 from helpers.runtime.paths import DATA_DIR
 
 PROMPT_TOKENS, DECODE_TOKENS = 16, 48

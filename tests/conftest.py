@@ -7,8 +7,8 @@ import pytest
 
 import helpers  # noqa: F401  (chooses the native library before bigdl.llm is imported)
 from helpers.checkpoint import ensure_checkpoint
-from helpers.runtime.loading import load_hf_model, load_tokenizer
 from helpers.models import resolve_model
+from helpers.runtime.loading import load_hf_model, load_tokenizer
 from helpers.runtime.paths import DATA_DIR
 
 SAMPLE_TEXTS = json.loads((DATA_DIR / "sample_texts.json").read_text(encoding="utf-8"))

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from helpers.runtime.paths import REPO_ROOT
 from helpers.prompt import PROMPT_FORMAT
+from helpers.runtime.paths import REPO_ROOT
 
 SEPARATORS = ["-------------------- Prompt --------------------", "-------------------- Output --------------------"]
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXTS
+from helpers.quality import agreement, stepwise_logits
 from helpers.runtime import fused_decode
 from helpers.runtime.cpu import cpu_info
 from helpers.runtime.loading import load_low_bit_model
 from helpers.runtime.paths import REPO_ROOT
-from helpers.quality import agreement, stepwise_logits
 
 needs_vnni = pytest.mark.skipif(not cpu_info().has(*fused_decode.NEEDED_FLAGS), reason="CPU lacks AVX-512 VNNI")
 needs_fused_step = pytest.mark.skipif(fused_decode.library() is None, reason=str(fused_decode.unavailable_reason))

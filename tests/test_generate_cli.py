@@ -7,8 +7,8 @@ import pytest
 from conftest import run_cli
 from helpers import generate
 from helpers.checkpoint import make_config
-from helpers.runtime.cpu import CpuInfo
 from helpers.prompt import DRAGON_PROMPT, PROMPT_FORMAT
+from helpers.runtime.cpu import CpuInfo
 
 SEPARATORS = ["-------------------- Prompt --------------------", "-------------------- Output --------------------"]
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXTS, run_cli
-from helpers.runtime.loading import (LOW_BIT_FORMATS, load_cached_low_bit_model, load_low_bit_model, load_model, load_tokenizer,
-                             optimize_hf_model)
-from helpers.runtime.low_bit_cache import cache_dir
+from helpers.runtime.loading import (LOW_BIT_FORMATS, load_cached_low_bit_model, load_low_bit_model, load_model,
+                                    load_tokenizer)
 from helpers.models import resolve_model
 from helpers.quality import agreement, logits_for
+from helpers.runtime.low_bit_cache import cache_dir
 
 
 
@@ -58,8 +58,12 @@ def test_load_in_4bit_and_optimize_model_false_match(tiny_source, input_ids, sym
 def test_optimize_model_api_matches(tiny_source, input_ids, sym_int4_logits):
     from transformers import AutoModelForCausalLM
 
+    from bigdl.llm import optimize_model
+
+    from helpers.runtime.rwkv_cpu import repair_for_cpu
+
     model = AutoModelForCausalLM.from_pretrained(tiny_source.location, torch_dtype=torch.float16)
-    assert torch.allclose(logits_for(optimize_hf_model(model), input_ids), sym_int4_logits, atol=1e-4)
+    assert torch.allclose(logits_for(repair_for_cpu(optimize_model(model)), input_ids), sym_int4_logits, atol=1e-4)
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from bigdl.llm.transformers import AutoModelForCausalLM as LowBitModel  # after 
 
 from helpers.runtime.cpu import require_avx2
 from helpers.runtime.errors import UserError
-from helpers.runtime.memory import check_fits
 from helpers.runtime.low_bit_cache import cache_dir, cache_enabled, cache_problem, save_cache, shown_path
+from helpers.runtime.memory import check_fits
 from helpers.runtime.rwkv_cpu import release_freed_memory, repair_for_cpu
 from helpers.runtime.tensor_loading import mapped_low_bit_cache, quantized_from_checkpoint
 
@@ -68,14 +68,6 @@ def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True, loader="
         source.location, load_in_low_bit=low_bit, optimize_model=optimize_model, trust_remote_code=True
     )
     return repair_for_cpu(model)
-
-
-def optimize_hf_model(model, low_bit="sym_int4"):
-    """bigdl-llm's one-line API on a transformers model, as the upstream example uses it."""
-    _check_low_bit(low_bit)
-    from bigdl.llm import optimize_model
-
-    return repair_for_cpu(optimize_model(model, low_bit=low_bit))
 
 
 def _convert_into_cache(source, low_bit, folder):
