@@ -1,6 +1,7 @@
 """Benchmark RWKV-4 on this CPU: HF fp32 / bf16 against bigdl-llm low-bit, side by side in one run.
 
     python -m helpers.bench [--shape 1b5] [--layout hub] [--threads N] [--json PATH] [--plot PATH] [--options a,b]
+                            [--batch 1,4,8,16]
 
 Each option runs in its own fresh process, one after another, on the same checkpoint and prompt, in the
 offline checkpoint's safetensors layout or in the layout the hub ships (`--layout hub`: one
@@ -12,6 +13,12 @@ BANDWIDTH_EVERY tokens) and the bound uses the samples' median, like the decode 
 against. `best_bound_ms` uses the single best read instead (of those between the tokens and ten each
 just before and after decoding): a stricter bound that no token, nor torch's own reads, reaches on a
 busy host.
+
+`--batch` adds batched decoding (what a server does): independent sequences, each with its own prompt
+and state, advance one token per step with the weights read once for all of them. Each batch size runs
+BATCH_STEPS steps in each of BATCH_ROUNDS rounds, the sizes taking turns; the table gives the median
+step, its range over the rounds, the aggregate tokens/s, and whether every sequence got the greedy
+tokens it gets decoded alone.
 """
 import argparse
 import json
@@ -38,6 +45,7 @@ FROM_PRETRAINED = "_from_pretrained"  # loaded by bigdl-llm's from_pretrained in
 PROMPT_TOKENS = 32
 DECODE_TOKENS = 64
 BANDWIDTH_EVERY = 8  # decoded tokens between two bandwidth samples
+BATCH_STEPS, BATCH_ROUNDS = 16, 3
 
 
 def read_bandwidth_gbs(threads, size_bytes=GIB, repeats=10):
@@ -88,7 +96,23 @@ def prompt_ids(vocab_size):
     return (torch.arange(PROMPT_TOKENS) * 7919 % (vocab_size - 1) + 1).unsqueeze(0)
 
 
-def measure(option, shape, threads, layout="safetensors"):
+def batch_prompts(vocab_size, count):
+    """count different prompts of different lengths (8 to 8 + count - 1 tokens)."""
+    import torch
+
+    return [((torch.arange(8 + i) + 97 * i) * 7919 % (vocab_size - 1) + 1).unsqueeze(0) for i in range(count)]
+
+
+def measure_batched(model, vocab_size, batches, bound_ms):
+    from helpers.streaming import measure_batches
+
+    measured = measure_batches(model, batch_prompts(vocab_size, max(batches)), batches, BATCH_STEPS, BATCH_ROUNDS)
+    return [{"batch": m.batch, "step_ms": statistics.median(m.step_ms), "step_ms_range": [min(m.step_ms), max(m.step_ms)],
+             "aggregate_tokens_per_s": m.aggregate_tokens_per_s, "step_over_bound": statistics.median(m.step_ms) / bound_ms,
+             "same_tokens_as_alone": m.same_as_alone} for m in measured.values()]
+
+
+def measure(option, shape, threads, layout="safetensors", batches=()):
     """One option, in this process: a dict of the numbers the table shows."""
     import torch
 
@@ -118,6 +142,8 @@ def measure(option, shape, threads, layout="safetensors"):
     best_bandwidth = max(best_before, read_bandwidth_gbs(threads), *samples)
     bandwidth = statistics.median(samples)
     weight_bytes = linear_weight_bytes(model)
+    bound_ms = weight_bytes / (bandwidth * 1e9) * 1000
+    batched = measure_batched(model, source.config["vocab_size"], batches, bound_ms) if batches else []
     return {
         "option": option,
         "load_s": load_s,
@@ -127,19 +153,20 @@ def measure(option, shape, threads, layout="safetensors"):
         "decode_ms": statistics.median(run.latency_ms),
         "weight_bytes": weight_bytes,
         "bandwidth_gbs": bandwidth,
-        "bound_ms": weight_bytes / (bandwidth * 1e9) * 1000,
+        "bound_ms": bound_ms,
         "best_bandwidth_gbs": best_bandwidth,
         "best_bound_ms": weight_bytes / (best_bandwidth * 1e9) * 1000,
         "model_bytes": model_weight_bytes(model),
         "tokens": run.tokens,
         "fused_decode": getattr(model, "fused_forward", None) is not None,
+        "batches": batched,
     }
 
 
-def run_worker(option, shape, threads, layout="safetensors"):
+def run_worker(option, shape, threads, layout="safetensors", batches=()):
     """Measure one option in a fresh process; None when that run only wrote the low-bit cache."""
     command = [sys.executable, "-m", "helpers.bench", "--worker", option, "--shape", shape, "--threads", str(threads),
-               "--layout", layout]
+               "--layout", layout, "--batch", ",".join(map(str, batches))]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if option.endswith(UNFUSED):
         env["RWKV_FUSED_DECODE"] = "0"
@@ -149,15 +176,15 @@ def run_worker(option, shape, threads, layout="safetensors"):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_benchmark(shape="1b5", threads=None, options=OPTIONS, layout="safetensors"):
+def run_benchmark(shape="1b5", threads=None, options=OPTIONS, layout="safetensors", batches=()):
     threads = threads or psutil.cpu_count(logical=False) or 1
     records = []
     with tqdm(total=len(options), desc=f"bench {shape} ({layout}), {threads} threads", unit="option") as progress:
         for option in options:
             progress.set_postfix_str(option)
-            record = run_worker(option, shape, threads, layout)
+            record = run_worker(option, shape, threads, layout, batches)
             if record is None:  # the cache was just written: measure loading it
-                record = run_worker(option, shape, threads, layout)
+                record = run_worker(option, shape, threads, layout, batches)
             records.append(record)
             progress.update()
     reference = next((r["tokens"] for r in records if r["option"] == "hf_fp32"), records[0]["tokens"])
@@ -211,6 +238,25 @@ def markdown_table(result):
     return "\n".join(lines)
 
 
+def batch_table(result):
+    """The batched decoding rows, or "" when the run had none."""
+    rows = [(r, b) for r in result["records"] for b in r.get("batches", [])]
+    if not rows:
+        return ""
+    lines = [f"Batched decoding: {BATCH_STEPS} steps of one token per sequence, median step and its range over "
+             f"{BATCH_ROUNDS} rounds; the bound is one read of the weights per step (the option's bandwidth above).",
+             "", "| option | batch | step ms | range ms | aggregate tokens/s | x batch 1 | step / bound "
+             "| sequences with their tokens alone |", "|---|---|---|---|---|---|---|---|"]
+    for record, b in rows:
+        single = next((x for x in record["batches"] if x["batch"] == 1), None)
+        speedup = f"{b['aggregate_tokens_per_s'] / single['aggregate_tokens_per_s']:.2f}" if single else "-"
+        low, high = b["step_ms_range"]
+        lines.append(f"| {record['option']} | {b['batch']} | {b['step_ms']:.1f} | {low:.1f} to {high:.1f} "
+                     f"| {b['aggregate_tokens_per_s']:.1f} | {speedup} | {b['step_over_bound']:.2f} "
+                     f"| {b['same_tokens_as_alone']:.0%} |")
+    return "\n".join(lines)
+
+
 def plot(result, path):
     import matplotlib
 
@@ -242,17 +288,27 @@ def main(argv=None):
     parser.add_argument("--options", default=",".join(OPTIONS), help="comma-separated subset of " + ",".join(OPTIONS))
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here")
+    parser.add_argument("--batch", default="", help="batch sizes for batched decoding rows, e.g. 1,4,8,16")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.options.split(",")) - set(OPTIONS)
     if unknown:
         parser.error(f"unknown options {', '.join(sorted(unknown))}; choose from {', '.join(OPTIONS)}")
+    try:
+        batches = sorted({int(size) for size in args.batch.split(",") if size.strip()})
+    except ValueError:
+        parser.error(f"--batch takes batch sizes separated by commas, e.g. 1,4,8,16 (got {args.batch!r})")
+    if any(size < 1 or size > 64 for size in batches):
+        parser.error("batch sizes go from 1 to 64")
     if args.worker:
-        print(json.dumps(measure(args.worker, args.shape, args.threads, args.layout)))
+        print(json.dumps(measure(args.worker, args.shape, args.threads, args.layout, batches)))
         return 0
-    result = run_benchmark(args.shape, args.threads, args.options.split(","), args.layout)
+    result = run_benchmark(args.shape, args.threads, args.options.split(","), args.layout, batches)
     print(markdown_table(result))
     print()
+    if batches:
+        print(batch_table(result))
+        print()
     print(load_summary(result))
     if args.json:
         args.json.write_text(json.dumps(result["records"], indent=1))

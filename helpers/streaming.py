@@ -1,4 +1,5 @@
-"""Token-by-token generation with timings, and long runs."""
+"""Token-by-token generation with timings, batched decoding with timings, and long runs."""
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -7,6 +8,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from helpers.prompt import check_n_predict, format_prompt
+from helpers.runtime.batching import decode_step, read_prompt
 from helpers.runtime.memory import rss_bytes
 
 
@@ -112,6 +114,49 @@ def timed_greedy_decode(model, input_ids, n_tokens, between_tokens=None):
             if between_tokens:
                 between_tokens(step)
     return run
+
+
+def batched_greedy(model, prompts, steps):
+    """Greedy decoding of prompts (token ids [1, n] each) together, one token of each per step after
+    reading each prompt alone: (the greedy tokens of each sequence, the ms of each step)."""
+    states, tokens = [], []
+    for ids in prompts:
+        state, logits = read_prompt(model, ids)
+        states.append(state)
+        tokens.append(int(logits.argmax()))
+    generated, step_ms = [[token] for token in tokens], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        tokens = decode_step(model, tokens, states).argmax(-1).tolist()
+        step_ms.append((time.perf_counter() - start) * 1000)
+        for sequence, token in zip(generated, tokens):
+            sequence.append(token)
+    return generated, step_ms
+
+
+@dataclass
+class BatchedDecode:
+    batch: int
+    step_ms: list = field(default_factory=list)  # the median step of each round
+    same_as_alone: float = 1.0  # share of the sequences whose greedy tokens are those they get alone (worst round)
+
+    @property
+    def aggregate_tokens_per_s(self):
+        return self.batch * 1000 / statistics.median(self.step_ms)
+
+
+def measure_batches(model, prompts, batches, steps, rounds):
+    """{batch: BatchedDecode} decoding the first `batch` prompts together, the batch sizes taking turns
+    within each of `rounds` rounds; each sequence's tokens are checked against decoding it alone."""
+    alone = [batched_greedy(model, [ids], steps)[0][0] for ids in prompts[:max(batches)]]
+    measured = {batch: BatchedDecode(batch) for batch in batches}
+    for _ in range(rounds):
+        for batch in batches:
+            generated, step_ms = batched_greedy(model, prompts[:batch], steps)
+            measured[batch].step_ms.append(statistics.median(step_ms))
+            same = sum(g == a for g, a in zip(generated, alone)) / batch
+            measured[batch].same_as_alone = min(measured[batch].same_as_alone, same)
+    return measured
 
 
 def long_run(model, tokenizer, prompt, n_tokens=1000):

@@ -31,10 +31,19 @@ def test_bench_prints_a_table_and_writes_records(tmp_path):
 def test_bench_reads_the_hub_layout_and_its_cache(tmp_path):
     records_file = tmp_path / "bench.json"
     result = run_cli("helpers.bench", "--shape", "tiny", "--layout", "hub", "--options", "sym_int4,sym_int4_cache",
-                     "--threads", "1", "--json", str(records_file))
+                     "--threads", "1", "--json", str(records_file), "--batch", "4,1")
     assert result.returncode == 0, result.stderr
     assert "Shape tiny (hub layout)" in result.stdout
     assert "sym_int4: load peak " in result.stdout and "sym_int4_cache: load peak " in result.stdout
     from_bin, from_cache = json.loads(records_file.read_text())
     assert from_bin["layout"] == from_cache["layout"] == "hub"
     assert from_bin["tokens"] == from_cache["tokens"]  # the cache holds the same weights
+    assert "| sym_int4 | 4 |" in result.stdout
+    for record in (from_bin, from_cache):
+        assert [b["batch"] for b in record["batches"]] == [1, 4]
+        assert all(b["same_tokens_as_alone"] == 1.0 and b["aggregate_tokens_per_s"] > 0 for b in record["batches"])
+
+
+def test_bench_rejects_bad_batch_sizes():
+    result = run_cli("helpers.bench", "--shape", "tiny", "--batch", "4,x")
+    assert result.returncode == 2 and "--batch takes batch sizes separated by commas" in result.stderr

@@ -1,4 +1,5 @@
-"""RWKV-4 forwards (a prompt, or one decoding step) in one native call on bigdl-llm's sym_int4 weights.
+"""RWKV-4 forwards (a prompt, a decoding step, or a step of several sequences) in one native call on
+bigdl-llm's sym_int4 weights.
 
 bigdl-llm's own INT4 kernel and the ~30 small torch operations per layer around it leave a token
 at about 2.7x the time its weights take to read. rwkv4_decode.c reads the same INT4 blocks with
@@ -74,7 +75,7 @@ def build_library(extra_flags=()):
 
 def load_library(extra_flags=()):
     library = ctypes.CDLL(str(build_library(extra_flags)))
-    library.rwkv4_forward.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int,
+    library.rwkv4_forward.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                       ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     library.rwkv4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                      ctypes.c_void_p, ctypes.c_int]
@@ -106,7 +107,7 @@ def _is_sym_int4(linear, rows, cols):
 
 
 class FusedForward:
-    """Runs a repaired bigdl sym_int4 RWKV-4 model on token ids of batch 1; see ``for_model``."""
+    """Runs a repaired bigdl sym_int4 RWKV-4 model on token ids, one or several sequences; see ``for_model``."""
 
     def __init__(self, model, native):
         config, rwkv = model.config, model.rwkv
@@ -162,27 +163,36 @@ class FusedForward:
         return cls(model, native)
 
     def can_run(self, input_ids, state):
-        """Token ids of batch 1, from the start or continuing a state laid out as transformers makes it."""
-        return (input_ids is not None and input_ids.dim() == 2 and input_ids.shape[0] == 1 and input_ids.shape[1] > 0
-                and (state is None or all(s.dtype == torch.float32 and s.shape[0] == 1 and s.is_contiguous()
-                                          for s in state)))
+        """Token ids [sequences, tokens], from the start or continuing a state laid out as transformers makes it."""
+        return (input_ids is not None and input_ids.dim() == 2 and input_ids.numel() > 0
+                and (state is None or all(s.dtype == torch.float32 and s.shape[0] == input_ids.shape[0]
+                                          and s.is_contiguous() for s in state)))
 
-    def new_state(self):
+    def new_state(self, sequences=1):
         """The state transformers starts from: zeros, and a running maximum of -1e30."""
         model = self.model
-        state = [torch.zeros(1, model.hidden, model.layers) for _ in range(5)]
+        state = [torch.zeros(sequences, model.hidden, model.layers) for _ in range(5)]
         state[4] -= 1e30
         return state
 
     def __call__(self, input_ids, state=None, all_logits=True):
-        """(logits [1, tokens or 1, vocab], state): reads the tokens, updating the state in place."""
-        state = self.new_state() if state is None else state
-        ids = input_ids[0].to(torch.int64).contiguous()
-        logits = torch.empty(1, ids.numel() if all_logits else 1, self.model.vocab)
-        states = (ctypes.c_void_p * 5)(*(s.data_ptr() for s in state))
-        self.native.rwkv4_forward(ctypes.byref(self.model), ids.data_ptr(), ids.numel(), states, logits.data_ptr(),
-                                  int(all_logits), torch.get_num_threads())
-        return logits, state
+        """(logits [sequences, tokens or 1, vocab], state): reads the tokens of each row of input_ids as a
+        sequence of its own, continuing its row of the state, which is updated in place."""
+        state = self.new_state(input_ids.shape[0]) if state is None else state
+        rows = [[s[row] for s in state] for row in range(input_ids.shape[0])]
+        return self.run(input_ids, rows, all_logits), state
+
+    def run(self, input_ids, states, all_logits=False):
+        """Logits [sequences, tokens or 1, vocab] of input_ids [sequences, tokens], row i continuing states[i]
+        (five contiguous [hidden, layers] fp32 tensors, or [1, hidden, layers]), updated in place. A server's
+        step: each sequence keeps its own state tensors, and the weights are read once for all."""
+        ids = input_ids.to(torch.int64).contiguous()
+        sequences, tokens = ids.shape
+        logits = torch.empty(sequences, tokens if all_logits else 1, self.model.vocab)
+        pointers = (ctypes.c_void_p * (5 * sequences))(*(s.data_ptr() for state in states for s in state))
+        self.native.rwkv4_forward(ctypes.byref(self.model), ids.data_ptr(), sequences, tokens, pointers,
+                                  logits.data_ptr(), int(all_logits), torch.get_num_threads())
+        return logits
 
 
 @contextlib.contextmanager

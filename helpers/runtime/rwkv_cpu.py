@@ -15,8 +15,9 @@ embedding table, which bigdl widens to fp32, goes back to the checkpoint's fp16.
 The forwards compute the same maths as transformers' RwkvSelfAttention / RwkvFeedForward with
 fewer tensor operations: one batched mix for key / value / receptance, the decay exponent computed
 once, and for a single token (decoding) bigdl's INT4 kernel called directly. Under generate() the
-head runs on the last position only. A sym_int4 model runs token ids of batch 1 (a prompt, or a
-decoding step) in one native call instead, where helpers.runtime.fused_decode is available.
+head runs on the last position only, and a padded batch of prompts is read row by row, so that
+pads never enter a state. A sym_int4 model runs token ids (a prompt, a decoding step, or one step of
+a batch of sequences) in one native call instead, where helpers.runtime.fused_decode is available.
 """
 import ctypes
 import gc
@@ -99,15 +100,40 @@ def feed_forward_forward(self, hidden, state=None):
     return (out if self.output_scale == 1 else out * self.output_scale), state
 
 
-def prepare_inputs_for_generation(self, *args, **kwargs):
-    """transformers' own, plus a marker that the call comes from generate()."""
-    return {**type(self).prepare_inputs_for_generation(self, *args, **kwargs), "last_logits_only": True}
+def prepare_inputs_for_generation(self, input_ids, state=None, attention_mask=None, **kwargs):
+    """transformers' own, plus the prompts' attention mask (padding) and a marker that the call comes
+    from generate()."""
+    inputs = type(self).prepare_inputs_for_generation(self, input_ids, state=state, **kwargs)
+    if state is None:
+        inputs["attention_mask"] = attention_mask
+    return {**inputs, "last_logits_only": True}
+
+
+def _read_padded_prompts(model, input_ids, attention_mask, last_logits_only):
+    """A padded batch of prompts (``tokenizer(prompts, padding=True)``): RWKV has no attention to mask,
+    so each row's own tokens are read apart and no pad enters a state; the rows' states are then
+    joined, and generate() decodes them together, one token of each per step."""
+    outputs = []
+    for ids, mask in zip(input_ids, attention_mask.bool()):
+        if not mask.any():
+            raise ValueError("every prompt of the batch needs at least one token")
+        outputs.append(model(ids[mask].unsqueeze(0), use_cache=True, last_logits_only=last_logits_only))
+    state = [torch.cat([output.state[k] for output in outputs]) for k in range(5)]
+    if last_logits_only:
+        return RwkvCausalLMOutput(logits=torch.cat([output.logits for output in outputs]), state=state)
+    logits = torch.zeros(*input_ids.shape, outputs[0].logits.shape[-1])  # pads' positions stay zero
+    for row, (mask, output) in enumerate(zip(attention_mask.bool(), outputs)):
+        logits[row, mask] = output.logits[0]
+    return RwkvCausalLMOutput(logits=logits, state=state)
 
 
 def causal_lm_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, use_cache=None,
                       last_logits_only=False, **kwargs):
-    """Token ids of batch 1 run in one native call where the model allows it. Under generate(), which
-    reads only the last position's logits, the head (65536 rows) runs for that position alone."""
+    """Token ids run in one native call where the model allows it, each row a sequence with its own
+    state (a batch decodes together). Under generate(), which reads only the last position's logits,
+    the head (65536 rows) runs for that position alone."""
+    if state is None and attention_mask is not None and input_ids is not None and not attention_mask.bool().all():
+        return _read_padded_prompts(self, input_ids, attention_mask, last_logits_only)
     fused = self.fused_forward
     plain_output = not (kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
                         or kwargs.get("return_dict") is False)
