@@ -1,7 +1,7 @@
 """Benchmark RWKV-4 on this CPU: HF fp32 / bf16 against bigdl-llm low-bit, side by side in one run.
 
     python -m helpers.bench [--shape 1b5] [--layout hub] [--threads N] [--json PATH] [--plot PATH] [--options a,b]
-                            [--batch 1,4,8,16]
+                            [--batch 1,4,8,16] [--kernel auto,avx512,avxvnni,avx2]
 
 Each option runs in its own fresh process, one after another, on the same checkpoint and prompt, in the
 offline checkpoint's safetensors layout or in the layout the hub ships (`--layout hub`: one
@@ -13,6 +13,11 @@ BANDWIDTH_EVERY tokens) and the bound uses the samples' median, like the decode 
 against. `best_bound_ms` uses the single best read instead (of those between the tokens and ten each
 just before and after decoding): a stricter bound that no token, nor torch's own reads, reaches on a
 busy host.
+
+`--kernel` runs each option that can use the fused step once per build named (helpers.runtime.fused_decode
+KERNELS; auto: the fastest this CPU runs), so that a CPU with AVX-512 measures the builds of CPUs without it.
+With RWKV_NATIVE_BUILD=avx2 set as well, the torch path (`sym_int4_unfused`) is that of a CPU without
+AVX-512 too.
 
 `--batch` adds batched decoding (what a server does): independent sequences, each with its own prompt
 and state, advance one token per step with the weights read once for all of them. Each batch size runs
@@ -35,6 +40,7 @@ from tqdm import tqdm
 
 from helpers.checkpoint import LAYOUTS, SHAPES
 from helpers.runtime.cpu import cpu_info
+from helpers.runtime.fused_decode import KERNELS
 from helpers.runtime.memory import GIB, model_weight_bytes
 from helpers.runtime.paths import DATA_DIR
 
@@ -124,6 +130,8 @@ def measure(option, shape, threads, layout="safetensors", batches=()):
 
     torch.set_num_threads(threads)
     source = resolve_model(str(ensure_checkpoint(shape, layout=layout)))
+    from helpers.runtime.fused_decode import kernel_name
+
     if option.endswith("_cache") and cache_problem(source, cache_dir(source, option.removesuffix("_cache"))):
         load_option(option, source)  # write the cache in a run of its own; time the second load
         return None
@@ -159,32 +167,41 @@ def measure(option, shape, threads, layout="safetensors", batches=()):
         "model_bytes": model_weight_bytes(model),
         "tokens": run.tokens,
         "fused_decode": getattr(model, "fused_forward", None) is not None,
+        "kernel": kernel_name(model.fused_forward.native) if getattr(model, "fused_forward", None) else None,
         "batches": batched,
     }
 
 
-def run_worker(option, shape, threads, layout="safetensors", batches=()):
-    """Measure one option in a fresh process; None when that run only wrote the low-bit cache."""
+def run_worker(option, shape, threads, layout="safetensors", batches=(), kernel="auto"):
+    """Measure one option in a fresh process (with the fused build `kernel`); None when that run only
+    wrote the low-bit cache."""
     command = [sys.executable, "-m", "helpers.bench", "--worker", option, "--shape", shape, "--threads", str(threads),
                "--layout", layout, "--batch", ",".join(map(str, batches))]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if option.endswith(UNFUSED):
         env["RWKV_FUSED_DECODE"] = "0"
+    elif kernel != "auto":
+        env["RWKV_FUSED_KERNEL"] = kernel
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{option} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_benchmark(shape="1b5", threads=None, options=OPTIONS, layout="safetensors", batches=()):
+def uses_fused_step(option):
+    return not option.startswith("hf_") and not option.endswith(UNFUSED)
+
+
+def run_benchmark(shape="1b5", threads=None, options=OPTIONS, layout="safetensors", batches=(), kernels=("auto",)):
     threads = threads or psutil.cpu_count(logical=False) or 1
+    runs = [(option, kernel) for option in options for kernel in (kernels if uses_fused_step(option) else ["auto"])]
     records = []
-    with tqdm(total=len(options), desc=f"bench {shape} ({layout}), {threads} threads", unit="option") as progress:
-        for option in options:
-            progress.set_postfix_str(option)
-            record = run_worker(option, shape, threads, layout, batches)
+    with tqdm(total=len(runs), desc=f"bench {shape} ({layout}), {threads} threads", unit="run") as progress:
+        for option, kernel in runs:
+            progress.set_postfix_str(f"{option} ({kernel})")
+            record = run_worker(option, shape, threads, layout, batches, kernel)
             if record is None:  # the cache was just written: measure loading it
-                record = run_worker(option, shape, threads, layout, batches)
+                record = run_worker(option, shape, threads, layout, batches, kernel)
             records.append(record)
             progress.update()
     reference = next((r["tokens"] for r in records if r["option"] == "hf_fp32"), records[0]["tokens"])
@@ -214,6 +231,11 @@ def load_summary(result):
     return "\n".join(lines)
 
 
+def label(record):
+    """The option, and the fused step's build where it ran one."""
+    return f"{record['option']} ({record['kernel']})" if record.get("kernel") else record["option"]
+
+
 def markdown_table(result):
     fp32 = next((r for r in result["records"] if r["option"] == "hf_fp32"), None)
     bandwidths = [r["bandwidth_gbs"] for r in result["records"]]
@@ -229,7 +251,7 @@ def markdown_table(result):
     for r in result["records"]:
         ratio = f"{r['decode_ms'] / fp32['decode_ms']:.3f}" if fp32 else "-"
         lines.append(
-            f"| {r['option']} | {r['load_s']:.2f} | {r['peak_load_rss_gib']:.2f} | {r['steady_rss_gib']:.2f} "
+            f"| {label(r)} | {r['load_s']:.2f} | {r['peak_load_rss_gib']:.2f} | {r['steady_rss_gib']:.2f} "
             f"| {r['model_bytes'] / GIB:.2f} "
             f"| {r['prefill_ms']:.0f} | {r['decode_ms']:.1f} | {1000 / r['decode_ms']:.1f} "
             f"| {r['weight_bytes'] / GIB:.2f} | {r['bound_ms']:.1f} | {r['decode_ms'] / r['bound_ms']:.2f} "
@@ -251,7 +273,7 @@ def batch_table(result):
         single = next((x for x in record["batches"] if x["batch"] == 1), None)
         speedup = f"{b['aggregate_tokens_per_s'] / single['aggregate_tokens_per_s']:.2f}" if single else "-"
         low, high = b["step_ms_range"]
-        lines.append(f"| {record['option']} | {b['batch']} | {b['step_ms']:.1f} | {low:.1f} to {high:.1f} "
+        lines.append(f"| {label(record)} | {b['batch']} | {b['step_ms']:.1f} | {low:.1f} to {high:.1f} "
                      f"| {b['aggregate_tokens_per_s']:.1f} | {speedup} | {b['step_over_bound']:.2f} "
                      f"| {b['same_tokens_as_alone']:.0%} |")
     return "\n".join(lines)
@@ -288,6 +310,8 @@ def main(argv=None):
     parser.add_argument("--options", default=",".join(OPTIONS), help="comma-separated subset of " + ",".join(OPTIONS))
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here")
+    parser.add_argument("--kernel", default="auto", help="fused step builds to run, comma-separated: auto, "
+                        "avx512, avxvnni, avx2 (each option that uses the fused step runs once per build)")
     parser.add_argument("--batch", default="", help="batch sizes for batched decoding rows, e.g. 1,4,8,16")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -300,10 +324,14 @@ def main(argv=None):
         parser.error(f"--batch takes batch sizes separated by commas, e.g. 1,4,8,16 (got {args.batch!r})")
     if any(size < 1 or size > 64 for size in batches):
         parser.error("batch sizes go from 1 to 64")
+    kernels = args.kernel.split(",")
+    unknown_kernels = set(kernels) - {"auto", *KERNELS}
+    if unknown_kernels:
+        parser.error(f"unknown kernel {', '.join(sorted(unknown_kernels))}; choose from auto, {', '.join(KERNELS)}")
     if args.worker:
         print(json.dumps(measure(args.worker, args.shape, args.threads, args.layout, batches)))
         return 0
-    result = run_benchmark(args.shape, args.threads, args.options.split(","), args.layout, batches)
+    result = run_benchmark(args.shape, args.threads, args.options.split(","), args.layout, batches, kernels)
     print(markdown_table(result))
     print()
     if batches:

@@ -58,8 +58,9 @@ def native_library_rows(choice):
 
 def fused_decode_status():
     """Whether sym_int4 models decode through helpers.runtime.fused_decode here, and if not, why."""
-    if fused_decode.library() is not None:
-        return "helpers' fused AVX-512 VNNI step (compiled for this CPU)"
+    native = fused_decode.library()
+    if native is not None:
+        return f"helpers' fused step, its {fused_decode.kernel_name(native)} build (compiled for this CPU)"
     return f"bigdl-llm's kernels: {fused_decode.unavailable_reason}"
 
 
@@ -131,8 +132,8 @@ def verdicts(source):
         ("x86-64 CPU", platform.machine().lower() in ("x86_64", "amd64"), "bigdl-llm's CPU kernels are x86-64 only"),
         ("AVX2", info.has("avx2"), "use a CPU from 2013 or later (Intel Haswell, AMD Zen)"),
         ("a native kernel build for this CPU", library_ok, "reinstall bigdl-llm: `make clean install`"),
-        ("(optional) AVX-512 VNNI and a C compiler, for the fused decoding step", fused_decode.library() is not None,
-         "without them decoding runs through bigdl-llm's kernels, slower (notebook 04 measures both); `apt install gcc`"),
+        ("(optional) a C compiler, for the fused decoding step", fused_decode.library() is not None,
+         "without one decoding runs through bigdl-llm's kernels, slower (notebook 04 measures both); `apt install gcc`"),
         (f"RAM to load {source.name} in INT4 {LOADER_WORDS[loader]} ({needed / GIB:.2f} GiB)", free >= needed,
          "pick a smaller model (169m to 3b), or load a low-bit cache made on a bigger machine"),
         (f"(for the 7B) RAM to convert RWKV/rwkv-4-world-7b from its pytorch_model.bin ({reference / GIB:.1f} GiB)",

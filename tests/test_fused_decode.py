@@ -14,8 +14,11 @@ from helpers.runtime.cpu import cpu_info
 from helpers.runtime.loading import load_low_bit_model
 from helpers.runtime.paths import REPO_ROOT
 
-needs_vnni = pytest.mark.skipif(not cpu_info().has(*fused_decode.NEEDED_FLAGS), reason="CPU lacks AVX-512 VNNI")
 needs_fused_step = pytest.mark.skipif(fused_decode.library() is None, reason=str(fused_decode.unavailable_reason))
+RUNNABLE = fused_decode.runnable_kernels()
+every_build = pytest.mark.parametrize("kernel", [
+    pytest.param(name, marks=pytest.mark.skipif(name not in RUNNABLE, reason=f"this CPU cannot run the {name} build"))
+    for name in fused_decode.KERNELS])
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +33,12 @@ def decode_steps(model, input_ids, fused):
     return run.logits, run.state
 
 
-@needs_vnni
-@pytest.mark.parametrize("gfni", [True, False])
-def test_kernel_matches_bigdl_int4_matmul(gfni):
+@every_build
+def test_kernel_matches_bigdl_int4_matmul(kernel):
     from bigdl.llm.transformers.low_bit_linear import ggml_convert_qtype, ggml_matmul_src1_x_src0_t, ggml_tensor_qtype
 
-    if gfni and not cpu_info().has("gfni"):
-        pytest.skip("CPU lacks GFNI")
-    native = fused_decode.load_library(() if gfni else ("-mno-gfni",))
+    native = fused_decode.load_library(kernel)
+    assert fused_decode.kernel_name(native) == kernel
     qtype = ggml_tensor_qtype["sym_int4"]
     generator = torch.Generator().manual_seed(0)
     for rows, cols, tokens in ((256, 256, 1), (1024, 4096, 1), (4096, 1024, 1), (512, 1024, 3), (256, 1024, 5), (1024, 256, 8), (512, 256, 20)):
@@ -66,6 +67,22 @@ def test_fused_step_matches_the_torch_path(tiny_source, input_ids, optimize_mode
         assert agreement(reference[0].T, fused[0].T).cosine >= 0.999
 
 
+@every_build
+def test_every_build_computes_the_same_logits(tiny_source, input_ids, kernel):
+    # The builds differ only in exact integer dot products: a prompt, a decoding step and a batched
+    # step give bit-identical logits, so a test on one CPU holds for the others.
+    model = load_low_bit_model(tiny_source, "sym_int4")
+    results = []
+    for native in (fused_decode.load_library(kernel), fused_decode.load_library("avx2")):
+        fused = fused_decode.FusedForward(model, native)
+        prompt_logits, state = fused(input_ids[:, :20])
+        step_logits, _ = fused(input_ids[:, 20:21], [s.clone() for s in state])
+        batch = fused.run(input_ids[0, 20:29].unsqueeze(1), [[s[0].clone() for s in state] for _ in range(9)])
+        results.append((prompt_logits, step_logits, batch))
+    for mine, plain_avx2 in zip(*results):
+        assert torch.equal(mine, plain_avx2)
+
+
 @needs_fused_step
 def test_fused_decoding_agrees_with_fp32_as_closely_as_the_torch_path(tiny_source, input_ids, fp32_model):
     with torch.inference_mode():
@@ -82,22 +99,34 @@ def test_other_formats_decode_through_the_torch_path(tiny_source):
     assert load_low_bit_model(tiny_source, "sym_int8").fused_forward is None
 
 
-def test_a_cpu_without_vnni_gets_a_reason(monkeypatch):
+def cpu_with(flags):
     info = cpu_info()
-    monkeypatch.setattr(fused_decode, "cpu_info", lambda: type(info)(
-        info.vendor, info.model, info.physical_cores, info.sockets, info.flags - {"avx512_vnni"}))
-    with pytest.raises(RuntimeError, match="lacks avx512_vnni; decoding uses bigdl-llm's kernels"):
-        fused_decode.build_library()
+    return type(info)(info.vendor, info.model, info.physical_cores, info.sockets, frozenset(flags))
 
 
-@needs_vnni
+LAPTOP = {"avx", "avx2", "fma", "f16c"}  # an Intel Core before the 12th generation, or an AMD Zen 1-3
+
+
+def test_each_cpu_gets_the_fastest_build_it_runs():
+    assert fused_decode.kernel_choice(info=cpu_with(LAPTOP | {"avx_vnni"}))[0] == "avxvnni"
+    assert fused_decode.kernel_choice(info=cpu_with(LAPTOP | {"avx_vnni", "avx512f", "avx512vl", "avx512_vnni"}))[0] == "avx512"
+    kernel, flags = fused_decode.kernel_choice(info=cpu_with(LAPTOP))
+    assert kernel == "avx2" and "-DKERNEL_AVX2" in flags and not any("512" in f or "vnni" in f for f in flags)
+    with pytest.raises(RuntimeError, match="RWKV_FUSED_KERNEL=avx512 needs avx512f, avx512vl, avx512_vnni, which "
+                                           "this CPU lacks; it runs avx2"):
+        fused_decode.kernel_choice("avx512", info=cpu_with(LAPTOP))
+    with pytest.raises(RuntimeError, match="RWKV_FUSED_KERNEL=sse is not a build; choose auto or one of"):
+        fused_decode.kernel_choice("sse", info=cpu_with(LAPTOP))
+    with pytest.raises(RuntimeError, match="lacks avx2, f16c; decoding uses bigdl-llm's kernels"):
+        fused_decode.kernel_choice(info=cpu_with({"avx", "fma"}))
+
+
 def test_a_failing_compiler_gets_a_reason(monkeypatch):
     monkeypatch.setenv("CC", "false")
     with pytest.raises(RuntimeError, match="false failed"):
-        fused_decode.build_library(("-DFORCE_A_NEW_BUILD",))
+        fused_decode.build_library("avx2", ("-DFORCE_A_NEW_BUILD",))
 
 
-@needs_vnni
 def test_kernel_sweep_times_one_tokens_weights(tmp_path):
     result_file = tmp_path / "sweep.json"
     script = REPO_ROOT / "helpers" / "kernel_sweep.py"

@@ -3,10 +3,12 @@ bigdl-llm's sym_int4 weights.
 
 bigdl-llm's own INT4 kernel and the ~30 small torch operations per layer around it leave a token
 at about 2.7x the time its weights take to read. rwkv4_decode.c reads the same INT4 blocks with
-AVX-512 VNNI and prefetching (a prompt's tokens 16 at a time per unpacked block), and does the layer
-norms, token shift, WKV and channel mix in place. It is compiled for this CPU on first use
-(``cc -O3 -march=native -fopenmp``) into build/; without a C compiler, or for formats other than
-sym_int4, models run through the torch path. Set ``RWKV_FUSED_DECODE=0`` to turn it off.
+integer multiply-adds and prefetching (several tokens 8 at a time per unpacked block), and does the
+layer norms, token shift, WKV and channel mix in place. It is compiled on first use into build/, in
+the build this CPU runs fastest (KERNELS: AVX-512 VNNI, AVX-VNNI or plain AVX2; all three compute
+the same logits), or the one ``RWKV_FUSED_KERNEL`` names (to test or measure another CPU's path).
+Without a C compiler or AVX2, or for formats other than sym_int4, models run through the torch
+path. Set ``RWKV_FUSED_DECODE=0`` to turn it off.
 """
 import contextlib
 import ctypes
@@ -24,7 +26,18 @@ from helpers.runtime.paths import REPO_ROOT
 
 SOURCE = Path(__file__).with_name("rwkv4_decode.c")
 BUILD_DIR = REPO_ROOT / "build"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+BASE = ("avx2", "fma", "f16c")  # every build
+# Fastest first: the CPU flags each build needs, and its compiler flags. Each build is compiled for
+# exactly its instructions (not -march=native), so a forced build is the one its CPUs run.
+KERNELS = {
+    "avx512": (BASE + ("avx512f", "avx512vl", "avx512_vnni"), ["-mavx2", "-mfma", "-mf16c", "-mavx512vl", "-mavx512vnni"]),
+    "avxvnni": (BASE + ("avx_vnni",), ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"]),
+    "avx2": (BASE, ["-mavx2", "-mfma", "-mf16c"]),
+}
+# Forced on a CPU with AVX-512 VNNI but not AVX-VNNI (to test it), the avxvnni build uses the same
+# instruction in its EVEX encoding.
+AVXVNNI_AS_EVEX = KERNELS["avx512"]
 BLOCK = 64
 ROWS_PER_STEP = 4  # rows % 4 == 0: the kernel computes 4 rows at a time
 
@@ -44,22 +57,47 @@ class Model(ctypes.Structure):
         ("layer", ctypes.POINTER(Layer))]
 
 
-NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
+def runnable_kernels(info=None):
+    """{build: compiler flags} of the builds this CPU runs, fastest first."""
+    info = info or cpu_info()
+    runnable = {name: flags for name, (needed, flags) in KERNELS.items() if info.has(*needed)}
+    if "avxvnni" not in runnable and info.has(*AVXVNNI_AS_EVEX[0]):
+        runnable = {**runnable, "avxvnni": AVXVNNI_AS_EVEX[1]}
+        runnable = {name: runnable[name] for name in KERNELS if name in runnable}
+    return runnable
 
 
-def build_library(extra_flags=()):
-    """Compile rwkv4_decode.c for this CPU (cached by source, flags and compiler); returns its path.
+def kernel_choice(wanted=None, info=None):
+    """(build, compiler flags): `wanted` (a KERNELS name, or "auto"/None for the fastest this CPU runs).
 
-    Raises RuntimeError saying why when the CPU lacks AVX-512 VNNI, or there is no compiler or it fails.
+    Raises RuntimeError saying why when the CPU runs no build, or not the one wanted."""
+    info = info or cpu_info()
+    runnable = runnable_kernels(info)
+    if wanted in (None, "", "auto"):
+        if not runnable:
+            missing = ", ".join(flag for flag in BASE if not info.has(flag))
+            raise RuntimeError(f"this CPU lacks {missing}; decoding uses bigdl-llm's kernels instead")
+        wanted = next(iter(runnable))
+    if wanted not in KERNELS:
+        raise RuntimeError(f"RWKV_FUSED_KERNEL={wanted} is not a build; choose auto or one of {', '.join(KERNELS)}")
+    if wanted not in runnable:
+        missing = ", ".join(flag for flag in KERNELS[wanted][0] if not info.has(flag))
+        raise RuntimeError(f"RWKV_FUSED_KERNEL={wanted} needs {missing}, which this CPU lacks; it runs "
+                           f"{', '.join(runnable) or 'none of the builds'}")
+    return wanted, [*runnable[wanted], f"-DKERNEL_{wanted.upper()}"]
+
+
+def build_library(kernel=None, extra_flags=()):
+    """Compile rwkv4_decode.c as the build `kernel` (default: the fastest this CPU runs), cached by
+    source, flags and compiler; returns its path.
+
+    Raises RuntimeError saying why when the CPU cannot run it, or there is no compiler or it fails.
     """
-    info = cpu_info()
-    if not info.has(*NEEDED_FLAGS):
-        missing = ", ".join(flag for flag in NEEDED_FLAGS if not info.has(flag))
-        raise RuntimeError(f"this CPU lacks {missing}; decoding uses bigdl-llm's kernels instead")
+    _, kernel_flags = kernel_choice(kernel)
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler found (install gcc, e.g. `apt install gcc`)")
-    flags = [*FLAGS, *extra_flags]
+    flags = [*FLAGS, *kernel_flags, *extra_flags]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     library = BUILD_DIR / f"rwkv4_decode-{key}.so"
     if not library.exists():
@@ -73,13 +111,19 @@ def build_library(extra_flags=()):
     return library
 
 
-def load_library(extra_flags=()):
-    library = ctypes.CDLL(str(build_library(extra_flags)))
+def load_library(kernel=None, extra_flags=()):
+    library = ctypes.CDLL(str(build_library(kernel, extra_flags)))
     library.rwkv4_forward.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                       ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     library.rwkv4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                      ctypes.c_void_p, ctypes.c_int]
+    library.rwkv4_kernel.restype = ctypes.c_char_p
     return library
+
+
+def kernel_name(native):
+    """The build a loaded library is: avx512, avxvnni or avx2."""
+    return native.rwkv4_kernel().decode()
 
 
 _library, unavailable_reason = None, None
@@ -93,7 +137,7 @@ def library():
             unavailable_reason = "turned off by RWKV_FUSED_DECODE=0"
         else:
             try:
-                _library = load_library()
+                _library = load_library(os.environ.get("RWKV_FUSED_KERNEL"))
             except (RuntimeError, OSError) as error:
                 unavailable_reason = str(error)
     return _library
