@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "runtime" / "rwkv4_decode.c"
-BLOCK, BLOCK_BYTES = 64, 34
+BLOCK, BLOCK_BYTES = 64, 34  # sym_int4
+SYM_INT4 = 0  # the kernel's format number
 # (layers, hidden) of the RWKV-4 World shapes; the feed-forward is 4x hidden, the vocabulary 65536.
 SHAPES = {"1b5": (24, 2048), "3b": (32, 2560), "7b": (32, 4096)}
 VOCAB = 65536
@@ -53,8 +54,8 @@ def compile_kernel(folder, description):
     subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", f"-DKERNEL_{kernel}", "-fopenmp", "-shared",
                     "-fPIC", str(SOURCE), "-o", str(library), "-lm"], check=True)
     native = ctypes.CDLL(str(library))
-    native.rwkv4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                    ctypes.c_void_p, ctypes.c_int]
+    native.rwkv4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     return native
 
 
@@ -99,7 +100,7 @@ def sweep(shape, thread_counts):
 
         def one_token(threads):
             for weights, rows, cols in matrices:
-                native.rwkv4_matmul(weights.data_ptr(), rows, cols, inputs[cols].data_ptr(), 1,
+                native.rwkv4_matmul(weights.data_ptr(), SYM_INT4, rows, cols, inputs[cols].data_ptr(), 1,
                                     outputs[rows].data_ptr(), threads)
 
         records = []

@@ -34,21 +34,22 @@ def decode_steps(model, input_ids, fused):
 
 
 @every_build
-def test_kernel_matches_bigdl_int4_matmul(kernel):
+@pytest.mark.parametrize("low_bit", fused_decode.FORMATS)
+def test_kernel_matches_bigdls_matmul(kernel, low_bit):
     from bigdl.llm.transformers.low_bit_linear import ggml_convert_qtype, ggml_matmul_src1_x_src0_t, ggml_tensor_qtype
 
     native = fused_decode.load_library(kernel)
     assert fused_decode.kernel_name(native) == kernel
-    qtype = ggml_tensor_qtype["sym_int4"]
+    qtype, format_index = ggml_tensor_qtype[low_bit], fused_decode.FORMATS.index(low_bit)
     generator = torch.Generator().manual_seed(0)
-    for rows, cols, tokens in ((256, 256, 1), (1024, 4096, 1), (4096, 1024, 1), (512, 1024, 3), (256, 1024, 5), (1024, 256, 8), (512, 256, 20)):
+    for rows, cols, tokens in ((256, 256, 1), (1024, 4096, 1), (512, 1024, 3), (256, 1024, 5), (512, 256, 20)):
         weight = ggml_convert_qtype(torch.randn(rows, cols, generator=generator), qtype)
         x = torch.randn(tokens, cols, generator=generator)
         expected = ggml_matmul_src1_x_src0_t(weight, x, torch.Size([rows, cols]), qtype)
         for threads in (1, 2):
             y = torch.empty(max(tokens, (tokens + 7) // 8 * 8), rows)  # room for the kernel's padding tokens
-            native.rwkv4_matmul(weight.data_ptr(), rows, cols, x.data_ptr(), tokens, y.data_ptr(), threads)
-            assert torch.allclose(y[:tokens], expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())
+            native.rwkv4_matmul(weight.data_ptr(), format_index, rows, cols, x.data_ptr(), tokens, y.data_ptr(), threads)
+            assert torch.allclose(y[:tokens], expected, rtol=1e-4, atol=2e-3 * expected.abs().max().item()), low_bit
 
 
 @needs_fused_step
@@ -68,13 +69,15 @@ def test_fused_step_matches_the_torch_path(tiny_source, input_ids, optimize_mode
 
 
 @every_build
-def test_every_build_computes_the_same_logits(tiny_source, input_ids, kernel):
+@pytest.mark.parametrize("low_bit", fused_decode.FORMATS)
+def test_every_build_computes_the_same_logits(tiny_source, input_ids, kernel, low_bit):
     # The builds differ only in exact integer dot products: a prompt, a decoding step and a batched
     # step give bit-identical logits, so a test on one CPU holds for the others.
-    model = load_low_bit_model(tiny_source, "sym_int4")
+    model = load_low_bit_model(tiny_source, low_bit)
+    assert model.fused_forward is not None, fused_decode.unavailable_reason
     results = []
     for native in (fused_decode.load_library(kernel), fused_decode.load_library("avx2")):
-        fused = fused_decode.FusedForward(model, native)
+        fused = fused_decode.FusedForward(model, native, model.fused_forward.model.format)
         prompt_logits, state = fused(input_ids[:, :20])
         step_logits, _ = fused(input_ids[:, 20:21], [s.clone() for s in state])
         batch = fused.run(input_ids[0, 20:29].unsqueeze(1), [[s[0].clone() for s in state] for _ in range(9)])
@@ -84,19 +87,25 @@ def test_every_build_computes_the_same_logits(tiny_source, input_ids, kernel):
 
 
 @needs_fused_step
-def test_fused_decoding_agrees_with_fp32_as_closely_as_the_torch_path(tiny_source, input_ids, fp32_model):
+@pytest.mark.parametrize("low_bit", fused_decode.FORMATS)
+def test_fused_decoding_agrees_with_fp32_as_closely_as_the_torch_path(tiny_source, input_ids, fp32_model, low_bit):
     with torch.inference_mode():
         reference = fp32_model(input_ids).logits[0, 8:]
-    model = load_low_bit_model(tiny_source, "sym_int4")
+    model = load_low_bit_model(tiny_source, low_bit)
+    assert model.fused_forward is not None
     results = [agreement(reference, decode_steps(model, input_ids, fused)[0])
                for fused in (False, True)]
     torch_path, fused = results
-    assert fused.above_floor("sym_int4"), results
+    assert fused.above_floor(low_bit), results
     assert fused.top1 >= torch_path.top1 - 0.03 and fused.cosine >= torch_path.cosine - 0.005, results
 
 
-def test_other_formats_decode_through_the_torch_path(tiny_source):
-    assert load_low_bit_model(tiny_source, "sym_int8").fused_forward is None
+def test_a_linear_in_a_format_the_kernel_cannot_read_keeps_the_model_on_the_torch_path(tiny_source):
+    from bigdl.llm.transformers.low_bit_linear import ggml_tensor_qtype
+
+    model = load_low_bit_model(tiny_source, "sym_int4")
+    model.head.qtype = ggml_tensor_qtype["asym_int5"]
+    assert fused_decode.FusedForward.for_model(model) is None
 
 
 def cpu_with(flags):

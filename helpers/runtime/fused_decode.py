@@ -1,5 +1,5 @@
 """RWKV-4 forwards (a prompt, a decoding step, or a step of several sequences) in one native call on
-bigdl-llm's sym_int4 weights.
+bigdl-llm's low-bit weights (FORMATS: sym_int4, asym_int4, sym_int5, sym_int8).
 
 bigdl-llm's own INT4 kernel and the ~30 small torch operations per layer around it leave a token
 at about 2.7x the time its weights take to read. rwkv4_decode.c reads the same INT4 blocks with
@@ -7,8 +7,7 @@ integer multiply-adds and prefetching (several tokens 8 at a time per unpacked b
 layer norms, token shift, WKV and channel mix in place. It is compiled on first use into build/, in
 the build this CPU runs fastest (KERNELS: AVX-512 VNNI, AVX-VNNI or plain AVX2; all three compute
 the same logits), or the one ``RWKV_FUSED_KERNEL`` names (to test or measure another CPU's path).
-Without a C compiler or AVX2, or for formats other than sym_int4, models run through the torch
-path. Set ``RWKV_FUSED_DECODE=0`` to turn it off.
+Without a C compiler or AVX2, or for other formats, models run through the torch path. Set ``RWKV_FUSED_DECODE=0`` to turn it off.
 """
 import contextlib
 import ctypes
@@ -39,6 +38,7 @@ KERNELS = {
 # instruction in its EVEX encoding.
 AVXVNNI_AS_EVEX = KERNELS["avx512"]
 BLOCK = 64
+FORMATS = ["sym_int4", "asym_int4", "sym_int5", "sym_int8"]  # bigdl-llm's layouts the kernel reads, in its order
 ROWS_PER_STEP = 4  # rows % 4 == 0: the kernel computes 4 rows at a time
 
 
@@ -51,7 +51,8 @@ class Layer(ctypes.Structure):
 
 
 class Model(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int) for name in ("layers", "hidden", "intermediate", "vocab", "rescale_every")] + [
+    _fields_ = [(name, ctypes.c_int) for name in ("layers", "hidden", "intermediate", "vocab", "rescale_every",
+                                                   "format")] + [
         ("eps", ctypes.c_float)] + [(name, ctypes.c_void_p) for name in (
             "embeddings", "ln0_weight", "ln0_bias", "ln_out_weight", "ln_out_bias", "head")] + [
         ("layer", ctypes.POINTER(Layer))]
@@ -115,8 +116,8 @@ def load_library(kernel=None, extra_flags=()):
     library = ctypes.CDLL(str(build_library(kernel, extra_flags)))
     library.rwkv4_forward.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                       ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    library.rwkv4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                     ctypes.c_void_p, ctypes.c_int]
+    library.rwkv4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                     ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     library.rwkv4_kernel.restype = ctypes.c_char_p
     return library
 
@@ -143,17 +144,20 @@ def library():
     return _library
 
 
-def _is_sym_int4(linear, rows, cols):
+def linear_format(linear, rows, cols):
+    """The FORMATS index of a bigdl low-bit linear of shape [rows, cols] the kernel can read, else None."""
     from bigdl.llm.transformers.low_bit_linear import LowBitLinear, ggml_tensor_qtype
 
-    return (isinstance(linear, LowBitLinear) and linear.qtype == ggml_tensor_qtype["sym_int4"]
-            and tuple(linear.weight_shape) == (rows, cols) and rows % ROWS_PER_STEP == 0 and cols % BLOCK == 0)
+    if not (isinstance(linear, LowBitLinear) and tuple(linear.weight_shape) == (rows, cols)
+            and rows % ROWS_PER_STEP == 0 and cols % BLOCK == 0):
+        return None
+    return next((index for index, name in enumerate(FORMATS) if linear.qtype == ggml_tensor_qtype[name]), None)
 
 
 class FusedForward:
-    """Runs a repaired bigdl sym_int4 RWKV-4 model on token ids, one or several sequences; see ``for_model``."""
+    """Runs a repaired bigdl low-bit RWKV-4 model on token ids, one or several sequences; see ``for_model``."""
 
-    def __init__(self, model, native):
+    def __init__(self, model, native, format_index):
         config, rwkv = model.config, model.rwkv
         hidden, intermediate = config.hidden_size, config.intermediate_size
         self.native, self.keep = native, []  # keep: every tensor whose address the C structs hold
@@ -176,7 +180,7 @@ class FusedForward:
         ln0 = rwkv.blocks[0].pre_ln
         self.model = Model(
             config.num_hidden_layers, hidden, intermediate, config.vocab_size,
-            config.rescale_every if rwkv.layers_are_rescaled else 0, config.layer_norm_epsilon,
+            config.rescale_every if rwkv.layers_are_rescaled else 0, format_index, config.layer_norm_epsilon,
             self._pointer(rwkv.embeddings.weight), self._pointer(ln0.weight), self._pointer(ln0.bias),
             self._pointer(rwkv.ln_out.weight), self._pointer(rwkv.ln_out.bias), self._pointer(model.head.weight),
             self.layers,
@@ -191,20 +195,22 @@ class FusedForward:
 
     @classmethod
     def for_model(cls, model):
-        """A FusedForward when every linear of the model is sym_int4 and the library is available, else None."""
+        """A FusedForward when every linear of the model is in one of FORMATS and the library is available,
+        else None."""
         native = library()
         config, rwkv = model.config, model.rwkv
         hidden, intermediate = config.hidden_size, config.intermediate_size
-        shapes_ok = config.attention_hidden_size == hidden and _is_sym_int4(model.head, config.vocab_size, hidden)
+        formats = {linear_format(model.head, config.vocab_size, hidden)}
         for block in rwkv.blocks:
             attention, feed_forward = block.attention, block.feed_forward
             square = [attention.key, attention.value, attention.receptance, attention.output, feed_forward.receptance]
-            shapes_ok = (shapes_ok and all(_is_sym_int4(linear, hidden, hidden) for linear in square)
-                         and _is_sym_int4(feed_forward.key, intermediate, hidden)
-                         and _is_sym_int4(feed_forward.value, hidden, intermediate))
-        if native is None or not shapes_ok or rwkv.embeddings.weight.dtype != torch.float16:  # the kernel reads fp16
+            formats |= {linear_format(linear, hidden, hidden) for linear in square}
+            formats |= {linear_format(feed_forward.key, intermediate, hidden),
+                        linear_format(feed_forward.value, hidden, intermediate)}
+        if (native is None or len(formats) != 1 or None in formats or config.attention_hidden_size != hidden
+                or rwkv.embeddings.weight.dtype != torch.float16):  # the kernel reads fp16 embeddings
             return None
-        return cls(model, native)
+        return cls(model, native, formats.pop())
 
     def can_run(self, input_ids, state):
         """Token ids [sequences, tokens], from the start or continuing a state laid out as transformers makes it."""

@@ -1,13 +1,12 @@
-/* RWKV-4 on bigdl-llm's sym_int4 weights, in one call for a token, a whole prompt, or one token of
-   each of several sequences (a batched decoding step).
+/* RWKV-4 on bigdl-llm's low-bit weights (sym_int4, asym_int4, sym_int5 or sym_int8), in one call for
+   a token, a whole prompt, or one token of each of several sequences (a batched decoding step).
 
-   Weights stay where bigdl keeps them. A sym_int4 row is a run of 34-byte blocks: an fp16 scale,
-   then 32 bytes holding 64 weights as nibbles (byte j: low nibble = weight j, high = weight j + 32),
-   each weight = (nibble - 8) * scale. The input vector is quantized to int8 per 64 values (as
-   bigdl does), so a block's dot product is a few integer multiply-adds (VNNI). Everything else
-   (layer norms, token shift, WKV, channel mix) runs here too: a token is one call from Python
-   instead of hundreds of small tensor operations. Several tokens (of a prompt, or one of each
-   sequence of a batch) share each unpacked weight block, TOKENS (8) at a time, one per 32-bit lane.
+   Weights stay where bigdl keeps them, in blocks of 64 (layouts below). The input vector is
+   quantized to int8 per 64 values (as bigdl does), so a block's dot product is a few integer
+   multiply-adds (VNNI), exact, then scaled. Everything else (layer norms, token shift, WKV, channel
+   mix) runs here too: a token is one call from Python instead of hundreds of small tensor
+   operations. Several tokens (of a prompt, or one of each sequence of a batch) share each unpacked
+   weight block, TOKENS (8) at a time, one per 32-bit lane.
 
    One source, three builds, chosen at run time from the CPU's flags (helpers/runtime/fused_decode.py),
    all on 256-bit vectors:
@@ -44,12 +43,32 @@
 /* Which build this library is. */
 const char *rwkv4_kernel(void) { return KERNEL_NAME; }
 
-#define BLOCK 64
-#define BLOCK_BYTES 34
+#define BLOCK 64      /* weights per block, in every format */
 #define ROWS 4        /* rows computed together, sharing the loads of the input */
 #define TOKENS 8      /* tokens of a prompt or batch computed together: one per 32-bit lane */
-
 #define GROUPED_FROM 4 /* fewer tokens are computed one by one (see products) */
+
+/* bigdl-llm's block layouts (64 weights each), in the order of FORMATS in fused_decode.py:
+     sym_int4   fp16 scale d, 32 bytes of nibbles n            w = (n - 8) d
+     asym_int4  fp16 scale d, fp16 minimum m, 32 bytes nibbles  w = n d + m
+     sym_int5   fp16 scale d, 64 high bits h, 32 bytes nibbles  w = (n + 16 h - 16) d
+     sym_int8   fp32 scale d, 64 signed bytes q                 w = q d
+   Nibble byte j holds weight j (low) and weight j + 32 (high); high bit j belongs to weight j. */
+enum { SYM_INT4, ASYM_INT4, SYM_INT5, SYM_INT8 };
+static const int block_bytes[] = {34, 36, 42, 68};
+
+#if defined(KERNEL_AVX2)
+/* maddubs multiplies unsigned by signed bytes into 16-bit sums of pairs: sym_int8's weights stay
+   signed and go in as |w| against sign(x, w), or the pairs could overflow. */
+#define SIGNED_INT8 1
+#else
+#define SIGNED_INT8 0
+#endif
+
+/* Weights enter the integer dot products as unsigned bytes u, w = (u - zero point) d (+ m). */
+static inline int zero_point(int format) {
+    return format == SYM_INT4 ? 8 : format == SYM_INT5 ? 16 : format == SYM_INT8 && !SIGNED_INT8 ? 128 : 0;
+}
 
 /* Tokens rounded up to whole groups of TOKENS; tokens computed one by one need no padding. */
 static int padded(int tokens) { return tokens < GROUPED_FROM ? tokens : (tokens + TOKENS - 1) / TOKENS * TOKENS; }
@@ -57,12 +76,12 @@ static int padded(int tokens) { return tokens < GROUPED_FROM ? tokens : (tokens 
 /* Inputs quantized to int8 per block of 64, one row of cols values per token; for a prompt also
    regrouped TOKENS tokens at a time so that each 32-bit lane holds one token's 4 values. */
 typedef struct {
-    int8_t *values;   /* [tokens][cols] */
-    float *scales;    /* [tokens][cols / BLOCK] */
-    int32_t *offsets; /* [tokens][cols / BLOCK]: -8 * sum of the block's values, the nibbles' zero point */
-    int8_t *lanes;    /* [tokens / TOKENS][cols / 4][TOKENS][4] */
-    float *lane_scales;    /* [tokens / TOKENS][cols / BLOCK][TOKENS] */
-    int32_t *lane_offsets; /* [tokens / TOKENS][cols / BLOCK][TOKENS] */
+    int8_t *values; /* [tokens][cols] */
+    float *scales;  /* [tokens][cols / BLOCK] */
+    int32_t *sums;  /* [tokens][cols / BLOCK]: the sum of the block's values (for zero points and minimums) */
+    int8_t *lanes;  /* [tokens / TOKENS][cols / 4][TOKENS][4] */
+    float *lane_scales; /* [tokens / TOKENS][cols / BLOCK][TOKENS] */
+    int32_t *lane_sums; /* [tokens / TOKENS][cols / BLOCK][TOKENS] */
 } Quantized;
 
 static inline float max8(__m256 v) {
@@ -77,7 +96,7 @@ static inline int32_t sum8_epi32(__m256i v) {
     return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1))));
 }
 
-static void quantize(const float *x, int cols, int8_t *values, float *scales, int32_t *offsets) {
+static void quantize(const float *x, int cols, int8_t *values, float *scales, int32_t *sums) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undoes the packs' lane interleaving */
     for (int b = 0; b < cols / BLOCK; b++) {
@@ -100,14 +119,41 @@ static void quantize(const float *x, int cols, int8_t *values, float *scales, in
             _mm256_storeu_si256((__m256i *)(values + b * BLOCK + 8 * i), _mm256_permutevar8x32_epi32(bytes, in_order));
         }
         scales[b] = largest / 127.0f;
-        offsets[b] = -8 * sum8_epi32(sum);
+        sums[b] = sum8_epi32(sum);
+    }
+}
+
+/* 0x10 in byte j where bit j of bits is set. */
+static inline __m256i high_bits(uint32_t bits) {
+    const __m256i byte_of_bit = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i spread = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), byte_of_bit), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(spread, bit), _mm256_set1_epi8(0x10));
+}
+
+/* A block's 64 weights as bytes u, in the order of the input's values: [0, 32) in low, [32, 64) in high. */
+static inline void unpack(const uint8_t *block, int format, __m256i *low, __m256i *high) {
+    const __m256i low_nibble = _mm256_set1_epi8(0x0f);
+    if (format == SYM_INT8) {
+        const __m256i flip = _mm256_set1_epi8(SIGNED_INT8 ? 0 : (char)0x80); /* u = q + 128 */
+        *low = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(block + 4)), flip);
+        *high = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(block + 36)), flip);
+        return;
+    }
+    __m256i packed = _mm256_loadu_si256((const __m256i *)(block + (format == SYM_INT4 ? 2 : format == ASYM_INT4 ? 4 : 10)));
+    *low = _mm256_and_si256(packed, low_nibble);
+    *high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibble);
+    if (format == SYM_INT5) {
+        uint64_t bits;
+        memcpy(&bits, block + 2, sizeof bits);
+        *low = _mm256_or_si256(*low, high_bits((uint32_t)bits));
+        *high = _mm256_or_si256(*high, high_bits((uint32_t)(bits >> 32)));
     }
 }
 
 /* acc + in each 32-bit lane the dot product of its 4 unsigned bytes in u with its 4 signed bytes in s. */
 static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
 #if defined(KERNEL_AVX2)
-    /* u holds weights 0..15: the 16-bit sums of pairs (at most 2 * 15 * 128) cannot saturate */
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #elif defined(__AVXVNNI__) && !defined(KERNEL_AVX512)
     return _mm256_dpbusd_avx_epi32(acc, u, s);
@@ -116,11 +162,21 @@ static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-/* The 64 weights of a block as bytes 0..15 at out, in the order of the input's values. */
-static inline void unpack_to(const uint8_t *block, uint8_t *out) {
-    __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 2)), low_nibble = _mm256_set1_epi8(0x0f);
-    _mm256_storeu_si256((__m256i *)out, _mm256_and_si256(packed, low_nibble));
-    _mm256_storeu_si256((__m256i *)(out + 32), _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibble));
+/* dot4 of a format's weights w (as unpack gives them) with inputs x. */
+static inline __m256i weights_dot4(__m256i acc, __m256i w, __m256i x, int format) {
+    if (SIGNED_INT8 && format == SYM_INT8)
+        return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)),
+                                                       _mm256_set1_epi16(1)));
+    return dot4(acc, w, x);
+}
+
+/* In each 32-bit lane, the dot products of 4 weights and 4 inputs in both halves of a block. */
+static inline __m256i block_dot(__m256i low, __m256i high, __m256i x_low, __m256i x_high, int format) {
+    if (SIGNED_INT8 || format == SYM_INT8)
+        return weights_dot4(weights_dot4(_mm256_setzero_si256(), low, x_low, format), high, x_high, format);
+    /* maddubs: 16-bit sums of pairs, at most 4 * 31 * 128 once both halves are added: no saturation */
+    __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, x_low), _mm256_maddubs_epi16(high, x_high));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
 /* The 4 rows' block sums (8 lanes each) added up: [total of row 0, 1, 2, 3]. */
@@ -129,46 +185,65 @@ static inline __m128i totals4(const __m256i sums[4]) {
     return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
 }
 
-/* In each 32-bit lane, the dot products of 4 weights and 4 inputs in both halves of a block. */
-static inline __m256i block_dot(__m256i low, __m256i high, __m256i x_low, __m256i x_high) {
-#if defined(KERNEL_AVX2)
-    /* 16-bit sums of pairs, at most 4 * 15 * 128 once both halves are added: no saturation */
-    __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, x_low), _mm256_maddubs_epi16(high, x_high));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-#else
-    return dot4(dot4(_mm256_setzero_si256(), low, x_low), high, x_high);
-#endif
+/* A block's scale d, and asym_int4's minimum m. */
+static inline float block_scale(const uint8_t *block, int format) {
+    float d;
+    if (format != SYM_INT8) return _cvtsh_ss(*(const uint16_t *)block);
+    memcpy(&d, block, sizeof d);
+    return d;
 }
 
+static inline float block_minimum(const uint8_t *block) { return _cvtsh_ss(*(const uint16_t *)(block + 2)); }
+
 /* out[0..ROWS) = dot products of ROWS consecutive rows with q (decoding one token). The next ROWS
-   rows are prefetched into L1, and the ROWS after them into the outer caches. Each block's integer
-   total is scaled and added to the row's sum in block order, exactly as rows_tokens_dot does for
-   each token: a sequence gets the same logits decoded alone as in a batch, so the same greedy tokens.
-   256-bit vectors in every build: on an AMD EPYC (Zen 4) this decodes 12% faster than 512-bit ones. */
-static void rows_dot(const uint8_t *first_row, size_t row_bytes, const Quantized *q, int blocks, float *out) {
-    const __m256i low_nibble = _mm256_set1_epi8(0x0f);
+   rows are prefetched into L1, and the ROWS after them into the outer caches. Each block adds
+   (integer total) * (d * input scale), then for asym_int4 (sum of inputs) * (m * input scale), to
+   the row's sum in block order, exactly as rows_tokens_dot does for each token: a sequence gets the
+   same logits decoded alone as in a batch, so the same greedy tokens. 256-bit vectors in every
+   build: on an AMD EPYC (Zen 4) this decodes 12% faster than 512-bit ones. */
+static inline __attribute__((always_inline)) void rows_dot_as(const uint8_t *first_row, size_t row_bytes,
+                                                                const Quantized *q, int blocks, float *out, int format) {
     __m128 acc = _mm_setzero_ps(); /* one lane per row */
+    int stride = block_bytes[format];
     for (int b = 0; b < blocks; b++) {
         __m256i x_low = _mm256_loadu_si256((const __m256i *)(q->values + b * BLOCK)),
                 x_high = _mm256_loadu_si256((const __m256i *)(q->values + b * BLOCK + 32)), sums[ROWS];
         for (int r = 0; r < ROWS; r++) {
-            const uint8_t *block = first_row + r * row_bytes + b * BLOCK_BYTES;
+            const uint8_t *block = first_row + r * row_bytes + b * stride;
             _mm_prefetch((const char *)block + ROWS * row_bytes, _MM_HINT_T0);
             if (b % 2 == 0) _mm_prefetch((const char *)block + 2 * ROWS * row_bytes, _MM_HINT_T2);
-            __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 2));
-            sums[r] = block_dot(_mm256_and_si256(packed, low_nibble),
-                                _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibble), x_low, x_high);
+            __m256i low, high;
+            unpack(block, format, &low, &high);
+            sums[r] = block_dot(low, high, x_low, x_high, format);
         }
-        /* the 4 rows' fp16 scales gathered in a register (through memory they would wait on 4 stores) */
-        const uint8_t *column = first_row + b * BLOCK_BYTES;
-        __m128i w_scales = _mm_setr_epi16(*(const int16_t *)column, *(const int16_t *)(column + row_bytes),
-                                          *(const int16_t *)(column + 2 * row_bytes),
-                                          *(const int16_t *)(column + 3 * row_bytes), 0, 0, 0, 0);
-        __m128i totals = _mm_add_epi32(totals4(sums), _mm_set1_epi32(q->offsets[b]));
-        __m128 scales = _mm_mul_ps(_mm_cvtph_ps(w_scales), _mm_set1_ps(q->scales[b]));
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(totals), scales, acc);
+        /* the 4 rows' scales gathered in a register (through memory they would wait on 4 stores) */
+        const uint8_t *column = first_row + b * stride;
+        __m128 d = format == SYM_INT8
+                       ? _mm_setr_ps(block_scale(column, format), block_scale(column + row_bytes, format),
+                                     block_scale(column + 2 * row_bytes, format), block_scale(column + 3 * row_bytes, format))
+                       : _mm_cvtph_ps(_mm_setr_epi16(*(const int16_t *)column, *(const int16_t *)(column + row_bytes),
+                                                     *(const int16_t *)(column + 2 * row_bytes),
+                                                     *(const int16_t *)(column + 3 * row_bytes), 0, 0, 0, 0));
+        __m128i totals = _mm_sub_epi32(totals4(sums), _mm_set1_epi32(zero_point(format) * q->sums[b]));
+        __m128 x_scale = _mm_set1_ps(q->scales[b]);
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(totals), _mm_mul_ps(d, x_scale), acc);
+        if (format == ASYM_INT4) {
+            __m128 m = _mm_cvtph_ps(_mm_setr_epi16(*(const int16_t *)(column + 2), *(const int16_t *)(column + row_bytes + 2),
+                                                   *(const int16_t *)(column + 2 * row_bytes + 2),
+                                                   *(const int16_t *)(column + 3 * row_bytes + 2), 0, 0, 0, 0));
+            acc = _mm_fmadd_ps(_mm_set1_ps((float)q->sums[b]), _mm_mul_ps(m, x_scale), acc);
+        }
     }
     _mm_storeu_ps(out, acc);
+}
+
+static void rows_dot(const uint8_t *first_row, size_t row_bytes, const Quantized *q, int blocks, float *out, int format) {
+    switch (format) { /* one specialized copy per format */
+    case SYM_INT4: rows_dot_as(first_row, row_bytes, q, blocks, out, SYM_INT4); break;
+    case ASYM_INT4: rows_dot_as(first_row, row_bytes, q, blocks, out, ASYM_INT4); break;
+    case SYM_INT5: rows_dot_as(first_row, row_bytes, q, blocks, out, SYM_INT5); break;
+    default: rows_dot_as(first_row, row_bytes, q, blocks, out, SYM_INT8);
+    }
 }
 
 /* The 4 bytes at p in every 32-bit lane, loaded straight from memory (a load, no shuffle: compilers
@@ -179,28 +254,38 @@ static inline __m256i broadcast_dword(const uint8_t *p) {
     return v;
 }
 
+static inline void unpack_to(const uint8_t *block, int format, uint8_t *out) {
+    __m256i low, high;
+    unpack(block, format, &low, &high);
+    _mm256_storeu_si256((__m256i *)out, low);
+    _mm256_storeu_si256((__m256i *)(out + 32), high);
+}
+
 /* out[t * rows + r] for the TOKENS tokens of group `group` and ROWS consecutive rows: each lane of a
    dot product is one token, each weight broadcast to all lanes, so a block's scale applies to a
    whole vector (one conversion per row and block instead of one per row, block and token). Vectors
    of 256 bits: as many multiply-adds per second as 512 on an AMD EPYC (Zen 4, measured: 3.5 G against
    1.8 G instructions per second and core), and a batch of 2 to 8 sequences pads to 8 tokens, not 16. */
-static void rows_tokens_dot(const uint8_t *first_row, size_t row_bytes, const Quantized *q, int group, int cols,
-                            int rows, float *out) {
-    int blocks = cols / BLOCK;
+static inline __attribute__((always_inline)) void rows_tokens_dot_as(const uint8_t *first_row, size_t row_bytes,
+                                                                       const Quantized *q, int group, int cols,
+                                                                       int rows, float *out, int format) {
+    int blocks = cols / BLOCK, stride = block_bytes[format];
     const int8_t *lanes = q->lanes + (size_t)group * cols * TOKENS;
     const float *lane_scales = q->lane_scales + (size_t)group * blocks * TOKENS;
-    const int32_t *lane_offsets = q->lane_offsets + (size_t)group * blocks * TOKENS;
+    const int32_t *lane_sums = q->lane_sums + (size_t)group * blocks * TOKENS;
+    const __m256i minus_zero_point = _mm256_set1_epi32(-zero_point(format));
     __m256 acc[ROWS];
     uint8_t weights[2][ROWS][BLOCK]; /* block b's unpacked weights, and block b + 1's, stored a block ahead */
     for (int r = 0; r < ROWS; r++) {
         acc[r] = _mm256_setzero_ps();
-        unpack_to(first_row + r * row_bytes, weights[0][r]);
+        unpack_to(first_row + r * row_bytes, format, weights[0][r]);
     }
     for (int b = 0; b < blocks; b++) {
         __m256i even[ROWS], odd[ROWS]; /* two sums per row, so consecutive dot products do not wait */
         uint8_t (*current)[BLOCK] = weights[b % 2];
+        __m256i input_sums = _mm256_loadu_si256((const __m256i *)(lane_sums + b * TOKENS));
         for (int r = 0; r < ROWS; r++) {
-            even[r] = _mm256_loadu_si256((const __m256i *)(lane_offsets + b * TOKENS));
+            even[r] = _mm256_mullo_epi32(input_sums, minus_zero_point);
             odd[r] = _mm256_setzero_si256();
         }
         const int8_t *x = lanes + (size_t)b * BLOCK * TOKENS;
@@ -208,27 +293,40 @@ static void rows_tokens_dot(const uint8_t *first_row, size_t row_bytes, const Qu
             __m256i x_even = _mm256_loadu_si256((const __m256i *)(x + g * 4 * TOKENS)),
                     x_odd = _mm256_loadu_si256((const __m256i *)(x + (g + 1) * 4 * TOKENS));
             for (int r = 0; r < ROWS; r++) {
-                even[r] = dot4(even[r], broadcast_dword(current[r] + 4 * g), x_even);
-                odd[r] = dot4(odd[r], broadcast_dword(current[r] + 4 * g + 4), x_odd);
+                even[r] = weights_dot4(even[r], broadcast_dword(current[r] + 4 * g), x_even, format);
+                odd[r] = weights_dot4(odd[r], broadcast_dword(current[r] + 4 * g + 4), x_odd, format);
             }
         }
         if (b + 1 < blocks)
             for (int r = 0; r < ROWS; r++) {
-                const uint8_t *next = first_row + r * row_bytes + (b + 1) * BLOCK_BYTES;
+                const uint8_t *next = first_row + r * row_bytes + (b + 1) * stride;
                 _mm_prefetch((const char *)next + ROWS * row_bytes, _MM_HINT_T0);
-                unpack_to(next, weights[(b + 1) % 2][r]);
+                unpack_to(next, format, weights[(b + 1) % 2][r]);
             }
         __m256 x_scales = _mm256_loadu_ps(lane_scales + b * TOKENS);
         for (int r = 0; r < ROWS; r++) {
-            float w_scale = _cvtsh_ss(*(const uint16_t *)(first_row + r * row_bytes + b * BLOCK_BYTES));
+            const uint8_t *block = first_row + r * row_bytes + b * stride;
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(even[r], odd[r])),
-                                     _mm256_mul_ps(x_scales, _mm256_set1_ps(w_scale)), acc[r]);
+                                     _mm256_mul_ps(_mm256_set1_ps(block_scale(block, format)), x_scales), acc[r]);
+            if (format == ASYM_INT4)
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(input_sums),
+                                         _mm256_mul_ps(_mm256_set1_ps(block_minimum(block)), x_scales), acc[r]);
         }
     }
     for (int r = 0; r < ROWS; r++) {
         float per_token[TOKENS];
         _mm256_storeu_ps(per_token, acc[r]);
         for (int t = 0; t < TOKENS; t++) out[(size_t)t * rows + r] = per_token[t];
+    }
+}
+
+static void rows_tokens_dot(const uint8_t *first_row, size_t row_bytes, const Quantized *q, int group, int cols,
+                            int rows, float *out, int format) {
+    switch (format) { /* one specialized copy per format */
+    case SYM_INT4: rows_tokens_dot_as(first_row, row_bytes, q, group, cols, rows, out, SYM_INT4); break;
+    case ASYM_INT4: rows_tokens_dot_as(first_row, row_bytes, q, group, cols, rows, out, ASYM_INT4); break;
+    case SYM_INT5: rows_tokens_dot_as(first_row, row_bytes, q, group, cols, rows, out, SYM_INT5); break;
+    default: rows_tokens_dot_as(first_row, row_bytes, q, group, cols, rows, out, SYM_INT8);
     }
 }
 
@@ -243,42 +341,41 @@ static void to_lanes(const Quantized *q, int group, int cols) {
     for (int b = 0; b < blocks; b++)
         for (int t = 0; t < TOKENS; t++) {
             q->lane_scales[first * blocks + (size_t)b * TOKENS + t] = q->scales[(first + t) * blocks + b];
-            q->lane_offsets[first * blocks + (size_t)b * TOKENS + t] = q->offsets[(first + t) * blocks + b];
+            q->lane_sums[first * blocks + (size_t)b * TOKENS + t] = q->sums[(first + t) * blocks + b];
         }
-}
-
-/* y[tokens][rows] = x[tokens][cols] W^T for several tokens (a prompt, or a batch of sequences), W a
-   sym_int4 [rows, cols] matrix (rows % ROWS == 0), TOKENS tokens at a time: y and q padded to a
-   multiple of TOKENS tokens. Rows are shared among the threads. */
-static void prompt_matmul(const uint8_t *weight, int rows, int cols, const float *x, int tokens, float *y,
-                          int threads, const Quantized *q) {
-    int blocks = cols / BLOCK, groups = padded(tokens) / TOKENS;
-    size_t row_bytes = (size_t)blocks * BLOCK_BYTES;
-#pragma omp parallel for num_threads(threads)
-    for (int t = 0; t < groups * TOKENS; t++) {
-        if (t < tokens) {
-            quantize(x + (size_t)t * cols, cols, q->values + (size_t)t * cols, q->scales + (size_t)t * blocks,
-                     q->offsets + (size_t)t * blocks);
-        } else { /* zero inputs for the padding tokens */
-            memset(q->values + (size_t)t * cols, 0, cols);
-            memset(q->scales + (size_t)t * blocks, 0, sizeof(float) * blocks);
-            memset(q->offsets + (size_t)t * blocks, 0, sizeof(int32_t) * blocks);
-        }
-    }
-    for (int group = 0; group < groups; group++) to_lanes(q, group, cols);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int r = 0; r < rows; r += ROWS)
-        for (int group = 0; group < groups; group++)
-            rows_tokens_dot(weight + r * row_bytes, row_bytes, q, group, cols, rows,
-                            y + (size_t)group * TOKENS * rows + r);
 }
 
 typedef struct {
-    const uint8_t *weight; /* sym_int4 [rows, cols] */
+    const uint8_t *weight; /* [rows, cols] in the model's format */
     int rows, cols;
     const float *x; /* [tokens][cols] */
     float *y;       /* [tokens][rows] */
 } Product;
+
+/* y[tokens][rows] = x[tokens][cols] W^T for several tokens (a prompt, or a batch of sequences)
+   (rows % ROWS == 0), TOKENS tokens at a time: y and q padded to a multiple of TOKENS tokens. Rows are
+   shared among the threads. */
+static void grouped_product(const Product *p, int tokens, int format, int threads, const Quantized *q) {
+    int cols = p->cols, blocks = cols / BLOCK, groups = padded(tokens) / TOKENS;
+    size_t row_bytes = (size_t)blocks * block_bytes[format];
+#pragma omp parallel for num_threads(threads)
+    for (int t = 0; t < groups * TOKENS; t++) {
+        if (t < tokens) {
+            quantize(p->x + (size_t)t * cols, cols, q->values + (size_t)t * cols, q->scales + (size_t)t * blocks,
+                     q->sums + (size_t)t * blocks);
+        } else { /* zero inputs for the padding tokens */
+            memset(q->values + (size_t)t * cols, 0, cols);
+            memset(q->scales + (size_t)t * blocks, 0, sizeof(float) * blocks);
+            memset(q->sums + (size_t)t * blocks, 0, sizeof(int32_t) * blocks);
+        }
+    }
+    for (int group = 0; group < groups; group++) to_lanes(q, group, cols);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < p->rows; r += ROWS)
+        for (int group = 0; group < groups; group++)
+            rows_tokens_dot(p->weight + r * row_bytes, row_bytes, q, group, cols, p->rows,
+                            p->y + (size_t)group * TOKENS * p->rows + r, format);
+}
 
 #define MAX_PRODUCTS 3
 
@@ -287,15 +384,15 @@ typedef struct {
    its end instead of one per product. Fewer than GROUPED_FROM tokens run that way one after another
    (each reads the weights again, and that is still faster than a group of 8 computed for 2 or 3);
    more are computed in groups of TOKENS, one product after another. */
-static void products(const Product *p, int count, int tokens, int threads, const Quantized *q) {
+static void products(const Product *p, int count, int tokens, int format, int threads, const Quantized *q) {
     if (tokens >= GROUPED_FROM) {
-        for (int i = 0; i < count; i++) prompt_matmul(p[i].weight, p[i].rows, p[i].cols, p[i].x, tokens, p[i].y, threads, q);
+        for (int i = 0; i < count; i++) grouped_product(&p[i], tokens, format, threads, q);
         return;
     }
     for (int t = 0; t < tokens; t++) {
         int first_group[MAX_PRODUCTS + 1] = {0};
         for (int i = 0; i < count; i++) {
-            quantize(p[i].x + (size_t)t * p[i].cols, p[i].cols, q[i].values, q[i].scales, q[i].offsets);
+            quantize(p[i].x + (size_t)t * p[i].cols, p[i].cols, q[i].values, q[i].scales, q[i].sums);
             first_group[i + 1] = first_group[i] + p[i].rows / ROWS;
         }
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -303,8 +400,8 @@ static void products(const Product *p, int count, int tokens, int threads, const
             int i = 0;
             while (g >= first_group[i + 1]) i++;
             int blocks = p[i].cols / BLOCK, r = (g - first_group[i]) * ROWS;
-            size_t row_bytes = (size_t)blocks * BLOCK_BYTES;
-            rows_dot(p[i].weight + r * row_bytes, row_bytes, &q[i], blocks, p[i].y + (size_t)t * p[i].rows + r);
+            size_t row_bytes = (size_t)blocks * block_bytes[format];
+            rows_dot(p[i].weight + r * row_bytes, row_bytes, &q[i], blocks, p[i].y + (size_t)t * p[i].rows + r, format);
         }
     }
 }
@@ -319,18 +416,19 @@ static Quantized quantized_buffers(int tokens, int cols) {
 static void free_quantized(Quantized *q) {
     free(q->values);
     free(q->scales);
-    free(q->offsets);
+    free(q->sums);
     free(q->lanes);
     free(q->lane_scales);
-    free(q->lane_offsets);
+    free(q->lane_sums);
 }
 
-/* Exposed for tests: y[tokens][rows] = x[tokens][cols] W^T through the model's kernels (y padded to a
-   multiple of TOKENS tokens from GROUPED_FROM tokens on). */
-void rwkv4_matmul(const uint8_t *weight, int rows, int cols, const float *x, int tokens, float *y, int threads) {
+/* Exposed for tests: y[tokens][rows] = x[tokens][cols] W^T through the model's kernels, W in `format`
+   (y padded to a multiple of TOKENS tokens from GROUPED_FROM tokens on). */
+void rwkv4_matmul(const uint8_t *weight, int format, int rows, int cols, const float *x, int tokens, float *y,
+                  int threads) {
     Quantized q = quantized_buffers(tokens, cols);
     Product product = {weight, rows, cols, x, y};
-    products(&product, 1, tokens, threads, &q);
+    products(&product, 1, tokens, format, threads, &q);
     free_quantized(&q);
 }
 
@@ -338,14 +436,14 @@ typedef struct {
     const float *ln1_weight, *ln1_bias, *ln2_weight, *ln2_bias;
     const float *attention_mix; /* [3][hidden]: key, value, receptance */
     const float *time_first, *decay;
-    const uint8_t *attention_key, *attention_value, *attention_receptance, *attention_output;
+    const uint8_t *attention_key, *attention_value, *attention_receptance, *attention_output; /* the model's format */
     const float *feed_forward_mix; /* [2][hidden]: key, receptance */
     const uint8_t *feed_forward_key, *feed_forward_receptance, *feed_forward_value;
     float output_scale;
 } Layer;
 
 typedef struct {
-    int layers, hidden, intermediate, vocab, rescale_every;
+    int layers, hidden, intermediate, vocab, rescale_every, format; /* format: every linear's (SYM_INT4 ...) */
     float eps;
     const uint16_t *embeddings; /* fp16 [vocab][hidden] */
     const float *ln0_weight, *ln0_bias, *ln_out_weight, *ln_out_bias;
@@ -495,7 +593,7 @@ void rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens
         Product attention[3] = {{layer->attention_key, n, n, mixed[0], key},
                                 {layer->attention_value, n, n, mixed[1], value},
                                 {layer->attention_receptance, n, n, mixed[2], receptance}};
-        products(attention, 3, total, threads, q);
+        products(attention, 3, total, m->format, threads, q);
 #pragma omp parallel for num_threads(threads) if (total > 1) collapse(2)
         for (int s = 0; s < sequences; s++)
             for (int c = 0; c < n; c += 8) {
@@ -506,7 +604,7 @@ void rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens
         for (int s = 0; s < sequences; s++)
             memcpy(state_of[1] + s * per_sequence, normed + ((size_t)s * tokens + tokens - 1) * n, sizeof(float) * n);
         Product attention_output = {layer->attention_output, n, n, mixed[0], out};
-        products(&attention_output, 1, total, threads, q);
+        products(&attention_output, 1, total, m->format, threads, q);
         for (size_t at = 0; at < (size_t)total * n; at++) x[at] += out[at] * layer->output_scale;
         /* channel mixing */
 #pragma omp parallel for num_threads(threads) if (total > 1)
@@ -520,13 +618,13 @@ void rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens
         }
         Product feed_forward[2] = {{layer->feed_forward_key, wide_n, n, mixed[0], wide},
                                    {layer->feed_forward_receptance, n, n, mixed[1], receptance}};
-        products(feed_forward, 2, total, threads, q);
+        products(feed_forward, 2, total, m->format, threads, q);
         for (size_t at = 0; at < (size_t)total * wide_n; at++) {
             float k = wide[at] > 0.0f ? wide[at] : 0.0f;
             wide[at] = k * k;
         }
         Product feed_forward_value = {layer->feed_forward_value, n, wide_n, wide, out};
-        products(&feed_forward_value, 1, total, threads, q);
+        products(&feed_forward_value, 1, total, m->format, threads, q);
         __m256 scale = _mm256_set1_ps(layer->output_scale);
         for (size_t at = 0; at < (size_t)total * n; at += 8) /* n % 64 == 0 */
             _mm256_storeu_ps(x + at, _mm256_fmadd_ps(_mm256_mul_ps(sigmoid8(_mm256_loadu_ps(receptance + at)),
@@ -545,7 +643,7 @@ void rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens
     /* the head's output padded to a multiple of TOKENS rows where computed in groups, then trimmed */
     float *head_out = padded(count) == count ? logits : malloc(sizeof(float) * padded(count) * m->vocab);
     Product head = {m->head, m->vocab, n, normed, head_out};
-    products(&head, 1, count, threads, q);
+    products(&head, 1, count, m->format, threads, q);
     if (head_out != logits) {
         memcpy(logits, head_out, sizeof(float) * count * m->vocab);
         free(head_out);
