@@ -219,8 +219,15 @@ def results_file(shape, layout="safetensors"):
 def load_results(shape, layout="safetensors"):
     """The committed results of `--shape SHAPE [--layout hub] --json data/bench/SHAPE[-hub].json`, as
     run_benchmark returns them."""
-    records = json.loads(results_file(shape, layout).read_text())
-    return {"shape": shape, "layout": layout, "threads": records[0]["threads"], "records": records}
+    return load_run(results_file(shape, layout).stem)
+
+
+def load_run(name):
+    """The committed records data/bench/NAME.json of a run, as run_benchmark returns them."""
+    records = json.loads((DATA_DIR / "bench" / f"{name}.json").read_text())
+    first = records[0]
+    return {"shape": first["shape"], "layout": first.get("layout", "safetensors"), "threads": first["threads"],
+            "records": records}
 
 
 def load_summary(result):
@@ -276,6 +283,40 @@ def batch_table(result):
         lines.append(f"| {label(record)} | {b['batch']} | {b['step_ms']:.1f} | {low:.1f} to {high:.1f} "
                      f"| {b['aggregate_tokens_per_s']:.1f} | {speedup} | {b['step_over_bound']:.2f} "
                      f"| {b['same_tokens_as_alone']:.0%} |")
+    return "\n".join(lines)
+
+
+def targets_table(result):
+    """The decoding targets (issue 13), each with this run's figure, for the rows the run has."""
+    records = result["records"]
+
+    def find(option, kernel=None):
+        return next((r for r in records if r["option"] == option and kernel in (None, r.get("kernel"))), None)
+
+    rows = []
+    avx2, unfused = find("sym_int4", "avx2"), find("sym_int4_unfused")
+    if avx2:
+        ratio = avx2["decode_ms"] / avx2["bound_ms"]
+        rows.append(("sym_int4 decode, avx2 build: at most 1.3x its bound", f"{ratio:.2f}x", ratio <= 1.3))
+    if avx2 and unfused:
+        ratio = avx2["prefill_ms"] / unfused["prefill_ms"]
+        rows.append((f"sym_int4 prefill ({PROMPT_TOKENS} tokens), avx2 build: at most half the torch path's",
+                     f"{avx2['prefill_ms']:.0f} / {unfused['prefill_ms']:.0f} ms = {ratio:.2f}", ratio <= 0.5))
+    for option in ("asym_int4", "sym_int5", "sym_int8"):
+        for record in (r for r in records if r["option"] == option and r.get("kernel")):
+            ratio = record["decode_ms"] / record["bound_ms"]
+            rows.append((f"{label(record)} decode: at most 1.25x its bound", f"{ratio:.2f}x", ratio <= 1.25))
+    for record in records:
+        sizes = {b["batch"]: b for b in record.get("batches", [])}
+        if 1 in sizes and 8 in sizes:
+            speedup = sizes[8]["aggregate_tokens_per_s"] / sizes[1]["aggregate_tokens_per_s"]
+            same = sizes[8]["same_tokens_as_alone"]
+            rows.append((f"{label(record)}, batch 8: at least 3.5x batch 1's tokens/s, each sequence's tokens as alone",
+                         f"{speedup:.2f}x, {same:.0%} of sequences", speedup >= 3.5 and same == 1.0))
+    if not rows:
+        return ""
+    lines = ["| target | this run | met |", "|---|---|---|"]
+    lines += [f"| {target} | {figure} | {'yes' if met else 'no'} |" for target, figure, met in rows]
     return "\n".join(lines)
 
 
@@ -336,6 +377,10 @@ def main(argv=None):
     print()
     if batches:
         print(batch_table(result))
+        print()
+    targets = targets_table(result)
+    if targets:
+        print(targets)
         print()
     print(load_summary(result))
     if args.json:

@@ -52,12 +52,12 @@ def native_library_rows(choice):
         ("why", choice.reason),
         ("loaded in this kernel", loaded_native_library() or "not yet (loads with the first low-bit model)"),
         ("bigdl-llm's own pick (by vendor)", "the plain AVX build on non-Intel CPUs, whatever their flags"),
-        ("sym_int4 decoding step", fused_decode_status()),
+        ("decoding step", fused_decode_status()),
     ]
 
 
 def fused_decode_status():
-    """Whether sym_int4 models decode through helpers.runtime.fused_decode here, and if not, why."""
+    """Whether low-bit models decode through helpers.runtime.fused_decode here, and if not, why."""
     native = fused_decode.library()
     if native is not None:
         return f"helpers' fused step, its {fused_decode.kernel_name(native)} build (compiled for this CPU)"

@@ -56,3 +56,25 @@ def plot_chat_turns(turns):
     length.legend()
     fig.tight_layout()
     plt.show()
+
+
+def plot_batches(measured):
+    """A server's view of batched decoding (helpers.streaming.measure_batches): tokens/s of all sequences
+    together, and each sequence's time per token, against the batch size; batch 1 is one client alone."""
+    batches = list(measured)
+    fig, (throughput, latency) = plt.subplots(1, 2, figsize=(10, 3.2))
+    throughput.plot(batches, [m.aggregate_tokens_per_s for m in measured.values()], marker="o")
+    throughput.set(xlabel="sequences decoded together", ylabel="tokens/s, all sequences", title="Server throughput",
+                   ylim=(0, None))
+    steps = [sorted(m.step_ms) for m in measured.values()]
+    medians = [s[len(s) // 2] for s in steps]
+    latency.errorbar(batches, medians, yerr=[[m - s[0] for m, s in zip(medians, steps)],
+                                             [s[-1] - m for m, s in zip(medians, steps)]], marker="o", capsize=4)
+    latency.axhline(medians[0], linestyle="--", color="gray", label="one client alone")
+    latency.set(xlabel="sequences decoded together", ylabel="ms per token, each sequence", title="Latency per token",
+                ylim=(0, None))
+    latency.legend()
+    for ax in (throughput, latency):
+        ax.set_xticks(batches)
+    fig.tight_layout()
+    plt.show()

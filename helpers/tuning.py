@@ -1,4 +1,4 @@
-"""What notebook 04 measures: decode speed against threads, kernel builds, OpenMP and allocators, pinning.
+"""What notebook 04 measures: decode speed against threads, decoding kernels, OpenMP and allocators, pinning.
 
 Each configuration runs in a fresh process (threads, LD_PRELOAD and the kernel build are fixed when a
 process starts):  python -m helpers.tuning --worker  prints one JSON line with its decode speed. Each
@@ -14,9 +14,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from helpers import NATIVE_LIBRARY
 from helpers.environment import bigdl_llm_init_settings
 from helpers.runtime import fused_decode
-from helpers.runtime.cpu import NATIVE_BUILDS, bigdl_libs_dir, cpu_info
+from helpers.runtime.cpu import cpu_info
 from helpers.runtime.paths import DATA_DIR
 
 PROMPT_TOKENS, DECODE_TOKENS = 16, 48
@@ -73,6 +74,18 @@ def headers(title):
     return [title, "median decode speed", f"range over {ROUNDS} rounds"]
 
 
+def batch_rows(measured):
+    """Table rows of helpers.streaming.measure_batches' results: a server's step against a client's."""
+    single = measured[min(measured)].aggregate_tokens_per_s
+    return [(batch, f"{m.aggregate_tokens_per_s:.1f}", f"{m.aggregate_tokens_per_s / single:.2f}x",
+             f"{statistics.median(m.step_ms):.1f} ms", f"{min(m.step_ms):.1f} to {max(m.step_ms):.1f}",
+             f"{m.same_as_alone:.0%}") for batch, m in measured.items()]
+
+
+BATCH_HEADERS = ["sequences together", "tokens/s, all", "x one client", "ms per step (each one's token)",
+                 "range over rounds", "sequences with their tokens alone"]
+
+
 def winner(measured):
     """The label whose slowest round is faster than every other configuration's fastest, else None."""
     best = max(measured, key=lambda label: measured[label].median)
@@ -92,16 +105,13 @@ def chosen_threads(threads_measured):
     return int(winner(threads_measured) or cpu_info().physical_cores)
 
 
-def native_builds():
-    """{build: environment} for each bigdl-llm kernel build this CPU can run, decoding through it
-    (the fused step turned off), after the fused step itself where it is available."""
-    info = cpu_info()
-    builds = {"fused step (helpers)": {}} if fused_decode.library() is not None else {}
-    for build, needed in NATIVE_BUILDS:
-        if info.has(*needed):
-            builds[f"bigdl {build}"] = {"LLAMA_CPP_LIB": str(bigdl_libs_dir() / f"libllama_{build}.so"),
-                                        "RWKV_FUSED_DECODE": "0"}
-    return builds
+def decoding_kernels():
+    """{label: environment}: each build of the fused step this CPU runs (helpers.runtime.fused_decode), then
+    the torch path on the bigdl-llm build helpers chose (notebook 01), as on a machine without a compiler."""
+    kernels = {f"fused step, {kernel} build": {"RWKV_FUSED_KERNEL": kernel}
+               for kernel in fused_decode.runnable_kernels()} if fused_decode.library() is not None else {}
+    kernels[f"torch path, bigdl {NATIVE_LIBRARY.build}"] = {"RWKV_FUSED_DECODE": "0"}
+    return kernels
 
 
 def runtime_env(options):

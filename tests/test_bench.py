@@ -1,6 +1,7 @@
 import json
 
 from conftest import run_cli
+from helpers import bench
 from helpers.runtime import fused_decode
 
 KEYS = {"option", "load_s", "peak_load_rss_gib", "steady_rss_gib", "prefill_ms", "decode_ms", "bound_ms", "best_bound_ms",
@@ -13,8 +14,8 @@ def test_bench_prints_a_table_and_writes_records(tmp_path):
                      "--threads", "1",
                      "--json", str(records_file), "--plot", str(plot_file))
     assert result.returncode == 0, result.stderr
-    assert "| hf_fp32 |" in result.stdout and "| sym_int4 |" in result.stdout
     records = json.loads(records_file.read_text())
+    assert "| hf_fp32 |" in result.stdout and f"| {bench.label(records[1])} |" in result.stdout
     assert [r["option"] for r in records] == ["hf_fp32", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained"]
     for record in records:
         assert KEYS <= record.keys()
@@ -22,6 +23,7 @@ def test_bench_prints_a_table_and_writes_records(tmp_path):
         assert 0 < record["best_bound_ms"] <= record["bound_ms"]  # the best read is at least the median one
     fp32, int4, unfused, from_pretrained = records
     assert int4["fused_decode"] == (fused_decode.library() is not None) and not unfused["fused_decode"]
+    assert int4["kernel"] == (fused_decode.kernel_name(fused_decode.library()) if int4["fused_decode"] else None)
     assert int4["tokens"] == from_pretrained["tokens"]  # the same weights, loaded two ways
     assert int4["peak_load_rss_gib"] < from_pretrained["peak_load_rss_gib"] - 0.05  # no whole fp16 model in memory
     assert int4["weight_bytes"] < fp32["weight_bytes"] / 6  # 4.25 bits per weight against 32
@@ -38,7 +40,7 @@ def test_bench_reads_the_hub_layout_and_its_cache(tmp_path):
     from_bin, from_cache = json.loads(records_file.read_text())
     assert from_bin["layout"] == from_cache["layout"] == "hub"
     assert from_bin["tokens"] == from_cache["tokens"]  # the cache holds the same weights
-    assert "| sym_int4 | 4 |" in result.stdout
+    assert f"| {bench.label(from_bin)} | 4 |" in result.stdout
     for record in (from_bin, from_cache):
         assert [b["batch"] for b in record["batches"]] == [1, 4]
         assert all(b["same_tokens_as_alone"] == 1.0 and b["aggregate_tokens_per_s"] > 0 for b in record["batches"])
@@ -47,3 +49,29 @@ def test_bench_reads_the_hub_layout_and_its_cache(tmp_path):
 def test_bench_rejects_bad_batch_sizes():
     result = run_cli("helpers.bench", "--shape", "tiny", "--batch", "4,x")
     assert result.returncode == 2 and "--batch takes batch sizes separated by commas" in result.stderr
+
+
+def test_bench_rejects_an_unknown_kernel():
+    result = run_cli("helpers.bench", "--shape", "tiny", "--kernel", "avx512,sse")
+    assert result.returncode == 2 and "unknown kernel sse; choose from auto, avx512, avxvnni, avx2" in result.stderr
+
+
+def test_targets_say_what_each_run_met():
+    def record(option, kernel, decode_ms, bound_ms, prefill_ms, batches=()):
+        return {"option": option, "kernel": kernel, "decode_ms": decode_ms, "bound_ms": bound_ms,
+                "prefill_ms": prefill_ms, "batches": list(batches)}
+
+    batch = lambda size, tokens_per_s, same=1.0: {"batch": size, "aggregate_tokens_per_s": tokens_per_s,  # noqa: E731
+                                                  "same_tokens_as_alone": same}
+    table = bench.targets_table({"records": [
+        record("sym_int4", "avx2", 26.0, 20.0, 300, [batch(1, 40), batch(8, 150)]),
+        record("sym_int8", "avx512", 55.0, 40.0, 200, [batch(1, 20), batch(8, 100, same=0.875)]),
+        record("sym_int4_unfused", None, 40.0, 20.0, 800),
+    ]}).splitlines()
+    assert "| sym_int4 decode, avx2 build: at most 1.3x its bound | 1.30x | yes |" in table
+    assert "| sym_int4 prefill (32 tokens), avx2 build: at most half the torch path's | 300 / 800 ms = 0.38 | yes |" in table
+    assert "| sym_int8 (avx512) decode: at most 1.25x its bound | 1.38x | no |" in table
+    assert any(line.startswith("| sym_int4 (avx2), batch 8") and line.endswith("| 3.75x, 100% of sequences | yes |")
+               for line in table)
+    assert any(line.startswith("| sym_int8 (avx512), batch 8") and line.endswith("| 5.00x, 88% of sequences | no |")
+               for line in table)

@@ -39,7 +39,7 @@ KERNELS = {
 AVXVNNI_AS_EVEX = KERNELS["avx512"]
 BLOCK = 64
 FORMATS = ["sym_int4", "asym_int4", "sym_int5", "sym_int8"]  # bigdl-llm's layouts the kernel reads, in its order
-ROWS_PER_STEP = 4  # rows % 4 == 0: the kernel computes 4 rows at a time
+ROWS_PER_STEP = 8  # rows % 8 == 0: the kernel computes 8 rows at a time
 
 
 class Layer(ctypes.Structure):

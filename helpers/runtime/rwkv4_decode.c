@@ -44,7 +44,8 @@
 const char *rwkv4_kernel(void) { return KERNEL_NAME; }
 
 #define BLOCK 64      /* weights per block, in every format */
-#define ROWS 4        /* rows computed together, sharing the loads of the input */
+#define ROWS 4        /* rows computed together for several tokens, sharing the loads of the input */
+#define DECODE_ROWS 8 /* rows computed together for one token */
 #define TOKENS 8      /* tokens of a prompt or batch computed together: one per 32-bit lane */
 #define GROUPED_FROM 4 /* fewer tokens are computed one by one (see products) */
 
@@ -179,10 +180,19 @@ static inline __m256i block_dot(__m256i low, __m256i high, __m256i x_low, __m256
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-/* The 4 rows' block sums (8 lanes each) added up: [total of row 0, 1, 2, 3]. */
-static inline __m128i totals4(const __m256i sums[4]) {
-    __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(sums[0], sums[1]), _mm256_hadd_epi32(sums[2], sums[3]));
-    return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+/* The 8 rows' block sums (8 lanes each) added up: [total of row 0, 1, ..., 7]. */
+static inline __m256i totals8(const __m256i sums[8]) {
+    __m256i first = _mm256_hadd_epi32(_mm256_hadd_epi32(sums[0], sums[1]), _mm256_hadd_epi32(sums[2], sums[3]));
+    __m256i second = _mm256_hadd_epi32(_mm256_hadd_epi32(sums[4], sums[5]), _mm256_hadd_epi32(sums[6], sums[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(first, second, 0x20), _mm256_permute2x128_si256(first, second, 0x31));
+}
+
+/* The fp16 values at p, p + stride, ... p + 7 * stride as floats, gathered in a register (through
+   memory they would wait on 8 stores). */
+static inline __m256 halves8(const uint8_t *p, size_t stride) {
+    const int16_t *at[8];
+    for (int r = 0; r < 8; r++) at[r] = (const int16_t *)(p + r * stride);
+    return _mm256_cvtph_ps(_mm_setr_epi16(*at[0], *at[1], *at[2], *at[3], *at[4], *at[5], *at[6], *at[7]));
 }
 
 /* A block's scale d, and asym_int4's minimum m. */
@@ -195,46 +205,46 @@ static inline float block_scale(const uint8_t *block, int format) {
 
 static inline float block_minimum(const uint8_t *block) { return _cvtsh_ss(*(const uint16_t *)(block + 2)); }
 
-/* out[0..ROWS) = dot products of ROWS consecutive rows with q (decoding one token). The next ROWS
-   rows are prefetched into L1, and the ROWS after them into the outer caches. Each block adds
+/* out[0..DECODE_ROWS) = dot products of DECODE_ROWS consecutive rows with q (decoding one token). The
+   next rows are prefetched into L1, and the ones after them into the outer caches. Each block adds
    (integer total) * (d * input scale), then for asym_int4 (sum of inputs) * (m * input scale), to
    the row's sum in block order, exactly as rows_tokens_dot does for each token: a sequence gets the
    same logits decoded alone as in a batch, so the same greedy tokens. 256-bit vectors in every
-   build: on an AMD EPYC (Zen 4) this decodes 12% faster than 512-bit ones. */
+   build: on an AMD EPYC (Zen 4) as fast as the 512-bit kernel they replaced (21.5 against 21.9 ms a
+   token on the 1.5B shape, measured interleaved), with one code for every build; 8 rows at a time
+   share the input's loads and one sum of 8 totals (3% faster than 4 on the 1.5B shape). */
 static inline __attribute__((always_inline)) void rows_dot_as(const uint8_t *first_row, size_t row_bytes,
                                                                 const Quantized *q, int blocks, float *out, int format) {
-    __m128 acc = _mm_setzero_ps(); /* one lane per row */
+    __m256 acc = _mm256_setzero_ps(); /* one lane per row */
     int stride = block_bytes[format];
     for (int b = 0; b < blocks; b++) {
         __m256i x_low = _mm256_loadu_si256((const __m256i *)(q->values + b * BLOCK)),
-                x_high = _mm256_loadu_si256((const __m256i *)(q->values + b * BLOCK + 32)), sums[ROWS];
-        for (int r = 0; r < ROWS; r++) {
+                x_high = _mm256_loadu_si256((const __m256i *)(q->values + b * BLOCK + 32)), sums[DECODE_ROWS];
+        for (int r = 0; r < DECODE_ROWS; r++) {
             const uint8_t *block = first_row + r * row_bytes + b * stride;
-            _mm_prefetch((const char *)block + ROWS * row_bytes, _MM_HINT_T0);
-            if (b % 2 == 0) _mm_prefetch((const char *)block + 2 * ROWS * row_bytes, _MM_HINT_T2);
+            _mm_prefetch((const char *)block + DECODE_ROWS * row_bytes, _MM_HINT_T0);
+            if (b % 2 == 0) _mm_prefetch((const char *)block + 2 * DECODE_ROWS * row_bytes, _MM_HINT_T2);
             __m256i low, high;
             unpack(block, format, &low, &high);
             sums[r] = block_dot(low, high, x_low, x_high, format);
         }
-        /* the 4 rows' scales gathered in a register (through memory they would wait on 4 stores) */
         const uint8_t *column = first_row + b * stride;
-        __m128 d = format == SYM_INT8
-                       ? _mm_setr_ps(block_scale(column, format), block_scale(column + row_bytes, format),
-                                     block_scale(column + 2 * row_bytes, format), block_scale(column + 3 * row_bytes, format))
-                       : _mm_cvtph_ps(_mm_setr_epi16(*(const int16_t *)column, *(const int16_t *)(column + row_bytes),
-                                                     *(const int16_t *)(column + 2 * row_bytes),
-                                                     *(const int16_t *)(column + 3 * row_bytes), 0, 0, 0, 0));
-        __m128i totals = _mm_sub_epi32(totals4(sums), _mm_set1_epi32(zero_point(format) * q->sums[b]));
-        __m128 x_scale = _mm_set1_ps(q->scales[b]);
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(totals), _mm_mul_ps(d, x_scale), acc);
-        if (format == ASYM_INT4) {
-            __m128 m = _mm_cvtph_ps(_mm_setr_epi16(*(const int16_t *)(column + 2), *(const int16_t *)(column + row_bytes + 2),
-                                                   *(const int16_t *)(column + 2 * row_bytes + 2),
-                                                   *(const int16_t *)(column + 3 * row_bytes + 2), 0, 0, 0, 0));
-            acc = _mm_fmadd_ps(_mm_set1_ps((float)q->sums[b]), _mm_mul_ps(m, x_scale), acc);
-        }
+        __m256 d = format != SYM_INT8 ? halves8(column, row_bytes)
+                                      : _mm256_setr_ps(block_scale(column, format), block_scale(column + row_bytes, format),
+                                                       block_scale(column + 2 * row_bytes, format),
+                                                       block_scale(column + 3 * row_bytes, format),
+                                                       block_scale(column + 4 * row_bytes, format),
+                                                       block_scale(column + 5 * row_bytes, format),
+                                                       block_scale(column + 6 * row_bytes, format),
+                                                       block_scale(column + 7 * row_bytes, format));
+        __m256i totals = _mm256_sub_epi32(totals8(sums), _mm256_set1_epi32(zero_point(format) * q->sums[b]));
+        __m256 x_scale = _mm256_set1_ps(q->scales[b]);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(totals), _mm256_mul_ps(d, x_scale), acc);
+        if (format == ASYM_INT4)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps((float)q->sums[b]), _mm256_mul_ps(halves8(column + 2, row_bytes), x_scale),
+                                  acc);
     }
-    _mm_storeu_ps(out, acc);
+    _mm256_storeu_ps(out, acc);
 }
 
 static void rows_dot(const uint8_t *first_row, size_t row_bytes, const Quantized *q, int blocks, float *out, int format) {
@@ -393,13 +403,13 @@ static void products(const Product *p, int count, int tokens, int format, int th
         int first_group[MAX_PRODUCTS + 1] = {0};
         for (int i = 0; i < count; i++) {
             quantize(p[i].x + (size_t)t * p[i].cols, p[i].cols, q[i].values, q[i].scales, q[i].sums);
-            first_group[i + 1] = first_group[i] + p[i].rows / ROWS;
+            first_group[i + 1] = first_group[i] + p[i].rows / DECODE_ROWS;
         }
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int g = 0; g < first_group[count]; g++) {
             int i = 0;
             while (g >= first_group[i + 1]) i++;
-            int blocks = p[i].cols / BLOCK, r = (g - first_group[i]) * ROWS;
+            int blocks = p[i].cols / BLOCK, r = (g - first_group[i]) * DECODE_ROWS;
             size_t row_bytes = (size_t)blocks * block_bytes[format];
             rows_dot(p[i].weight + r * row_bytes, row_bytes, &q[i], blocks, p[i].y + (size_t)t * p[i].rows + r, format);
         }

@@ -16,7 +16,7 @@ The forwards compute the same maths as transformers' RwkvSelfAttention / RwkvFee
 fewer tensor operations: one batched mix for key / value / receptance, the decay exponent computed
 once, and for a single token (decoding) bigdl's INT4 kernel called directly. Under generate() the
 head runs on the last position only, and a padded batch of prompts is read row by row, so that
-pads never enter a state. A sym_int4 model runs token ids (a prompt, a decoding step, or one step of
+pads never enter a state. A low-bit model runs token ids (a prompt, a decoding step, or one step of
 a batch of sequences) in one native call instead, where helpers.runtime.fused_decode is available.
 """
 import ctypes
