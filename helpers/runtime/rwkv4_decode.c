@@ -173,9 +173,9 @@ static inline __m256i weights_dot4(__m256i acc, __m256i w, __m256i x, int format
 
 /* In each 32-bit lane, the dot products of 4 weights and 4 inputs in both halves of a block. */
 static inline __m256i block_dot(__m256i low, __m256i high, __m256i x_low, __m256i x_high, int format) {
-    if (SIGNED_INT8 || format == SYM_INT8)
+    if (!SIGNED_INT8 || format == SYM_INT8) /* VNNI, or sym_int8's signed weights */
         return weights_dot4(weights_dot4(_mm256_setzero_si256(), low, x_low, format), high, x_high, format);
-    /* maddubs: 16-bit sums of pairs, at most 4 * 31 * 128 once both halves are added: no saturation */
+    /* the avx2 build: 16-bit sums of pairs, at most 4 * 31 * 128 once both halves are added: no saturation */
     __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, x_low), _mm256_maddubs_epi16(high, x_high));
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
