@@ -1,6 +1,9 @@
 """The native decoding step (helpers/runtime/rwkv4_decode.c) computes what the torch path computes."""
 import contextlib
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -147,3 +150,21 @@ def test_kernel_sweep_times_one_tokens_weights(tmp_path):
     assert result["weight_bytes"] == weights // 64 * 34
     assert [r["threads"] for r in result["records"]] == [1, 2]
     assert all(r["kernel_ms"] > 0 and r["bound_ms"] > 0 for r in result["records"])
+
+
+@pytest.mark.parametrize("kernel", ["avxvnni", "avx2"])
+def test_a_laptops_build_holds_only_its_own_instructions(tmp_path, kernel):
+    # Compiled here as on a laptop (not run, where this CPU lacks them): no AVX-512 register or
+    # instruction, and the dot products in the build's own instructions.
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    library = tmp_path / f"{kernel}.so"
+    subprocess.run([os.environ.get("CC") or "cc", *fused_decode.FLAGS, *fused_decode.KERNELS[kernel][1],
+                    f"-DKERNEL_{kernel.upper()}", str(fused_decode.SOURCE), "-o", str(library), "-lm"], check=True)
+    code = subprocess.run([objdump, "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    assert not re.search(r"%zmm|%ymm(1[6-9]|2\d|3[01])\b|%k[1-7]\b|\{evex\}", code)
+    if kernel == "avxvnni":
+        assert "{vex} vpdpbusd" in code
+    else:
+        assert "vpdpbusd" not in code and "vpmaddubsw" in code
