@@ -26,10 +26,10 @@ demo: $(STAMP) $(CHECKPOINT)
 
 # The torch path of a CPU without AVX-512 and without a C compiler: bigdl-llm's avx2 kernels, no fused
 # step (with a compiler, such a CPU runs the fused step's avx2 build, whose logits equal the avx512
-# build's bit for bit: tests/test_fused_decode.py). The tests that run models, and notebooks 02, 03 and
-# 06, run again on it against the same committed outputs.
+# build's bit for bit: tests/test_fused_decode.py). The tests that decode, and notebooks 02, 03 and 06,
+# run again on it against the same committed outputs.
 AVX2_PATH := RWKV_FUSED_DECODE=0 RWKV_NATIVE_BUILD=avx2
-AVX2_PATH_TESTS := tests/test_low_bit.py tests/test_tensor_loading.py tests/test_batching.py notebooks/02_int4_loading.ipynb \
+AVX2_PATH_TESTS := tests/test_low_bit.py tests/test_batching.py notebooks/02_int4_loading.ipynb \
 	notebooks/03_generate.ipynb notebooks/06_chat.ipynb
 
 test: $(STAMP) $(CHECKPOINT)

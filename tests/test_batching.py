@@ -73,6 +73,12 @@ def test_bad_batches_get_clear_messages(model, tokenizer):
     state, _ = read_prompt(model, torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="one state per token"):
         decode_step(model, [1, 2], [state])
+    with pytest.raises(ValueError, match="each state must be as read_prompt returns it"):
+        decode_step(model, [1], [[s[0] for s in state]])  # not [1, hidden, layers]
+    with pytest.raises(ValueError, match="token ids must be between 0 and 65535"):
+        decode_step(model, [65536], [state])
+    with pytest.raises(ValueError, match="token ids must be between 0 and 65535"):
+        read_prompt(model, torch.tensor([[1, -1]]))
     batch = tokenizer(["Hi", ""], padding=True, return_tensors="pt")
     with pytest.raises(ValueError, match="every prompt of the batch needs at least one token"):
         model.generate(**batch, max_new_tokens=2, pad_token_id=0)

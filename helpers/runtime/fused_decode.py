@@ -238,6 +238,8 @@ class FusedForward:
         step: each sequence keeps its own state tensors, and the weights are read once for all."""
         ids = input_ids.to(torch.int64).contiguous()
         sequences, tokens = ids.shape
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.model.vocab:
+            raise ValueError(f"token ids must be between 0 and {self.model.vocab - 1}, the model's vocabulary")
         logits = torch.empty(sequences, tokens if all_logits else 1, self.model.vocab)
         pointers = (ctypes.c_void_p * (5 * sequences))(*(s.data_ptr() for state in states for s in state))
         self.native.rwkv4_forward(ctypes.byref(self.model), ids.data_ptr(), sequences, tokens, pointers,

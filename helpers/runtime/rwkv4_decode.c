@@ -210,7 +210,7 @@ static inline float block_minimum(const uint8_t *block) { return _cvtsh_ss(*(con
    (integer total) * (d * input scale), then for asym_int4 (sum of inputs) * (m * input scale), to
    the row's sum in block order, exactly as rows_tokens_dot does for each token: a sequence gets the
    same logits decoded alone as in a batch, so the same greedy tokens. 256-bit vectors in every
-   build: on an AMD EPYC (Zen 4) as fast as the 512-bit kernel they replaced (21.5 against 21.9 ms a
+   build: on an AMD EPYC (Zen 4) as fast as the 512-bit kernel they replaced (25.6 against 25.9 ms a
    token on the 1.5B shape, measured interleaved), with one code for every build; 8 rows at a time
    share the input's loads and one sum of 8 totals (3% faster than 4 on the 1.5B shape). */
 static inline __attribute__((always_inline)) void rows_dot_as(const uint8_t *first_row, size_t row_bytes,
