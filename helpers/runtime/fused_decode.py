@@ -2,12 +2,13 @@
 bigdl-llm's low-bit weights (FORMATS: sym_int4, asym_int4, sym_int5, sym_int8).
 
 bigdl-llm's own INT4 kernel and the ~30 small torch operations per layer around it leave a token
-at about 2.7x the time its weights take to read. rwkv4_decode.c reads the same INT4 blocks with
+at about 2.7x the time its weights take to read. rwkv4_decode.c reads the same blocks with
 integer multiply-adds and prefetching (several tokens 8 at a time per unpacked block), and does the
 layer norms, token shift, WKV and channel mix in place. It is compiled on first use into build/, in
 the build this CPU runs fastest (KERNELS: AVX-512 VNNI, AVX-VNNI or plain AVX2; all three compute
 the same logits), or the one ``RWKV_FUSED_KERNEL`` names (to test or measure another CPU's path).
-Without a C compiler or AVX2, or for other formats, models run through the torch path. Set ``RWKV_FUSED_DECODE=0`` to turn it off.
+Without a C compiler or AVX2, or for other formats, models run through the torch path. Set
+``RWKV_FUSED_DECODE=0`` to turn it off.
 """
 import contextlib
 import ctypes
