@@ -511,6 +511,23 @@ static void shift_mix(const float *normed, int tokens, int n, const float *first
     }
 }
 
+/* The start of a time or channel mix, for each sequence's tokens (rows of x): the layer norm, then
+   `mixes` interpolations with the token before (for a sequence's first token, its row of `shift`,
+   sequences per_sequence floats apart), and the last normed token kept in `shift` for the next call. */
+static void norm_and_shift(const float *x, int sequences, int tokens, int n, float eps, const float *weight,
+                           const float *bias, const float *mix, int mixes, float *shift, size_t per_sequence,
+                           float *normed, float *const *mixed, int threads) {
+    int total = sequences * tokens;
+#pragma omp parallel for num_threads(threads) if (total > 1)
+    for (int t = 0; t < total; t++) layer_norm(x + (size_t)t * n, weight, bias, n, eps, normed + (size_t)t * n);
+    for (int s = 0; s < sequences; s++) {
+        size_t first = (size_t)s * tokens * n;
+        float *own = shift + s * per_sequence;
+        for (int j = 0; j < mixes; j++) shift_mix(normed + first, tokens, n, own, mix + j * n, mixed[j] + first);
+        memcpy(own, normed + first + (size_t)(tokens - 1) * n, sizeof(float) * n);
+    }
+}
+
 /* e^x for 8 floats: 2^(x log2 e) split into an integer power, added to the exponent bits, and 2^f
    for |f| <= 1/2 by its Taylor series to degree 7 (relative error below 1e-8). x is clamped to
    [-86, 88], where e^x stays a normal float: below, e^x < 5e-38 counts as nothing here. */
@@ -591,15 +608,8 @@ void rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens
         float *state_of[5]; /* sequence s's rows: state_of[k] + s * per_sequence */
         for (int k = 0; k < 5; k++) state_of[k] = by_layer + ((size_t)k * layers + l) * n;
         /* time mixing */
-#pragma omp parallel for num_threads(threads) if (total > 1)
-        for (int t = 0; t < total; t++)
-            layer_norm(x + (size_t)t * n, layer->ln1_weight, layer->ln1_bias, n, m->eps, normed + (size_t)t * n);
-        for (int s = 0; s < sequences; s++) {
-            size_t first = (size_t)s * tokens * n;
-            for (int j = 0; j < 3; j++)
-                shift_mix(normed + first, tokens, n, state_of[1] + s * per_sequence, layer->attention_mix + j * n,
-                          mixed[j] + first);
-        }
+        norm_and_shift(x, sequences, tokens, n, m->eps, layer->ln1_weight, layer->ln1_bias, layer->attention_mix, 3,
+                       state_of[1], per_sequence, normed, mixed, threads);
         Product attention[3] = {{layer->attention_key, n, n, mixed[0], key},
                                 {layer->attention_value, n, n, mixed[1], value},
                                 {layer->attention_receptance, n, n, mixed[2], receptance}};
@@ -611,21 +621,12 @@ void rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens
                 wkv8(layer, c, tokens, n, key + first, value + first, receptance + first, mixed[0] + first,
                       state_of[2] + own, state_of[3] + own, state_of[4] + own);
             }
-        for (int s = 0; s < sequences; s++)
-            memcpy(state_of[1] + s * per_sequence, normed + ((size_t)s * tokens + tokens - 1) * n, sizeof(float) * n);
         Product attention_output = {layer->attention_output, n, n, mixed[0], out};
         products(&attention_output, 1, total, m->format, threads, q);
         for (size_t at = 0; at < (size_t)total * n; at++) x[at] += out[at] * layer->output_scale;
         /* channel mixing */
-#pragma omp parallel for num_threads(threads) if (total > 1)
-        for (int t = 0; t < total; t++)
-            layer_norm(x + (size_t)t * n, layer->ln2_weight, layer->ln2_bias, n, m->eps, normed + (size_t)t * n);
-        for (int s = 0; s < sequences; s++) {
-            size_t first = (size_t)s * tokens * n;
-            for (int j = 0; j < 2; j++)
-                shift_mix(normed + first, tokens, n, state_of[0] + s * per_sequence, layer->feed_forward_mix + j * n,
-                          mixed[j] + first);
-        }
+        norm_and_shift(x, sequences, tokens, n, m->eps, layer->ln2_weight, layer->ln2_bias, layer->feed_forward_mix, 2,
+                       state_of[0], per_sequence, normed, mixed, threads);
         Product feed_forward[2] = {{layer->feed_forward_key, wide_n, n, mixed[0], wide},
                                    {layer->feed_forward_receptance, n, n, mixed[1], receptance}};
         products(feed_forward, 2, total, m->format, threads, q);
@@ -639,8 +640,6 @@ void rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens
         for (size_t at = 0; at < (size_t)total * n; at += 8) /* n % 64 == 0 */
             _mm256_storeu_ps(x + at, _mm256_fmadd_ps(_mm256_mul_ps(sigmoid8(_mm256_loadu_ps(receptance + at)),
                                                                    _mm256_loadu_ps(out + at)), scale, _mm256_loadu_ps(x + at)));
-        for (int s = 0; s < sequences; s++)
-            memcpy(state_of[0] + s * per_sequence, normed + ((size_t)s * tokens + tokens - 1) * n, sizeof(float) * n);
         if (m->rescale_every > 0 && (l + 1) % m->rescale_every == 0)
             for (size_t at = 0; at < (size_t)total * n; at++) x[at] *= 0.5f;
     }
