@@ -1,11 +1,11 @@
-# make demo | make test | make lab | make playground  (each sets up .venv and the offline checkpoint first)
+# make demo | make test | make lab | make playground | make serve  (each sets up .venv and the offline checkpoint first)
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHECKPOINT := data/models/rwkv-4-world-tiny/config.json
 
-.PHONY: install demo test lab playground checkpoint clean
+.PHONY: install demo test lab playground serve checkpoint clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ lab: $(STAMP) $(CHECKPOINT)
 
 playground: $(STAMP) $(CHECKPOINT)
 	$(VENV)/bin/voila notebooks/05_prompt_playground.ipynb --no-browser --Voila.ip=127.0.0.1 --port=8866
+
+# The OpenAI-compatible API on 127.0.0.1:$(PORT): FastChat's controller, $(WORKERS) RWKV worker(s), the API server.
+PORT ?= 8000
+WORKERS ?= 1
+serve: $(STAMP) $(CHECKPOINT)
+	$(PY) -m helpers.serving --port $(PORT) --workers $(WORKERS)
 
 clean:
 	rm -rf $(VENV) data/models build

@@ -78,3 +78,27 @@ def plot_batches(measured):
         ax.set_xticks(batches)
     fig.tight_layout()
     plt.show()
+
+
+def plot_load(results):
+    """A load test (helpers.serving.load_test): tokens/s of all clients (median of the rounds), and the p50
+    and p95 latency to the first and to the last token, against the number of clients."""
+    import statistics
+
+    from helpers.serving.load_test import by_clients, percentile
+
+    grouped = by_clients(results)
+    clients = list(grouped)
+    fig, (throughput, latency) = plt.subplots(1, 2, figsize=(10, 3.2))
+    throughput.plot(clients, [statistics.median(speeds) for speeds, _, _ in grouped.values()], marker="o")
+    throughput.set(xlabel="concurrent clients", ylabel="tokens/s, all clients", title="Server throughput", ylim=(0, None))
+    for index, (until, style) in enumerate((("first", "o-"), ("last", "s-")), start=1):
+        for share, alpha in ((0.5, 1.0), (0.95, 0.5)):
+            values = [percentile(group[index], share) for group in grouped.values()]
+            latency.plot(clients, values, style, alpha=alpha, label=f"{until} token, p{round(share * 100)}")
+    latency.set(xlabel="concurrent clients", ylabel="ms from sending", title="Latency", ylim=(0, None))
+    latency.legend()
+    for ax in (throughput, latency):
+        ax.set_xticks(clients)
+    fig.tight_layout()
+    plt.show()

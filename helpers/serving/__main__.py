@@ -1,0 +1,3 @@
+from helpers.serving.stack import main
+
+main()

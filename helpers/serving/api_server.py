@@ -1,0 +1,160 @@
+"""FastChat's OpenAI-compatible API server, with the checks and fault handling a public endpoint needs.
+
+    python -m helpers.serving.api_server --controller-address http://127.0.0.1:21001 --port 8000
+
+It is fastchat.serve.openai_api_server, unchanged where it already answers well (an unknown model, a
+negative max_tokens or temperature: 400 with one line), plus:
+- 400 with one line for a malformed body, an empty prompt or chat, a prompt of token ids (FastChat would
+  read them with OpenAI's tokenizer, which needs the internet) and max_tokens above the context length;
+- a worker that stops answering mid-stream ends that stream with an error event, not a cut connection;
+- a worker that no longer answers is dropped before a request is sent to it, so the controller routes
+  to the others, and 503 with one line when none is left.
+FastChat's handlers look up check_model, get_worker_address and generate_completion_stream in their module
+when called; this module puts its own versions there.
+"""
+import argparse
+import os
+
+os.environ.setdefault("LOGDIR", "")  # FastChat logs to stdout only, not into files in the current folder
+
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+from fastapi import Depends  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
+from fastchat.constants import ErrorCode  # noqa: E402
+from fastchat.protocol.openai_api_protocol import ErrorResponse  # noqa: E402
+from fastchat.serve import openai_api_server as fastchat_api  # noqa: E402
+
+MAX_TOKENS = 4096  # the RWKV-4 World models' context length
+STATUS_TIMEOUT_S = 2.0
+app = fastchat_api.app
+
+
+def _error(message, status=400, code=ErrorCode.PARAM_OUT_OF_RANGE):
+    return JSONResponse(ErrorResponse(message=message, code=code).dict(), status_code=status)
+
+
+class NoWorker(Exception):
+    pass
+
+
+def _max_tokens_problem(max_tokens):
+    if max_tokens is not None and max_tokens > MAX_TOKENS:
+        return f"max_tokens must be between 1 and {MAX_TOKENS}, the model's context length, not {max_tokens}"
+
+
+def _completion_problem(request):
+    prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+    if not prompts or any(not isinstance(prompt, str) for prompt in prompts):
+        return "prompt must be a string or a list of strings (RWKV World has its own vocabulary: send text, not token ids)"
+    if any(not prompt.strip() for prompt in prompts):
+        return "prompt is empty: send some text to complete"
+    return _max_tokens_problem(request.max_tokens)
+
+
+def _chat_problem(request):
+    messages = request.messages
+    if isinstance(messages, str):
+        return None if messages.strip() else "messages is empty: send at least one user message"
+    users = [m.get("content") for m in messages if m.get("role") == "user"]
+    if not users:
+        return "messages has no user message: send at least one {\"role\": \"user\", \"content\": ...}"
+    if not isinstance(users[-1], str) or not users[-1].strip():
+        return "the last user message is empty: send some text"
+    return _max_tokens_problem(request.max_tokens)
+
+
+async def check_model(request):
+    models = await fastchat_api.fetch_remote(fastchat_api.app_settings.controller_address + "/list_models", None, "models")
+    if not models:
+        raise NoWorker(f"no worker serves {request.model} now; start one (python -m helpers.serving.worker) and retry")
+    if request.model not in models:
+        return _error(f"unknown model {request.model!r}; this server has {', '.join(sorted(models))}", code=ErrorCode.INVALID_MODEL)
+
+
+async def _answer(request, problem_of, fastchat_handler):
+    problem = problem_of(request)
+    if problem:
+        return _error(problem)
+    try:
+        return await fastchat_handler(request)
+    except NoWorker as error:
+        return _error(str(error), status=503, code=ErrorCode.CONTROLLER_NO_WORKER)
+
+
+def _checked_route(path, problem_of):
+    """Put a route that checks the request first in place of FastChat's route for path (the module's
+    name for a FastChat endpoint may be another route's: it defines create_chat_completion twice)."""
+    (route,) = [route for route in app.router.routes if getattr(route, "path", None) == path]
+    app.router.routes.remove(route)
+    request_type = route.endpoint.__annotations__["request"]
+
+    async def checked(request: request_type):
+        return await _answer(request, problem_of, route.endpoint)
+
+    app.post(path, dependencies=[Depends(fastchat_api.check_api_key)])(checked)
+
+
+_checked_route("/v1/completions", _completion_problem)
+_checked_route("/v1/chat/completions", _chat_problem)
+
+
+@app.exception_handler(RequestValidationError)
+async def malformed_body(request, exc):
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return _error("malformed request body: not valid JSON", code=ErrorCode.VALIDATION_TYPE_ERROR)
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+    return _error(f"malformed request body: {where}: {first.get('msg')}", code=ErrorCode.VALIDATION_TYPE_ERROR)
+
+
+async def _worker_answers(address):
+    try:
+        async with httpx.AsyncClient() as client:
+            response = await client.post(address + "/worker_get_status", timeout=STATUS_TIMEOUT_S)
+        return response.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def get_worker_address(model_name):
+    """The controller's choice of worker, checked first: a worker that does not answer makes the controller
+    drop the workers it cannot reach, and it chooses again."""
+    controller = fastchat_api.app_settings.controller_address
+    for _ in range(2):
+        address = await fastchat_api.fetch_remote(controller + "/get_worker_address", {"model": model_name}, "address")
+        if address and await _worker_answers(address):
+            return address
+        await fastchat_api.fetch_remote(controller + "/refresh_all_workers")
+    raise NoWorker(f"no worker serves {model_name} now; start one (python -m helpers.serving.worker) and retry")
+
+
+async def generate_completion_stream(payload, worker_addr):
+    """FastChat's stream from a worker, ending with an error event if the worker goes away mid-answer."""
+    try:
+        async for content in fastchat_stream(payload, worker_addr):
+            yield content
+    except httpx.HTTPError as error:
+        fastchat_api.logger.error(f"{worker_addr} stopped mid-answer: {error!r}")
+        yield {"text": "the worker stopped mid-answer; send the request again", "error_code": ErrorCode.INTERNAL_ERROR}
+
+
+fastchat_stream = fastchat_api.generate_completion_stream
+fastchat_api.check_model = check_model
+fastchat_api.get_worker_address = get_worker_address
+fastchat_api.generate_completion_stream = generate_completion_stream
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--controller-address", default="http://127.0.0.1:21001")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    fastchat_api.app_settings.controller_address = args.controller_address
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

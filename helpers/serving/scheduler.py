@@ -1,0 +1,124 @@
+"""Continuous batching for one model: requests join and leave between decoding steps, and each step reads
+one token of every running request with the weights read once for all of them.
+
+A request's prompt is read alone when it joins (helpers.runtime.batching.read_prompt); then it decodes in
+the shared step (decode_step) until it has max_new_tokens or its reader cancels it (a stop string, a
+closed connection). Greedy requests get the tokens they would get alone: a sequence's logits do not
+depend on the batch it is in.
+"""
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from helpers.runtime.batching import decode_step, read_prompt
+
+GREEDY_BELOW = 1e-5  # a temperature under this means greedy, as in FastChat's own worker
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: all tokens
+
+    def pick(self, logits):
+        """The next token id from one sequence's logits [vocab]."""
+        if self.temperature < GREEDY_BELOW:
+            return int(logits.argmax())
+        logits = logits / self.temperature
+        if 0 < self.top_k < logits.numel():
+            logits = logits.masked_fill(logits < logits.topk(self.top_k).values[-1], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p  # keeps the token that crosses top_p
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+        return int(torch.multinomial(probs, 1))
+
+
+@dataclass
+class Request:
+    """What a reader holds: tokens arrive in `tokens` as ints, then None (done) or an Exception."""
+
+    prompt_ids: list
+    max_new_tokens: int
+    sampling: Sampling
+    tokens: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+@dataclass
+class _Running:
+    request: Request
+    state: list
+    token: int
+    count: int = 1
+
+
+class Scheduler:
+    """Runs the model in one thread for every request; submit() from any thread."""
+
+    def __init__(self, model, max_batch=16):
+        self.model, self.max_batch = model, max_batch
+        self.waiting = queue.Queue()
+        self.running = []
+        threading.Thread(target=self._loop, name="scheduler", daemon=True).start()
+
+    def submit(self, prompt_ids, max_new_tokens, sampling=None):
+        request = Request(list(prompt_ids), max_new_tokens, sampling or Sampling())
+        self.waiting.put(request)
+        return request
+
+    @property
+    def load(self):
+        """Requests running or waiting."""
+        return len(self.running) + self.waiting.qsize()
+
+    def _loop(self):
+        while True:
+            self._admit(block=not self.running)
+            self._retire()
+            if self.running:
+                self._step()
+
+    def _admit(self, block):
+        """Read the prompts of waiting requests while the batch has room (waiting for one when idle)."""
+        while len(self.running) < self.max_batch:
+            try:
+                request = self.waiting.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if request.cancelled.is_set():
+                continue
+            try:
+                state, logits = read_prompt(self.model, torch.tensor([request.prompt_ids]))
+                token = request.sampling.pick(logits)
+            except Exception as error:  # reported to the request's reader, the others go on
+                request.tokens.put(error)
+                continue
+            request.tokens.put(token)
+            self.running.append(_Running(request, state, token))
+
+    def _retire(self):
+        for run in [run for run in self.running if run.request.cancelled.is_set() or run.count >= run.request.max_new_tokens]:
+            run.request.tokens.put(None)
+            self.running.remove(run)
+
+    def _step(self):
+        try:
+            logits = decode_step(self.model, [run.token for run in self.running], [run.state for run in self.running])
+        except Exception as error:
+            for run in self.running:
+                run.request.tokens.put(error)
+            self.running.clear()
+            return
+        for run, row in zip(self.running, logits):
+            run.token = run.request.sampling.pick(row)
+            run.count += 1
+            run.request.tokens.put(run.token)

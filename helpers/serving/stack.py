@@ -1,0 +1,204 @@
+"""The serving stack on one machine: FastChat's controller, RWKV workers, the OpenAI-compatible API server.
+
+    python -m helpers.serving [--port 8000] [--workers 2] [--model PATH_OR_ID]      (what `make serve` runs)
+
+Everything listens on 127.0.0.1; the controller and workers take free ports. With several workers, each
+is pinned to its own share of the cores. Each process writes its log into build/serving/. Ctrl-C stops
+them all; so does the end of the Python process that started them.
+"""
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import requests
+
+from helpers.runtime.errors import UserError
+from helpers.runtime.paths import REPO_ROOT
+
+LOG_DIR = REPO_ROOT / "build" / "serving"
+HOST = "127.0.0.1"
+# Heartbeats every 5 s, a silent worker dropped after 30 s (FastChat's defaults: 45 s, 90 s).
+HEARTBEATS = {"FASTCHAT_WORKER_HEART_BEAT_INTERVAL": "5", "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION": "30"}
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def core_groups(count, cores=None):
+    """The cores this process may use, split into `count` contiguous groups, as taskset -c lists ("0-3")."""
+    cores = sorted(cores or os.sched_getaffinity(0))
+    if not 1 <= count <= len(cores):
+        raise UserError(f"--workers must be between 1 and the {len(cores)} cores this machine lets us use, not {count}.")
+    size = len(cores) // count
+    groups = [cores[i * size:(i + 1) * size] for i in range(count)]
+    return [",".join(map(str, group)) if group[-1] - group[0] != len(group) - 1
+            else f"{group[0]}-{group[-1]}" if len(group) > 1 else str(group[0]) for group in groups]
+
+
+def _die_with_parent():
+    """In the child: end when the process that started the stack ends (Linux's PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+@dataclass
+class Process:
+    name: str
+    command: list
+    port: int
+    popen: subprocess.Popen = None
+
+    @property
+    def url(self):
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def log(self):
+        return LOG_DIR / f"{self.name}.log"
+
+    def start(self):
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as log:
+            self.popen = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                          env={**HEARTBEATS, **os.environ, "LOGDIR": ""},
+                                          start_new_session=True, preexec_fn=_die_with_parent)
+
+    def running(self):
+        return self.popen is not None and self.popen.poll() is None
+
+    def check_running(self):
+        if not self.running():
+            tail = self.log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise UserError(f"The {self.name} stopped while starting; the end of {self.log}:\n" + "\n".join(tail))
+
+    def stop(self, grace_s=5):
+        if self.running():
+            self.popen.terminate()
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+class Stack:
+    """with Stack(workers=2) as stack: requests to stack.url; stack.workers[i].popen to stop one."""
+
+    def __init__(self, port=None, workers=1, model=None, max_batch=16):
+        self.model, self.max_batch = model, max_batch
+        self.controller = Process("controller", self._python("fastchat.serve.controller"), free_port())
+        self.controller.command += ["--port", str(self.controller.port)]
+        api_port = port or free_port()
+        self.api_server = Process("api_server", self._python("helpers.serving.api_server") + [
+            "--port", str(api_port), "--controller-address", self.controller.url], api_port)
+        self.workers = []
+        self.planned_cores = core_groups(workers) if workers > 1 else [None]
+
+    @staticmethod
+    def _python(module):
+        return [sys.executable, "-m", module, "--host", HOST]
+
+    def add_worker(self, cores=None, deadline=None):
+        """Start one more worker (pinned to `cores`, as taskset -c lists them) and return it once the
+        controller has registered it: what a worker on another host does with the controller's address."""
+        worker = Process(f"worker-{len(self.workers) + 1}", self._python("helpers.serving.worker"), free_port())
+        worker.command += ["--port", str(worker.port), "--controller-address", self.controller.url,
+                           "--max-batch", str(self.max_batch)]
+        worker.command += ["--model", self.model] if self.model else []
+        worker.command += ["--cpus", cores] if cores else []
+        self.workers.append(worker)
+        worker.start()
+        running = len([w for w in self.workers if w.running()])
+        self._wait(worker, deadline or time.monotonic() + 600, lambda: self.registered_workers() >= running)
+        return worker
+
+    @property
+    def url(self):
+        return self.api_server.url
+
+    @property
+    def processes(self):
+        return [self.controller, self.api_server, *self.workers]
+
+    def start(self, timeout_s=600):
+        """Start everything, the workers one after another (the first may build the low-bit cache the
+        others load), and return once every worker is registered with the controller."""
+        deadline = time.monotonic() + timeout_s
+        self.controller.start()
+        self._wait(self.controller, deadline, lambda: requests.get(self.controller.url + "/test_connection", timeout=1))
+        self.api_server.start()
+        for cores in self.planned_cores:
+            self.add_worker(cores, deadline)
+        self._wait(self.api_server, deadline, lambda: requests.get(self.url + "/v1/models", timeout=5).ok)
+        return self
+
+    def registered_workers(self):
+        """How many registered workers answer the controller."""
+        return requests.post(self.controller.url + "/worker_get_status", timeout=10).json()["speed"]
+
+    def _wait(self, process, deadline, ready):
+        while True:
+            process.check_running()
+            try:
+                if ready():
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise UserError(f"The {process.name} was not ready in time; see {process.log}.")
+            time.sleep(0.2)
+
+    def stop(self):
+        for process in reversed(self.processes):
+            process.stop()
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=8000, help="the API server's port")
+    parser.add_argument("--workers", type=int, default=1, help="workers on this machine, each on its own cores")
+    parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the offline checkpoint)")
+    args = parser.parse_args(argv)
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill: stop the stack, however started
+        signal.signal(stop_signal, signal.default_int_handler)
+    stack = Stack(args.port, args.workers, args.model)
+    try:
+        print(f"Starting the controller, {args.workers} worker(s) and the API server; logs in {LOG_DIR} ...", flush=True)
+        stack.start()
+        model = requests.get(stack.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        print(f"Serving {model} at {stack.url}/v1 (OpenAI API). Try:\n"
+              f"  curl {stack.url}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{model}\", \"prompt\": \"Question: What is AI?\\n\\nAnswer:\", \"max_tokens\": 40}}'\n"
+              "Ctrl-C stops the stack.", flush=True)
+        while stack.api_server.running() and stack.controller.running():
+            time.sleep(1)
+        print("The API server or the controller stopped; stopping the rest.")
+    except UserError as error:
+        sys.exit(f"Error: {error}")
+    except KeyboardInterrupt:
+        print("\nStopping.")
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()

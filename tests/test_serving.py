@@ -1,0 +1,152 @@
+"""The serving stack (helpers.serving) on free loopback ports: FastChat's controller, two RWKV workers
+pinned to their own cores, and the OpenAI-compatible API server, on the offline checkpoint."""
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+
+from helpers.serving.scheduler import Sampling
+from helpers.serving.stack import Stack, core_groups
+from helpers.serving.worker import AnswerText, parse_cpus
+from helpers.runtime.errors import UserError
+
+MODEL = "rwkv-4-world-tiny"
+PROMPTS = [f"Question: {topic}\n\nAnswer:" for topic in (
+    "What is AI?", "Why is the sky blue?", "Name a prime number.", "How do trains work?", "What is a CPU?",
+    "Who wrote Hamlet?", "What is RWKV?", "How far is the Moon?", "What is rain?", "Why do cats purr?",
+    "What is INT4?", "How do I bake bread?", "What is Tibet?", "What is a dragon?", "What is memory?",
+    "What is a server?")]
+LONG_STREAM_PROMPT = "Once upon a time"  # greedy on the offline checkpoint: 4000 tokens without a stop
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_source):
+    with Stack(workers=2) as stack:
+        yield stack
+
+
+def complete(stack, prompt, max_tokens=24, **fields):
+    response = requests.post(stack.url + "/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **fields})
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]
+
+
+def stream_events(response):
+    """The JSON events of a server-sent event stream, up to [DONE]."""
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("data: "):
+            if line == "data: [DONE]":
+                return
+            yield json.loads(line[len("data: "):])
+
+
+def test_models_lists_the_model(stack):
+    models = requests.get(stack.url + "/v1/models", timeout=10).json()
+    assert [card["id"] for card in models["data"]] == [MODEL]
+
+
+def test_workers_are_pinned_to_their_own_cores(stack):
+    cores = [os.sched_getaffinity(worker.popen.pid) for worker in stack.workers]
+    assert all(cores) and not cores[0] & cores[1]
+
+
+def test_concurrent_greedy_completions_equal_each_served_alone(stack):
+    alone = [complete(stack, prompt)["text"] for prompt in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda prompt: complete(stack, prompt)["text"], PROMPTS))
+    assert together == alone
+    assert len(set(alone)) > 1 and all(alone)
+
+
+def test_streamed_chat_is_the_answer_in_pieces(stack):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello! Who are you?"}],
+            "max_tokens": 20, "temperature": 0}
+    whole = requests.post(stack.url + "/v1/chat/completions", json=body, timeout=60).json()
+    with requests.post(stack.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=60) as response:
+        events = list(stream_events(response))
+    pieces = [event["choices"][0]["delta"].get("content", "") for event in events]
+    assert len([piece for piece in pieces if piece]) > 1
+    assert "".join(pieces) == whole["choices"][0]["message"]["content"] != ""
+    assert events[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def test_a_stop_string_ends_the_text_before_it(stack):
+    full = complete(stack, PROMPTS[0], max_tokens=40)["text"]
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    stopped = complete(stack, PROMPTS[0], max_tokens=40, stop=[stop])
+    assert stopped["text"] == full[:full.index(stop)]
+    assert stopped["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("path, body, expected", [
+    ("completions", {"model": MODEL, "prompt": "  "}, "prompt is empty"),
+    ("completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 100_000}, "max_tokens must be between 1 and 4096"),
+    ("completions", {"model": "gpt-4", "prompt": "Hi"}, "unknown model 'gpt-4'"),
+    ("completions", {"model": MODEL}, "malformed request body: prompt"),
+    ("completions", {"model": MODEL, "prompt": [1, 2, 3]}, "send text, not token ids"),
+    ("completions", '{"model": "' + MODEL + '", "prompt": ', "not valid JSON"),
+    ("chat/completions", {"model": MODEL, "messages": []}, "no user message"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": ""}], "stream": True}, "empty"),
+])
+def test_bad_requests_get_a_400_with_one_line(stack, path, body, expected):
+    data = body if isinstance(body, str) else json.dumps(body)
+    response = requests.post(f"{stack.url}/v1/{path}", data=data, headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 400
+    message = response.json()["message"]
+    assert expected in message and "\n" not in message
+
+
+def test_a_worker_killed_mid_stream_ends_its_stream_with_an_error_and_the_others_answer(stack):
+    body = {"model": MODEL, "prompt": LONG_STREAM_PROMPT, "max_tokens": 4000, "temperature": 0, "stream": True}
+    with requests.post(stack.url + "/v1/completions", json=body, stream=True, timeout=60) as response:
+        events = stream_events(response)
+        next(events)
+        (busy,) = [worker for worker in stack.workers if requests.post(
+            worker.url + "/worker_get_status", timeout=5).json()["queue_length"] > 0]
+        busy.popen.send_signal(signal.SIGKILL)
+        rest = list(events)
+    assert "error_code" in rest[-1] and "stopped mid-answer" in rest[-1]["text"]
+    assert len(rest) < 3999  # it ended early
+    texts = [complete(stack, prompt)["text"] for prompt in PROMPTS[:4]]
+    assert all(texts)
+    assert stack.controller.running() and stack.api_server.running()
+
+
+def test_greedy_and_sampled_picks():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    assert Sampling().pick(logits) == 1
+    assert {Sampling(temperature=1.0, top_k=2).pick(logits) for _ in range(200)} == {1, 3}
+    assert {Sampling(temperature=1.0, top_p=0.01).pick(logits) for _ in range(50)} == {1}
+
+
+def test_answer_text_holds_back_a_possible_stop_and_cuts_at_a_stop():
+    pieces = {1: "Answer", 2: ": yes", 3: "\n", 4: "\nUser", 5: "\xe2", 6: "\x82\xac"}
+    decode = lambda ids: "".join(pieces[i] for i in ids).encode("latin-1").decode("utf-8", errors="replace")
+    answer = AnswerText(decode, ["\n\n"], {0})
+    for token in (1, 2, 3):
+        answer.add(token)
+    assert (answer.text, answer.visible, answer.finish) == ("Answer: yes\n", "Answer: yes", None)
+    answer.add(4)
+    assert (answer.text, answer.finish, answer.tokens) == ("Answer: yes", "stop", [1, 2, 3, 4])
+    euro = AnswerText(decode, [], {0})
+    euro.add(5)
+    assert euro.text == ""  # half a character waits
+    euro.add(6)
+    euro.add(0)
+    assert (euro.text, euro.finish, euro.tokens) == ("\u20ac", "stop", [5, 6])
+
+
+def test_core_lists():
+    assert parse_cpus(",".join(map(str, sorted(os.sched_getaffinity(0))))) == os.sched_getaffinity(0)
+    assert core_groups(2, range(8)) == ["0-3", "4-7"]
+    assert core_groups(2, [0, 2, 4, 6]) == ["0,2", "4,6"]
+    with pytest.raises(UserError, match="core numbers"):
+        parse_cpus("first")
+    with pytest.raises(UserError, match="between 1 and the 8 cores"):
+        core_groups(9, range(8))
