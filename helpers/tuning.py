@@ -1,10 +1,10 @@
 """What notebook 04 measures: decode speed against threads, decoding kernels, OpenMP and allocators, pinning.
 
-Each configuration runs in a fresh process (threads, LD_PRELOAD and the kernel build are fixed when a
-process starts):  python -m helpers.tuning --worker  prints one JSON line with its decode speed. Each
-is measured in ROUNDS rounds, the configurations taking turns within a round, so that the machine's
-drift spreads over all of them; a configuration wins only where its slowest round beats every other's
-fastest.
+Each configuration runs in a process of its own (threads, LD_PRELOAD and the kernel build are fixed when
+a process starts):  python -m helpers.tuning --worker  loads the model, then prints one JSON line with
+its decode speed for each line it reads. Each configuration is measured in ROUNDS rounds, taking turns
+within a round, so that the machine's drift spreads over all of them; a configuration wins only where
+its slowest round beats every other's fastest.
 """
 import json
 import os
@@ -12,6 +12,8 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 
 from helpers import NATIVE_LIBRARY
@@ -22,6 +24,7 @@ from helpers.runtime.paths import DATA_DIR
 
 PROMPT_TOKENS, DECODE_TOKENS = 16, 48
 ROUNDS = 3
+SETTLE_S = 0.25  # before each measurement: the last one's idle OpenMP threads may spin this long (Intel's default 200 ms)
 SWEEPS_DIR = DATA_DIR / "sweeps"
 RUNTIMES = {  # name: bigdl-llm-init options
     "Intel OpenMP, system malloc": "",
@@ -31,14 +34,37 @@ RUNTIMES = {  # name: bigdl-llm-init options
 }
 
 
-def measure(threads, env=None, prefix=()):
-    """Decode tokens/s of the notebooks' model (RWKV_MODEL or the offline checkpoint) in a fresh process."""
-    full_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads)}
-    command = [*prefix, sys.executable, "-m", "helpers.tuning", "--worker"]
-    result = subprocess.run(command, capture_output=True, text=True, env=full_env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"]
+class _Configuration:
+    """A process that loads the notebooks' model (RWKV_MODEL or the offline checkpoint) in one configuration,
+    then measures its decode speed each time it is asked."""
+
+    def __init__(self, threads, env=None, prefix=()):
+        self.command = [*prefix, sys.executable, "-m", "helpers.tuning", "--worker"]
+        self.errors = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+                                        text=True, env={**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads)})
+
+    def _read(self):
+        line = self.process.stdout.readline()
+        if not line:
+            self.errors.seek(0)
+            raise RuntimeError(f"{' '.join(self.command)} failed:\n{self.errors.read()[-2000:]}")
+        return json.loads(line)
+
+    def wait_until_loaded(self):
+        assert self._read() == {"loaded": True}
+
+    def tokens_per_s(self):
+        time.sleep(SETTLE_S)
+        self.process.stdin.write("measure\n")
+        self.process.stdin.flush()
+        return self._read()["tokens_per_s"]
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait()
+        self.errors.close()
 
 
 def thread_counts():
@@ -57,12 +83,20 @@ class Measured:
 
 
 def measure_in_rounds(configurations, rounds=ROUNDS):
-    """{label: Measured} for {label: keyword arguments of measure()}, in alternating rounds."""
-    measured = {label: Measured([]) for label in configurations}
-    for _ in range(rounds):
-        for label, settings in configurations.items():
-            measured[label].speeds.append(measure(**settings))
-    return measured
+    """{label: Measured} for {label: dict(threads=..., env=..., prefix=...)}, in alternating rounds; each
+    configuration's process starts (and loads the model) once."""
+    processes = {label: _Configuration(**settings) for label, settings in configurations.items()}
+    try:
+        for process in processes.values():  # no measurement while another process is still loading
+            process.wait_until_loaded()
+        measured = {label: Measured([]) for label in configurations}
+        for _ in range(rounds):
+            for label, process in processes.items():
+                measured[label].speeds.append(process.tokens_per_s())
+        return measured
+    finally:
+        for process in processes.values():
+            process.close()
 
 
 def rows(measured):
@@ -165,9 +199,13 @@ def worker():
     from helpers.streaming import timed_greedy_decode
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    model = load_model(resolve_model(None), "sym_int4")
-    run = timed_greedy_decode(model, torch.arange(1, PROMPT_TOKENS + 1).unsqueeze(0), DECODE_TOKENS)
-    print(json.dumps({"tokens_per_s": 1000 / statistics.median(run.latency_ms)}))
+    model = load_model(resolve_model(None), "sym_int4", report=lambda line: print(line, file=sys.stderr))
+    prompt = torch.arange(1, PROMPT_TOKENS + 1).unsqueeze(0)
+    timed_greedy_decode(model, prompt, DECODE_TOKENS)  # warm up: every round then measures a warm process
+    print(json.dumps({"loaded": True}), flush=True)
+    for _ in sys.stdin:  # one measurement per line read, until the notebook closes the pipe
+        run = timed_greedy_decode(model, prompt, DECODE_TOKENS)
+        print(json.dumps({"tokens_per_s": 1000 / statistics.median(run.latency_ms)}), flush=True)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:

@@ -3,6 +3,8 @@ pinned to their own cores, and the OpenAI-compatible API server, on the offline 
 import json
 import os
 import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -10,7 +12,7 @@ import requests
 import torch
 
 from helpers.serving.scheduler import Sampling
-from helpers.serving.stack import Stack, core_groups
+from helpers.serving.stack import Stack, core_groups, free_port
 from helpers.serving.worker import AnswerText, parse_cpus
 from helpers.runtime.errors import UserError
 
@@ -116,6 +118,29 @@ def test_a_worker_killed_mid_stream_ends_its_stream_with_an_error_and_the_others
     texts = [complete(stack, prompt)["text"] for prompt in PROMPTS[:4]]
     assert all(texts)
     assert stack.controller.running() and stack.api_server.running()
+
+
+def test_make_serve_answers_then_ctrl_c_stops_all_three():
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "helpers.serving", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        lines = iter(serve.stdout.readline, "")
+        assert next(line for line in lines if line.startswith("Serving ") or line.startswith("Error"))
+        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"] == MODEL
+        children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(serve.pid)], capture_output=True, text=True).stdout.split()]
+        assert len(children) == 3
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(30) == 0 and "Stopping." in serve.stdout.read()
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in children)
+    finally:
+        serve.kill()
+
+
+def test_a_bad_model_path_stops_make_serve_with_one_line():
+    result = subprocess.run([sys.executable, "-m", "helpers.serving", "--port", str(free_port()), "--model", "/no/such/model"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "No model folder at /no/such/model" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_greedy_and_sampled_picks():

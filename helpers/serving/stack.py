@@ -76,8 +76,10 @@ class Process:
 
     def check_running(self):
         if not self.running():
-            tail = self.log.read_text(errors="replace").strip().splitlines()[-5:]
-            raise UserError(f"The {self.name} stopped while starting; the end of {self.log}:\n" + "\n".join(tail))
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+            errors = [line for line in lines if line.startswith("Error: ")]  # a helpers error, already one line
+            said = errors[-1].removeprefix("Error: ") if errors else f"the end of {self.log}:\n" + "\n".join(lines[-5:])
+            raise UserError(f"The {self.name} stopped while starting. {said}")
 
     def stop(self, grace_s=5):
         if self.running():
