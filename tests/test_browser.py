@@ -164,7 +164,8 @@ def test_playground_as_a_voila_page(voila, page):
 
 
 def test_chat_box_in_jupyterlab(jupyterlab, page):
-    page.goto(jupyterlab.url.replace(NOTEBOOK, CHAT_NOTEBOOK))
+    # A workspace of its own: the playground test's workspace would restore its notebook over this one
+    page.goto(jupyterlab.url.replace(f"/lab/tree/{NOTEBOOK}", f"/lab/workspaces/chat/tree/{CHAT_NOTEBOOK}"))
     page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)
     news = page.get_by_role("button", name="No", exact=True)
     if news.count():
