@@ -11,7 +11,9 @@ import pytest
 import requests
 import torch
 
-from helpers.serving.scheduler import Sampling
+from helpers.runtime.loading import load_model
+from helpers.serving.scheduler import Sampling, Scheduler
+from helpers.streaming import batched_greedy
 from helpers.serving.stack import Stack, core_groups, free_port
 from helpers.serving.worker import AnswerText, parse_cpus
 from helpers.runtime.errors import UserError
@@ -104,7 +106,7 @@ def test_bad_requests_get_a_400_with_one_line(stack, path, body, expected):
     assert expected in message and "\n" not in message
 
 
-def test_a_worker_killed_mid_stream_ends_its_stream_with_an_error_and_the_others_answer(stack):
+def test_a_worker_killed_mid_stream_ends_its_stream_with_an_error_and_the_others_answer_then_none(stack):
     body = {"model": MODEL, "prompt": LONG_STREAM_PROMPT, "max_tokens": 4000, "temperature": 0, "stream": True}
     with requests.post(stack.url + "/v1/completions", json=body, stream=True, timeout=60) as response:
         events = stream_events(response)
@@ -118,6 +120,11 @@ def test_a_worker_killed_mid_stream_ends_its_stream_with_an_error_and_the_others
     texts = [complete(stack, prompt)["text"] for prompt in PROMPTS[:4]]
     assert all(texts)
     assert stack.controller.running() and stack.api_server.running()
+    (last,) = [worker for worker in stack.workers if worker.running()]
+    last.popen.send_signal(signal.SIGKILL)
+    last.popen.wait()
+    response = requests.post(stack.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi"}, timeout=30)
+    assert response.status_code == 503 and response.json()["message"].startswith(f"no worker serves {MODEL} now")
 
 
 def test_make_serve_answers_then_ctrl_c_stops_all_three():
@@ -141,6 +148,17 @@ def test_a_bad_model_path_stops_make_serve_with_one_line():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "No model folder at /no/such/model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_requests_submitted_together_share_decoding_steps(tiny_source):
+    model = load_model(tiny_source)
+    prompts = [[1 + i, 20 + 7 * i, 300 + i][:1 + i % 3] for i in range(4)]
+    alone = [batched_greedy(model, [torch.tensor([ids])], 15)[0][0] for ids in prompts]
+    scheduler = Scheduler(model, max_batch=4)
+    submitted = [scheduler.submit(ids, max_new_tokens=16) for ids in prompts]
+    served = [list(iter(request.tokens.get, None)) for request in submitted]
+    assert served == alone
+    assert scheduler.steps < 2 * 15  # together: 15 steps for all four (alone: 60)
 
 
 def test_greedy_and_sampled_picks():

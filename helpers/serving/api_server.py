@@ -2,10 +2,11 @@
 
     python -m helpers.serving.api_server --controller-address http://127.0.0.1:21001 --port 8000
 
-It is fastchat.serve.openai_api_server, unchanged where it already answers well (an unknown model, a
-negative max_tokens or temperature: 400 with one line), plus:
-- 400 with one line for a malformed body, an empty prompt or chat, a prompt of token ids (FastChat would
-  read them with OpenAI's tokenizer, which needs the internet) and max_tokens above the context length;
+It is fastchat.serve.openai_api_server, unchanged where it already answers well (max_tokens below 1, a
+temperature or top_p out of range: 400 with one line), plus:
+- 400 with one line for a malformed body, an unknown model (naming the ones served), an empty prompt or
+  chat, a prompt of token ids (FastChat would read them with OpenAI's tokenizer, which needs the internet)
+  and max_tokens above the context length;
 - a worker that stops answering mid-stream ends that stream with an error event, not a cut connection;
 - a worker that no longer answers is dropped before a request is sent to it, so the controller routes
   to the others, and 503 with one line when none is left.
@@ -36,7 +37,8 @@ def _error(message, status=400, code=ErrorCode.PARAM_OUT_OF_RANGE):
 
 
 class NoWorker(Exception):
-    pass
+    def __init__(self, model):
+        super().__init__(f"no worker serves {model} now; start one (python -m helpers.serving.worker) and retry")
 
 
 def _max_tokens_problem(max_tokens):
@@ -68,7 +70,7 @@ def _chat_problem(request):
 async def check_model(request):
     models = await fastchat_api.fetch_remote(fastchat_api.app_settings.controller_address + "/list_models", None, "models")
     if not models:
-        raise NoWorker(f"no worker serves {request.model} now; start one (python -m helpers.serving.worker) and retry")
+        raise NoWorker(request.model)
     if request.model not in models:
         return _error(f"unknown model {request.model!r}; this server has {', '.join(sorted(models))}", code=ErrorCode.INVALID_MODEL)
 
@@ -127,7 +129,7 @@ async def get_worker_address(model_name):
         if address and await _worker_answers(address):
             return address
         await fastchat_api.fetch_remote(controller + "/refresh_all_workers")
-    raise NoWorker(f"no worker serves {model_name} now; start one (python -m helpers.serving.worker) and retry")
+    raise NoWorker(model_name)
 
 
 async def generate_completion_stream(payload, worker_addr):

@@ -67,6 +67,7 @@ class Scheduler:
         self.model, self.max_batch = model, max_batch
         self.waiting = queue.Queue()
         self.running = []
+        self.steps = 0  # decoding steps run, each for every running request
         threading.Thread(target=self._loop, name="scheduler", daemon=True).start()
 
     def submit(self, prompt_ids, max_new_tokens, sampling=None):
@@ -118,6 +119,7 @@ class Scheduler:
                 run.request.tokens.put(error)
             self.running.clear()
             return
+        self.steps += 1
         for run, row in zip(self.running, logits):
             run.token = run.request.sampling.pick(row)
             run.count += 1
