@@ -59,12 +59,20 @@ def test_workers_are_pinned_to_their_own_cores(stack):
     assert all(cores) and not cores[0] & cores[1]
 
 
+def admitted(stack):
+    """Requests each worker has taken so far."""
+    return [requests.post(worker.url + "/worker_get_status", timeout=5).json()["requests_admitted"] for worker in stack.workers]
+
+
 def test_concurrent_greedy_completions_equal_each_served_alone(stack):
+    before = admitted(stack)
     alone = [complete(stack, prompt)["text"] for prompt in PROMPTS]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = list(pool.map(lambda prompt: complete(stack, prompt)["text"], PROMPTS))
     assert together == alone
     assert len(set(alone)) > 1 and all(alone)
+    taken = [after - earlier for after, earlier in zip(admitted(stack), before)]
+    assert sum(taken) == 2 * len(PROMPTS) and min(taken) > 0  # the controller spread them over both workers
 
 
 def test_streamed_chat_is_the_answer_in_pieces(stack):

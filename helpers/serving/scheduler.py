@@ -68,6 +68,7 @@ class Scheduler:
         self.waiting = queue.Queue()
         self.running = []
         self.steps = 0  # decoding steps run, each for every running request
+        self.admitted = 0  # requests whose prompt was read
         threading.Thread(target=self._loop, name="scheduler", daemon=True).start()
 
     def submit(self, prompt_ids, max_new_tokens, sampling=None):
@@ -105,6 +106,7 @@ class Scheduler:
                 continue
             request.tokens.put(token)
             self.running.append(_Running(request, state, token))
+            self.admitted += 1
 
     def _retire(self):
         for run in [run for run in self.running if run.request.cancelled.is_set() or run.count >= run.request.max_new_tokens]:

@@ -128,6 +128,10 @@ def _make_worker_class():
         def get_queue_length(self):
             return self.scheduler.load
 
+        def get_status(self):
+            """FastChat's status (what the controller reads), and how many requests this worker has taken."""
+            return {**super().get_status(), "requests_admitted": self.scheduler.admitted}
+
         def generate_stream_gate(self, params):
             """FastChat's stream: the text so far as JSON chunks ending in b"\\0", the last with finish_reason."""
             try:
