@@ -83,8 +83,16 @@ def test_streamed_chat_is_the_answer_in_pieces(stack):
         events = list(stream_events(response))
     pieces = [event["choices"][0]["delta"].get("content", "") for event in events]
     assert len([piece for piece in pieces if piece]) > 1
-    assert "".join(pieces) == whole["choices"][0]["message"]["content"] != ""
+    assert "".join(pieces) == whole["choices"][0]["message"]["content"].replace("\ufffd", "") != ""
     assert events[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def test_a_blank_line_in_a_chat_message_is_read_as_a_line_break(stack):
+    def answer(text):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0}
+        return requests.post(stack.url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
+
+    assert answer("Hello!\n\nWho are you?") == answer("Hello!\nWho are you?") != answer("Hello! Who are you?")
 
 
 def test_a_stop_string_ends_the_text_before_it(stack):
@@ -104,6 +112,7 @@ def test_a_stop_string_ends_the_text_before_it(stack):
     ("completions", {"model": MODEL, "prompt": [1, 2, 3]}, "send text, not token ids"),
     ("completions", '{"model": "' + MODEL + '", "prompt": ', "not valid JSON"),
     ("chat/completions", {"model": MODEL, "messages": []}, "no user message"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "Hi"}]}, "unknown message role 'tool'"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": ""}], "stream": True}, "empty"),
 ])
 def test_bad_requests_get_a_400_with_one_line(stack, path, body, expected):
@@ -114,6 +123,7 @@ def test_bad_requests_get_a_400_with_one_line(stack, path, body, expected):
     assert expected in message and "\n" not in message
 
 
+# This test kills both workers of the module's stack: the tests after it start their own processes.
 def test_a_worker_killed_mid_stream_ends_its_stream_with_an_error_and_the_others_answer_then_none(stack):
     body = {"model": MODEL, "prompt": LONG_STREAM_PROMPT, "max_tokens": 4000, "temperature": 0, "stream": True}
     with requests.post(stack.url + "/v1/completions", json=body, stream=True, timeout=60) as response:
@@ -165,8 +175,11 @@ def test_requests_submitted_together_share_decoding_steps(tiny_source):
     scheduler = Scheduler(model, max_batch=4)
     submitted = [scheduler.submit(ids, max_new_tokens=16) for ids in prompts]
     served = [list(iter(request.tokens.get, None)) for request in submitted]
+    scheduler.close()
     assert served == alone
     assert scheduler.steps < 2 * 15  # together: 15 steps for all four (alone: 60)
+    scheduler.thread.join(timeout=10)
+    assert not scheduler.thread.is_alive()  # closed: the model thread has ended
 
 
 def test_greedy_and_sampled_picks():

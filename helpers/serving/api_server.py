@@ -10,8 +10,10 @@ temperature or top_p out of range: 400 with one line), plus:
 - a worker that stops answering mid-stream ends that stream with an error event, not a cut connection;
 - a worker that no longer answers is dropped before a request is sent to it, so the controller routes
   to the others, and 503 with one line when none is left.
-FastChat's handlers look up check_model, get_worker_address and generate_completion_stream in their module
-when called; this module puts its own versions there.
+- a failure on the server's side is a 500, not FastChat's 400;
+- a blank line inside a chat message becomes a line break (in the World format it ends a turn).
+FastChat's handlers look up create_error_response, check_model, get_worker_address and
+generate_completion_stream in their module when called; this module puts its own versions there.
 """
 import argparse
 import os
@@ -27,7 +29,7 @@ from fastchat.constants import ErrorCode  # noqa: E402
 from fastchat.protocol.openai_api_protocol import ErrorResponse  # noqa: E402
 from fastchat.serve import openai_api_server as fastchat_api  # noqa: E402
 
-MAX_TOKENS = 4096  # the RWKV-4 World models' context length
+MAX_TOKENS = 4096  # the context length of every RWKV-4 World model (config.json's context_length)
 STATUS_TIMEOUT_S = 2.0
 app = fastchat_api.app
 
@@ -59,6 +61,9 @@ def _chat_problem(request):
     messages = request.messages
     if isinstance(messages, str):
         return None if messages.strip() else "messages is empty: send at least one user message"
+    roles = {m.get("role") for m in messages} - {"system", "user", "assistant"}
+    if roles:
+        return f"unknown message role {sorted(map(str, roles))[0]!r}: use system, user or assistant"
     users = [m.get("content") for m in messages if m.get("role") == "user"]
     if not users:
         return "messages has no user message: send at least one {\"role\": \"user\", \"content\": ...}"
@@ -75,10 +80,20 @@ async def check_model(request):
         return _error(f"unknown model {request.model!r}; this server has {', '.join(sorted(models))}", code=ErrorCode.INVALID_MODEL)
 
 
+def _world_turns(request):
+    """A blank line ends a turn in the World format: inside a chat message it becomes a line break."""
+    if not isinstance(request.messages, str):
+        for message in request.messages:
+            if isinstance(message.get("content"), str):
+                message["content"] = message["content"].replace("\r\n", "\n").replace("\n\n", "\n")
+
+
 async def _answer(request, problem_of, fastchat_handler):
     problem = problem_of(request)
     if problem:
         return _error(problem)
+    if hasattr(request, "messages"):
+        _world_turns(request)
     try:
         return await fastchat_handler(request)
     except NoWorker as error:
@@ -142,7 +157,13 @@ async def generate_completion_stream(payload, worker_addr):
         yield {"text": "the worker stopped mid-answer; send the request again", "error_code": ErrorCode.INTERNAL_ERROR}
 
 
+def create_error_response(code, message):
+    """FastChat answers every error with 400; a failure on the server's side is a 500."""
+    return _error(message, status=500 if code == ErrorCode.INTERNAL_ERROR else 400, code=code)
+
+
 fastchat_stream = fastchat_api.generate_completion_stream
+fastchat_api.create_error_response = create_error_response
 fastchat_api.check_model = check_model
 fastchat_api.get_worker_address = get_worker_address
 fastchat_api.generate_completion_stream = generate_completion_stream

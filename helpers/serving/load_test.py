@@ -46,8 +46,9 @@ class LoadResult:
 
 
 def percentile(values, share):
+    """The value at `share` (0.5: the median) of the sorted values; NaN for none."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 def _stream(url, body):
@@ -78,7 +79,8 @@ def _stream(url, body):
 def load_test(url, model, clients, requests_count, max_tokens, count_tokens, prompts=PROMPTS, time_limit_s=120):
     """Send requests_count streamed greedy completions of the prompts (in turn) to url's /v1/completions,
     `clients` at a time; after time_limit_s no more are sent (those running finish). count_tokens(text)
-    counts the tokens of an answer."""
+    counts the tokens of an answer (a stream does not say; encoding the text again can give a token or so
+    fewer than were generated)."""
     deadline = time.monotonic() + time_limit_s
 
     def one(index):

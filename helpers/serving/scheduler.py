@@ -69,32 +69,37 @@ class Scheduler:
         self.running = []
         self.steps = 0  # decoding steps run, each for every running request
         self.admitted = 0  # requests whose prompt was read
-        threading.Thread(target=self._loop, name="scheduler", daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self.thread.start()
 
     def submit(self, prompt_ids, max_new_tokens, sampling=None):
         request = Request(list(prompt_ids), max_new_tokens, sampling or Sampling())
         self.waiting.put(request)
         return request
 
-    @property
-    def load(self):
-        """Requests running or waiting."""
-        return len(self.running) + self.waiting.qsize()
+    def close(self):
+        """End the model thread once the running requests are done (it holds the model until then)."""
+        self.waiting.put(None)
 
     def _loop(self):
-        while True:
-            self._admit(block=not self.running)
+        accepting = True
+        while accepting or self.running:
+            if accepting:
+                accepting = self._admit(block=not self.running)
             self._retire()
             if self.running:
                 self._step()
 
     def _admit(self, block):
-        """Read the prompts of waiting requests while the batch has room (waiting for one when idle)."""
+        """Read the prompts of waiting requests while the batch has room (waiting for one when idle);
+        False once closed."""
         while len(self.running) < self.max_batch:
             try:
                 request = self.waiting.get(block=block)
             except queue.Empty:
-                return
+                return True
+            if request is None:
+                return False
             block = False
             if request.cancelled.is_set():
                 continue
@@ -107,6 +112,7 @@ class Scheduler:
             request.tokens.put(token)
             self.running.append(_Running(request, state, token))
             self.admitted += 1
+        return True
 
     def _retire(self):
         for run in [run for run in self.running if run.request.cancelled.is_set() or run.count >= run.request.max_new_tokens]:
@@ -114,6 +120,8 @@ class Scheduler:
             self.running.remove(run)
 
     def _step(self):
+        """One token of every running request. An error (in the model, or sampling from NaN logits) ends
+        the requests it concerns with that error, not the thread."""
         try:
             logits = decode_step(self.model, [run.token for run in self.running], [run.state for run in self.running])
         except Exception as error:
@@ -122,7 +130,12 @@ class Scheduler:
             self.running.clear()
             return
         self.steps += 1
-        for run, row in zip(self.running, logits):
-            run.token = run.request.sampling.pick(row)
+        for run, row in zip(list(self.running), logits):
+            try:
+                run.token = run.request.sampling.pick(row)
+            except Exception as error:
+                run.request.tokens.put(error)
+                self.running.remove(run)
+                continue
             run.count += 1
             run.request.tokens.put(run.token)

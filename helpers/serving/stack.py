@@ -44,9 +44,13 @@ def core_groups(count, cores=None):
             else f"{group[0]}-{group[-1]}" if len(group) > 1 else str(group[0]) for group in groups]
 
 
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: a forked child should not load libraries
+
+
 def _die_with_parent():
-    """In the child: end when the process that started the stack ends (Linux's PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    """In the child: end when the thread that started it ends (Linux's PR_SET_PDEATHSIG), so start a stack
+    from the thread that lives as long as it should."""
+    _PRCTL(1, signal.SIGTERM)
 
 
 @dataclass
@@ -102,7 +106,7 @@ class Stack:
         self.api_server = Process("api_server", self._python("helpers.serving.api_server") + [
             "--port", str(api_port), "--controller-address", self.controller.url], api_port)
         self.workers = []
-        self.planned_cores = core_groups(workers) if workers > 1 else [None]
+        self.planned_cores = core_groups(workers) if workers != 1 else [None]
 
     @staticmethod
     def _python(module):
@@ -143,7 +147,7 @@ class Stack:
         return self
 
     def registered_workers(self):
-        """How many registered workers answer the controller."""
+        """How many registered workers answer the controller (its status adds up their speeds, 1 each)."""
         return requests.post(self.controller.url + "/worker_get_status", timeout=10).json()["speed"]
 
     def _wait(self, process, deadline, ready):
@@ -182,8 +186,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     for stop_signal in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill: stop the stack, however started
         signal.signal(stop_signal, signal.default_int_handler)
-    stack = Stack(args.port, args.workers, args.model)
+    stack = None
     try:
+        stack = Stack(args.port, args.workers, args.model)
         print(f"Starting the controller, {args.workers} worker(s) and the API server; logs in {LOG_DIR} ...", flush=True)
         stack.start()
         model = requests.get(stack.url + "/v1/models", timeout=10).json()["data"][0]["id"]
@@ -199,7 +204,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nStopping.")
     finally:
-        stack.stop()
+        if stack:
+            stack.stop()
 
 
 if __name__ == "__main__":

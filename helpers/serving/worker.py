@@ -9,6 +9,7 @@ strings, and registers with the controller once it can answer. `--cpus` pins it 
 worker per socket or NUMA node on a server).
 """
 import argparse
+import asyncio
 import json
 import os
 import queue
@@ -17,10 +18,16 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
 
 from helpers.runtime.errors import UserError
 
 MAX_CHAR_TOKENS = 4  # a UTF-8 character has at most 4 bytes, so it is split over at most 4 tokens
+# A request waiting for a place in the batch sends its unchanged text this often, so that the API server's
+# read timeout (FastChat's WORKER_API_TIMEOUT, 100 s) does not take it for a dead worker.
+KEEPALIVE_S = 10
 
 
 def parse_cpus(text):
@@ -76,8 +83,12 @@ class AnswerText:
 
 
 def _arrived(request):
-    """The tokens the scheduler has sent the request: waits for one, takes the others already there."""
-    tokens = [request.tokens.get()]
+    """The tokens the scheduler has sent the request: waits for one (KEEPALIVE_S at most, then returns
+    none), takes the others already there."""
+    try:
+        tokens = [request.tokens.get(timeout=KEEPALIVE_S)]
+    except queue.Empty:
+        return []
     while True:
         try:
             tokens.append(request.tokens.get_nowait())
@@ -85,16 +96,22 @@ def _arrived(request):
             return tokens
 
 
-def _register_when_listening(worker, port):
+def _register_when_listening(worker, host, port):
     """Register with the controller once this worker's server accepts connections (the controller drops
-    a worker it cannot reach), then send heartbeats."""
+    a worker it cannot reach), retrying until the controller answers; then send heartbeats."""
+    address = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     while True:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection((address, port), timeout=1).close()
             break
         except OSError:
             time.sleep(0.1)
-    worker.init_heart_beat()
+    while True:
+        try:
+            return worker.init_heart_beat()
+        except requests.RequestException as error:
+            print(f"The controller at {worker.controller_addr} does not answer ({error}); retrying in 5 s")
+            time.sleep(5)
 
 
 def _make_worker_class():
@@ -125,9 +142,6 @@ def _make_worker_class():
         def make_conv_template(self, conv_template=None, model_path=None):
             return world_chat.copy()
 
-        def get_queue_length(self):
-            return self.scheduler.load
-
         def get_status(self):
             """FastChat's status (what the controller reads), and how many requests this worker has taken."""
             return {**super().get_status(), "requests_admitted": self.scheduler.admitted}
@@ -136,7 +150,7 @@ def _make_worker_class():
             """FastChat's stream: the text so far as JSON chunks ending in b"\\0", the last with finish_reason."""
             try:
                 yield from self._generate_stream(params)
-            except (UserError, ValueError, TypeError) as error:
+            except UserError as error:
                 yield _error_chunk(f"Bad request: {error}", ErrorCode.PARAM_OUT_OF_RANGE)
             except Exception as error:
                 yield _error_chunk(f"The model failed on this request: {error}", ErrorCode.INTERNAL_ERROR)
@@ -146,18 +160,26 @@ def _make_worker_class():
                 pass
             return json.loads(chunk[:-1])
 
-        def _generate_stream(self, params):
+        def _read_params(self, params):
+            """(prompt, max_new_tokens, stop strings, stop token ids, Sampling) from FastChat's request."""
             prompt = params.get("prompt")
             if not isinstance(prompt, str) or not prompt.strip():
                 raise UserError("the prompt is empty; send some text")
-            max_new_tokens = int(params.get("max_new_tokens", 256))
+            try:
+                max_new_tokens = int(params.get("max_new_tokens", 256))
+                stops = params.get("stop") or []
+                stops = [stops] if isinstance(stops, str) else [str(stop) for stop in stops if stop]
+                stop_ids = {int(token) for token in params.get("stop_token_ids") or []} | {0}  # 0: end of text
+                sampling = Sampling(float(params.get("temperature", 1.0)), float(params.get("top_p", 1.0)),
+                                    int(params.get("top_k") or -1))
+            except (TypeError, ValueError) as error:
+                raise UserError(f"a parameter has the wrong type ({error})") from None
             if not 1 <= max_new_tokens <= self.context_len:
                 raise UserError(f"max_tokens must be between 1 and {self.context_len}, not {max_new_tokens}")
-            stops = params.get("stop") or []
-            stops = [stops] if isinstance(stops, str) else [stop for stop in stops if stop]
-            stop_ids = set(params.get("stop_token_ids") or []) | {0}  # 0: the World vocabulary's end of text
-            sampling = Sampling(float(params.get("temperature", 1.0)), float(params.get("top_p", 1.0)),
-                                int(params.get("top_k") or -1))
+            return prompt, max_new_tokens, stops, stop_ids, sampling
+
+        def _generate_stream(self, params):
+            prompt, max_new_tokens, stops, stop_ids, sampling = self._read_params(params)
             prompt_ids = self.tokenizer(prompt).input_ids
             request = self.scheduler.submit(prompt_ids, max_new_tokens, sampling)
             echo = prompt if params.get("echo") else ""
@@ -217,7 +239,11 @@ def main(argv=None):
                    worker_addr=args.worker_address or f"http://{args.host}:{args.port}")
     except UserError as error:
         sys.exit(f"Error: {error}")
-    threading.Thread(target=_register_when_listening, args=(worker, args.port), daemon=True).start()
+    threading.Thread(target=_register_when_listening, args=(worker, args.host, args.port), daemon=True).start()
+    # FastChat runs each non-streamed request in the event loop's default thread pool, min(32, cores + 4)
+    # threads: on a small machine fewer requests than the batch holds. One thread per request it admits:
+    base_model_worker.app.router.on_startup.append(lambda: asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(worker.limit_worker_concurrency)))
     uvicorn.run(base_model_worker.app, host=args.host, port=args.port, log_level="warning")
 
 
