@@ -1,4 +1,6 @@
 """Plots the notebooks show."""
+import statistics
+
 import matplotlib.pyplot as plt
 
 
@@ -83,18 +85,17 @@ def plot_batches(measured):
 def plot_load(results):
     """A load test (helpers.serving.load_test): tokens/s of all clients (median of the rounds), and the p50
     and p95 latency to the first and to the last token, against the number of clients."""
-    import statistics
-
-    from helpers.serving.load_test import by_clients, percentile
+    from helpers.serving.load_test import by_clients, latencies_ms, percentile
 
     grouped = by_clients(results)
     clients = list(grouped)
     fig, (throughput, latency) = plt.subplots(1, 2, figsize=(10, 3.2))
-    throughput.plot(clients, [statistics.median(speeds) for speeds, _, _ in grouped.values()], marker="o")
+    throughput.plot(clients, [statistics.median(r.tokens_per_s for r in rounds) for rounds in grouped.values()],
+                    marker="o")
     throughput.set(xlabel="concurrent clients", ylabel="tokens/s, all clients", title="Server throughput", ylim=(0, None))
-    for index, (until, style) in enumerate((("first", "o-"), ("last", "s-")), start=1):
+    for until, style in (("first", "o-"), ("last", "s-")):
         for share, alpha in ((0.5, 1.0), (0.95, 0.5)):
-            values = [percentile(group[index], share) for group in grouped.values()]
+            values = [percentile(latencies_ms(rounds, until), share) for rounds in grouped.values()]
             latency.plot(clients, values, style, alpha=alpha, label=f"{until} token, p{round(share * 100)}")
     latency.set(xlabel="concurrent clients", ylabel="ms from sending", title="Latency", ylim=(0, None))
     latency.legend()

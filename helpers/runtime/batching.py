@@ -10,18 +10,14 @@ on the sequences' own tensors; through torch the states are stacked for the call
 """
 import torch
 
-
-def _check_token_ids(model, tokens):
-    vocab = model.config.vocab_size
-    if not all(0 <= token < vocab for token in tokens):
-        raise ValueError(f"token ids must be between 0 and {vocab - 1}, the model's vocabulary")
+from helpers.runtime.fused_decode import check_token_ids
 
 
 def read_prompt(model, input_ids):
     """(state, logits [vocab] of the prompt's last token) for prompt token ids [1, tokens]."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
         raise ValueError("read_prompt takes the token ids of one prompt, shaped [1, tokens] with tokens >= 1")
-    _check_token_ids(model, input_ids.flatten().tolist())
+    check_token_ids(input_ids, model.config.vocab_size)
     with torch.no_grad():
         output = model(input_ids, use_cache=True, last_logits_only=True)
     return [s.contiguous() for s in output.state], output.logits[0, -1]
@@ -31,12 +27,12 @@ def decode_step(model, tokens, states):
     """Logits [len(tokens), vocab]: reads tokens[i] continuing states[i], for every i in one step."""
     if len(tokens) != len(states) or not tokens:
         raise ValueError("decode_step needs one state per token, and at least one token")
-    _check_token_ids(model, tokens)
+    ids = torch.tensor(tokens, dtype=torch.int64).unsqueeze(1)
+    check_token_ids(ids, model.config.vocab_size)
     shape = (1, model.config.hidden_size, model.config.num_hidden_layers)
     if any(len(state) != 5 or any(s.shape != shape or s.dtype != torch.float32 or not s.is_contiguous() for s in state)
            for state in states):
         raise ValueError(f"each state must be as read_prompt returns it: five float32 tensors of shape {list(shape)}")
-    ids = torch.tensor(tokens, dtype=torch.int64).unsqueeze(1)
     with torch.no_grad():
         fused = model.fused_forward
         if fused is not None:

@@ -40,6 +40,12 @@ FORMATS = ["sym_int4", "asym_int4", "sym_int5", "sym_int8"]  # bigdl-llm's layou
 ROWS_PER_STEP = 8  # rows % 8 == 0: the kernel computes 8 rows at a time
 
 
+def check_token_ids(ids, vocab):
+    """ValueError unless every id in the tensor ids is one of the vocabulary's 0 .. vocab - 1."""
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+        raise ValueError(f"token ids must be between 0 and {vocab - 1}, the model's vocabulary")
+
+
 class Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "ln1_weight", "ln1_bias", "ln2_weight", "ln2_bias", "attention_mix", "time_first", "decay",
@@ -238,8 +244,7 @@ class FusedForward:
         step: each sequence keeps its own state tensors, and the weights are read once for all."""
         ids = input_ids.to(torch.int64).contiguous()
         sequences, tokens = ids.shape
-        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.model.vocab:
-            raise ValueError(f"token ids must be between 0 and {self.model.vocab - 1}, the model's vocabulary")
+        check_token_ids(ids, self.model.vocab)  # the kernel reads embedding rows by id
         logits = torch.empty(sequences, tokens if all_logits else 1, self.model.vocab)
         pointers = (ctypes.c_void_p * (5 * sequences))(*(s.data_ptr() for state in states for s in state))
         self.native.rwkv4_forward(ctypes.byref(self.model), ids.data_ptr(), sequences, tokens, pointers,

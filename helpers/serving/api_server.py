@@ -88,33 +88,32 @@ def _world_turns(request):
                 message["content"] = message["content"].replace("\r\n", "\n").replace("\n\n", "\n")
 
 
-async def _answer(request, problem_of, fastchat_handler):
+async def _answer(request, problem_of, prepare, fastchat_handler):
     problem = problem_of(request)
     if problem:
         return _error(problem)
-    if hasattr(request, "messages"):
-        _world_turns(request)
+    prepare(request)
     try:
         return await fastchat_handler(request)
     except NoWorker as error:
         return _error(str(error), status=503, code=ErrorCode.CONTROLLER_NO_WORKER)
 
 
-def _checked_route(path, problem_of):
-    """Put a route that checks the request first in place of FastChat's route for path (the module's
-    name for a FastChat endpoint may be another route's: it defines create_chat_completion twice)."""
+def _checked_route(path, problem_of, prepare=lambda request: None):
+    """Put a route that checks (then prepares) the request first in place of FastChat's route for path (the
+    module's name for a FastChat endpoint may be another route's: it defines create_chat_completion twice)."""
     (route,) = [route for route in app.router.routes if getattr(route, "path", None) == path]
     app.router.routes.remove(route)
     request_type = route.endpoint.__annotations__["request"]
 
     async def checked(request: request_type):
-        return await _answer(request, problem_of, route.endpoint)
+        return await _answer(request, problem_of, prepare, route.endpoint)
 
     app.post(path, dependencies=[Depends(fastchat_api.check_api_key)])(checked)
 
 
 _checked_route("/v1/completions", _completion_problem)
-_checked_route("/v1/chat/completions", _chat_problem)
+_checked_route("/v1/chat/completions", _chat_problem, prepare=_world_turns)
 
 
 @app.exception_handler(RequestValidationError)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import requests
 
+from helpers.runtime.errors import UserError
 from helpers.runtime.paths import DATA_DIR
 
 LOAD_HEADERS = ["clients", "answered", "tokens/s", "first token p50 (ms)", "p95", "last token p50 (ms)", "p95"]
@@ -106,22 +107,23 @@ def load_test(url, model, clients, requests_count, max_tokens, count_tokens, pro
 
 
 def by_clients(results):
-    """{clients: (tokens/s of each round, ms to the first token, ms to the last token, over all rounds)}."""
-    grouped = {}
-    for clients in sorted({result.clients for result in results}):
-        rounds = [result for result in results if result.clients == clients]
-        grouped[clients] = ([r.tokens_per_s for r in rounds], [ms for r in rounds for ms in r.first_ms],
-                            [ms for r in rounds for ms in r.last_ms])
-    return grouped
+    """{clients: [the LoadResult of each round]}, in order of clients."""
+    return {clients: [r for r in results if r.clients == clients] for clients in sorted({r.clients for r in results})}
+
+
+def latencies_ms(rounds, until):
+    """Milliseconds from sending to the "first" or the "last" token, of every complete answer of the rounds."""
+    return [ms for result in rounds for ms in getattr(result, f"{until}_ms")]
 
 
 def load_rows(results):
     """Table rows (LOAD_HEADERS), one per client count; with several rounds of a count, tokens/s is the
     median with its range and the latencies are over all rounds' answers."""
     rows = []
-    for clients, (speeds, first, last) in by_clients(results).items():
-        rounds = [result for result in results if result.clients == clients]
+    for clients, rounds in by_clients(results).items():
+        speeds = [result.tokens_per_s for result in rounds]
         speed = f"{statistics.median(speeds):.0f}" + (f" ({min(speeds):.0f} to {max(speeds):.0f})" if len(rounds) > 1 else "")
+        first, last = latencies_ms(rounds, "first"), latencies_ms(rounds, "last")
         rows.append([clients, f"{sum(r.answered for r in rounds)}/{sum(r.sent for r in rounds)}", speed,
                      f"{percentile(first, 0.5):.0f}", f"{percentile(first, 0.95):.0f}",
                      f"{percentile(last, 0.5):.0f}", f"{percentile(last, 0.95):.0f}"])
@@ -143,19 +145,25 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the run here")
     args = parser.parse_args(argv)
-    import helpers  # noqa: F401  (chooses bigdl-llm's native library before bigdl.llm is imported)
     from helpers.models import resolve_model
     from helpers.runtime.cpu import cpu_info
     from helpers.runtime.loading import load_tokenizer
     from helpers.serving.stack import Stack
 
-    source = resolve_model(args.model)
-    tokenizer = load_tokenizer(source)
-    clients = [int(count) for count in args.clients.split(",")]
-    with Stack(model=source.location) as stack:
-        model = requests.get(stack.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        results = [load_test(stack.url, model, count, args.requests, args.max_tokens, lambda text: len(tokenizer(text).input_ids))
-                   for _ in range(args.rounds) for count in clients]
+    try:
+        clients = [int(count) for count in args.clients.split(",")]
+    except ValueError:
+        parser.error(f"--clients takes client counts separated by commas, e.g. 1,4,16 (got {args.clients!r})")
+    try:
+        source = resolve_model(args.model)
+        tokenizer = load_tokenizer(source)
+        with Stack(model=source.location) as stack:
+            model = requests.get(stack.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+            results = [load_test(stack.url, model, count, args.requests, args.max_tokens,
+                                 lambda text: len(tokenizer(text).input_ids))
+                       for _ in range(args.rounds) for count in clients]
+    except UserError as error:
+        sys.exit(f"Error: {error}")
     machine = cpu_info()
     run = {"model": model, "machine": f"{machine.model}, {machine.physical_cores} cores", "max_tokens": args.max_tokens,
            "requests": args.requests, "rounds": args.rounds, "results": [asdict(result) for result in results]}

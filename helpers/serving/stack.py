@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import requests
 
@@ -55,10 +55,17 @@ def _die_with_parent():
 
 @dataclass
 class Process:
+    """One server of the stack: `python -m module --host 127.0.0.1 --port port *arguments`."""
+
     name: str
-    command: list
-    port: int
+    module: str
+    arguments: list = field(default_factory=list)
+    port: int = field(default_factory=free_port)
     popen: subprocess.Popen = None
+
+    @property
+    def command(self):
+        return [sys.executable, "-m", self.module, "--host", HOST, "--port", str(self.port), *self.arguments]
 
     @property
     def url(self):
@@ -100,26 +107,19 @@ class Stack:
 
     def __init__(self, port=None, workers=1, model=None, max_batch=16):
         self.model, self.max_batch = model, max_batch
-        self.controller = Process("controller", self._python("fastchat.serve.controller"), free_port())
-        self.controller.command += ["--port", str(self.controller.port)]
-        api_port = port or free_port()
-        self.api_server = Process("api_server", self._python("helpers.serving.api_server") + [
-            "--port", str(api_port), "--controller-address", self.controller.url], api_port)
+        self.controller = Process("controller", "fastchat.serve.controller")
+        self.api_server = Process("api_server", "helpers.serving.api_server", ["--controller-address", self.controller.url],
+                                  port or free_port())
         self.workers = []
         self.planned_cores = core_groups(workers) if workers != 1 else [None]
-
-    @staticmethod
-    def _python(module):
-        return [sys.executable, "-m", module, "--host", HOST]
 
     def add_worker(self, cores=None, deadline=None):
         """Start one more worker (pinned to `cores`, as taskset -c lists them) and return it once the
         controller has registered it: what a worker on another host does with the controller's address."""
-        worker = Process(f"worker-{len(self.workers) + 1}", self._python("helpers.serving.worker"), free_port())
-        worker.command += ["--port", str(worker.port), "--controller-address", self.controller.url,
-                           "--max-batch", str(self.max_batch)]
-        worker.command += ["--model", self.model] if self.model else []
-        worker.command += ["--cpus", cores] if cores else []
+        arguments = ["--controller-address", self.controller.url, "--max-batch", str(self.max_batch)]
+        arguments += ["--model", self.model] if self.model else []
+        arguments += ["--cpus", cores] if cores else []
+        worker = Process(f"worker-{len(self.workers) + 1}", "helpers.serving.worker", arguments)
         self.workers.append(worker)
         worker.start()
         running = len([w for w in self.workers if w.running()])

@@ -225,18 +225,17 @@ def main(argv=None):
     try:
         if args.cpus:
             os.sched_setaffinity(0, parse_cpus(args.cpus))  # before torch starts its threads
-        import torch
+        import torch  # helpers, imported with this module, has chosen bigdl-llm's native library already
         import uvicorn
-
-        import helpers  # noqa: F401  (chooses bigdl-llm's native library before bigdl.llm is imported)
         from fastchat.serve import base_model_worker
+
         from helpers.models import resolve_model
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         source = resolve_model(args.model)
-        worker = _make_worker_class()(source, args.model_name or source.name.split("--")[-1], args.low_bit, args.max_batch,
-                   controller_addr=args.controller_address,
-                   worker_addr=args.worker_address or f"http://{args.host}:{args.port}")
+        worker = _make_worker_class()(
+            source, args.model_name or source.name.split("--")[-1], args.low_bit, args.max_batch,
+            controller_addr=args.controller_address, worker_addr=args.worker_address or f"http://{args.host}:{args.port}")
     except UserError as error:
         sys.exit(f"Error: {error}")
     threading.Thread(target=_register_when_listening, args=(worker, args.host, args.port), daemon=True).start()
