@@ -1,9 +1,9 @@
-# make demo | make test | make lab | make playground | make serve  (each sets up .venv and the offline checkpoint first)
+# make demo | make test | make lab | make playground | make serve  (each sets up .venv and the trained model first)
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-CHECKPOINT := data/models/rwkv-4-world-tiny/config.json
+CHECKPOINT := data/models/rwkv-4-world-shakespeare/config.json
 
 .PHONY: install demo test lab playground serve checkpoint clean
 
@@ -16,8 +16,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 install: $(STAMP)
 
-$(CHECKPOINT): | $(STAMP)
-	$(PY) -m helpers.checkpoint --shape tiny
+$(CHECKPOINT): data/trained/rwkv-4-world-shakespeare.safetensors | $(STAMP)
+	$(PY) -m helpers.checkpoint --trained
 
 checkpoint: $(CHECKPOINT)
 

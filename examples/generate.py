@@ -5,8 +5,8 @@ line that repairs the newest bigdl-llm build's RWKV-4 forwards for a CPU.
 
     python examples/generate.py [--repo-id-or-model-path RWKV/rwkv-4-world-7b] [--prompt "What is AI?"] [--n-predict 32]
 
-Without --repo-id-or-model-path it uses RWKV_MODEL, else the project's offline checkpoint (random weights:
-its text is meaningless; `make checkpoint` builds it). bigdl-llm's from_pretrained holds the whole 16-bit
+Without --repo-id-or-model-path it uses RWKV_MODEL, else the small model trained here on Shakespeare
+(`make checkpoint` builds it from data/trained/; it writes like a play, it does not answer questions). bigdl-llm's from_pretrained holds the whole 16-bit
 model while it converts (about 2X GB for an X-billion model); `python -m helpers.generate` loads tensor by
 tensor and from a low-bit cache instead (README.md).
 """
@@ -24,12 +24,12 @@ from transformers import AutoTokenizer
 
 # The prompt format of the model card (https://huggingface.co/RWKV/rwkv-4-world-7b), as upstream uses it.
 RWKV_PROMPT_FORMAT = "Question: {prompt}\n\nAnswer:"
-OFFLINE_CHECKPOINT = Path(__file__).resolve().parent.parent / "data" / "models" / "rwkv-4-world-tiny"
+TRAINED_MODEL = Path(__file__).resolve().parent.parent / "data" / "models" / "rwkv-4-world-shakespeare"
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Predict tokens using the generate() API for an RWKV-4 model")
     parser.add_argument("--repo-id-or-model-path", type=str,
-                        default=os.environ.get("RWKV_MODEL") or str(OFFLINE_CHECKPOINT),
+                        default=os.environ.get("RWKV_MODEL") or str(TRAINED_MODEL),
                         help="a hub id such as RWKV/rwkv-4-world-7b, or a local folder")
     parser.add_argument("--prompt", type=str, default="What is AI?", help="prompt to infer")
     parser.add_argument("--n-predict", type=int, default=32, help="max tokens to predict")

@@ -10,8 +10,12 @@ Two layouts, the same weights:
 Its text is meaningless: the weights are random.
 
     python -m helpers.checkpoint --shape tiny [--layout hub] [--out data/models/rwkv-4-world-tiny]
+
+``--trained`` builds instead the model trained here on Shakespeare (helpers.train) from its committed
+compact weights (data/trained/), in the hub's layout, in a second or two.
 """
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -22,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import tokenization_rwkv_world
-from helpers.runtime.paths import MODELS_DIR
+from helpers.runtime.paths import DATA_DIR, MODELS_DIR
 
 # name: (layers, hidden). Intermediate size is 4x hidden; every shape uses the World vocabulary.
 SHAPES = {
@@ -38,14 +42,18 @@ CONTEXT_LENGTH = 4096
 SHARD_BYTES = 2 * 1024**3  # of the safetensors layout
 SEED = 20230424
 LAYOUTS = {"safetensors": "model.safetensors", "hub": "pytorch_model.bin"}  # layout: its single weight file
+# The model trained here (helpers.train): its compact weights are committed, its checkpoint built from them.
+TRAINED_NAME = "rwkv-4-world-shakespeare"
+TRAINED_WEIGHTS = DATA_DIR / "trained" / f"{TRAINED_NAME}.safetensors"
+TRAINED_NOTE = "a small RWKV-4 World model trained here on Shakespeare's works (helpers.train); not a hub model"
 
 
 def default_checkpoint_dir(shape="tiny", layout="safetensors"):
     return MODELS_DIR / (f"rwkv-4-world-{shape}" + ("-hub" if layout == "hub" else ""))
 
 
-def make_config(shape, layout="safetensors"):
-    layers, hidden = SHAPES[shape]
+def make_config(shape, layout="safetensors", layers_and_hidden=None):
+    layers, hidden = layers_and_hidden or SHAPES[shape]
     return {
         "architectures": ["RwkvForCausalLM"],
         "model_type": "rwkv",
@@ -65,6 +73,74 @@ def make_config(shape, layout="safetensors"):
         "transformers_version": "4.31.0",
         "offline_checkpoint": f"random weights, shape {shape}, seed {SEED}",
     }
+
+
+def trained_checkpoint_dir():
+    return MODELS_DIR / TRAINED_NAME
+
+
+def _read_trained(weights):
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as file:
+        layers, hidden = json.loads(file.metadata()["layers_hidden"])
+        return {name: file.get_tensor(name) for name in file.keys()}, (layers, hidden)
+
+
+def trained_token_counts(weights=None):
+    """{World id: count in the training split} of the trained model, or None without its weights file."""
+    weights = Path(weights or TRAINED_WEIGHTS)
+    if not weights.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as file:
+        ids, counts = file.get_tensor("token_ids").tolist(), file.get_tensor("token_counts").tolist()
+    return dict(zip(ids, counts))
+
+
+def build_trained_checkpoint(weights=None, out=None):
+    """Expand the model trained here (data/trained/: rows only for the ids its corpus uses) into the full
+    checkpoint in the hub's layout: every other id gets a zero embedding and the shared head row."""
+    weights = Path(weights or TRAINED_WEIGHTS)
+    out = Path(out or trained_checkpoint_dir())
+    tensors, layers_and_hidden = _read_trained(weights)
+    token_ids = tensors.pop("token_ids")
+    tensors.pop("token_counts")
+    hidden = layers_and_hidden[1]
+    embeddings = torch.zeros(VOCAB_SIZE, hidden, dtype=torch.float16)
+    embeddings[token_ids] = tensors["rwkv.embeddings.weight"]
+    head = tensors["head.weight"][-1].repeat(VOCAB_SIZE, 1)
+    head[token_ids] = tensors["head.weight"][:-1]
+    tensors["rwkv.embeddings.weight"], tensors["head.weight"] = embeddings, head
+    config = make_config(TRAINED_NAME, "hub", layers_and_hidden)
+    del config["offline_checkpoint"]
+    config["trained_here"] = TRAINED_NOTE
+    config["trained_from"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    torch.save({name: tensors[name].contiguous() for name, _ in tensor_shapes(config)}, partial / LAYOUTS["hub"])
+    write_tokenizer(partial)
+    write_special_tokens_map(partial)
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
+
+
+def ensure_trained_checkpoint():
+    """The trained model's folder, (re)built from data/trained/ when missing or made from other weights."""
+    out = trained_checkpoint_dir()
+    try:
+        built_from = json.loads((out / "config.json").read_text()).get("trained_from")
+    except (OSError, ValueError):
+        built_from = None
+    if built_from != hashlib.sha256(TRAINED_WEIGHTS.read_bytes()).hexdigest():
+        print(f"Building the trained model's checkpoint in {out} from {TRAINED_WEIGHTS.name} (once)...", flush=True)
+        build_trained_checkpoint(TRAINED_WEIGHTS, out)
+    refresh_tokenizer_module(out)
+    return out
 
 
 def tensor_shapes(config):
@@ -169,11 +245,15 @@ def write_weights(config, out, layout="safetensors", shard_bytes=None):
         (out / f"{single}.index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_tokenizer(out):
+def vocabulary_file():
+    """The World vocabulary, as the rwkv package ships it."""
     import rwkv
 
-    shutil.copyfile(Path(rwkv.__file__).parent / tokenization_rwkv_world.VOCAB_FILE,
-                    out / tokenization_rwkv_world.VOCAB_FILE)
+    return Path(rwkv.__file__).parent / tokenization_rwkv_world.VOCAB_FILE
+
+
+def write_tokenizer(out):
+    shutil.copyfile(vocabulary_file(), out / tokenization_rwkv_world.VOCAB_FILE)
     shutil.copyfile(tokenization_rwkv_world.__file__, out / "tokenization_rwkv_world.py")
     tokenizer_config = {
         "tokenizer_class": "RWKVWorldTokenizer",
@@ -234,7 +314,12 @@ def main(argv=None):
     parser.add_argument("--shard-gb", type=float, help="weights in files of at most this many GB "
                         "(default: 2 GiB shards for safetensors, one file for hub)")
     parser.add_argument("--out", type=Path, help="target folder (default: data/models/rwkv-4-world-SHAPE[-hub])")
+    parser.add_argument("--trained", action="store_true",
+                        help=f"instead: build the model trained here from {TRAINED_WEIGHTS.name}, in the hub's layout")
     args = parser.parse_args(argv)
+    if args.trained:
+        print(f"Wrote the trained model's checkpoint to {build_trained_checkpoint(out=args.out)}")
+        return
     shard_bytes = None if args.shard_gb is None else int(args.shard_gb * 1e9)
     out = build_checkpoint(args.shape, args.out, args.layout, shard_bytes)
     print(f"Wrote the {args.shape} checkpoint in the {args.layout} layout to {out}")

@@ -9,7 +9,7 @@ import torch
 from helpers.quality import agreement, logits_for, stepwise_logits
 from helpers.runtime.errors import UserError
 from helpers.runtime.fused_decode import torch_path
-from helpers.runtime.memory import BITS_PER_WEIGHT, PeakRss, check_fits, model_weight_bytes, rss_bytes
+from helpers.runtime.memory import PeakRss, check_fits, model_weight_bytes, rss_bytes
 
 
 @dataclass
@@ -60,24 +60,6 @@ def fits(config, fmt, loader="from_pretrained"):
 
 def _agreement_columns(result):
     return [f"{result.top1:.0%}", f"{result.cosine:.4f}"] if result else ["-", "-"]
-
-
-def compare_formats(source, formats, input_ids, reference_logits, load):
-    """{format: (table row, Agreement with FP32 or None without reference_logits)}: bits per weight, weight
-    MB, agreement, load time and memory of each format, loaded one after another."""
-    results = {}
-    for low_bit in formats:
-        loaded = timed_load(load, source, low_bit)
-        logits = logits_for(loaded.model, input_ids)
-        result = agreement(reference_logits, logits) if reference_logits is not None else None
-        row = [low_bit, f"{BITS_PER_WEIGHT[low_bit]:.2f}", f"{loaded.weight_bytes / 1e6:.1f}", *_agreement_columns(result),
-               f"{loaded.seconds:.2f} s", f"{loaded.rss_delta / 2**20:.0f} MiB"]
-        results[low_bit] = row, result
-        del loaded
-    return results
-
-
-FORMAT_HEADERS = ["format", "bits/weight", "weights MB", "top-1 = FP32", "logits cosine", "load", "RSS added"]
 
 
 def upstream_error(source, optimize_model=True):

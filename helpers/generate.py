@@ -2,7 +2,7 @@
 
     python -m helpers.generate [--repo-id-or-model-path PATH_OR_ID] [--prompt TEXT] [--n-predict N] [--low-bit FMT]
 
-Without a model it uses the offline checkpoint (random weights: the text is meaningless). The first run
+Without a model it uses the small model trained here on Shakespeare (helpers.train), not the 7B. The first run
 converts the model into a low-bit cache, later runs load that (RWKV_LOW_BIT_CACHE=0: convert every time);
 a line on stderr says which happened.
 """
@@ -54,7 +54,7 @@ def generate(model, tokenizer, prompt, n_predict=DEFAULT_N_PREDICT, **generate_k
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Predict tokens with generate() for an RWKV-4 model in low-bit.")
     parser.add_argument("--repo-id-or-model-path", default=None,
-                        help="hub id (e.g. RWKV/rwkv-4-world-7b) or local folder; default: the offline checkpoint")
+                        help="hub id (e.g. RWKV/rwkv-4-world-7b) or local folder; default: the model trained here")
     parser.add_argument("--prompt", default=DRAGON_PROMPT, help="prompt to infer")
     parser.add_argument("--n-predict", type=int, default=DEFAULT_N_PREDICT, help="max tokens to predict")
     parser.add_argument("--low-bit", default="sym_int4", choices=LOW_BIT_FORMATS, help="weight format")
@@ -68,6 +68,7 @@ def main(argv=None):
         source = resolve_model(args.repo_id_or_model_path)
         check_n_predict(args.n_predict, source.config["context_length"])
         model = load_model(source, args.low_bit, report=lambda line: print(line, file=sys.stderr))
+        print(f"Model: {source.producer()}", file=sys.stderr)
         tokenizer = load_tokenizer(source)
         result = generate(model, tokenizer, args.prompt, args.n_predict)
     except UserError as error:

@@ -1,11 +1,11 @@
-"""Which model to load: the offline checkpoint, a local folder, or a Hugging Face hub id."""
+"""Which model to load: the model trained here (the default), a local folder, or a Hugging Face hub id."""
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.checkpoint import ensure_checkpoint
+from helpers.checkpoint import ensure_trained_checkpoint
 from helpers.runtime.errors import UserError
 from helpers.runtime.tensor_loading import checkpoint_files
 
@@ -28,8 +28,22 @@ class ModelSource:
 
     location: str  # a local folder: the one given, or a hub model's snapshot in the Hugging Face cache
     config: dict
-    offline: bool  # True for the project's random-weight checkpoint
+    offline: bool  # True for the project's random-weight checkpoints
     name: str  # the folder's name, or the hub id with "--" for "/"
+
+    @property
+    def trained_here(self):
+        return "trained_here" in self.config
+
+    def producer(self):
+        """One line on what produced this model's text, to show beside it."""
+        if self.offline:
+            return f"{self.name}: random weights, the text is meaningless"
+        if self.trained_here:
+            layers, hidden = self.config["num_hidden_layers"], self.config["hidden_size"]
+            return (f"{self.name}: a small RWKV-4 ({layers} layers, {hidden} wide) trained here on Shakespeare's "
+                    "works, not the 7B")
+        return self.name
 
 
 def _read_config(config_file, label):
@@ -40,7 +54,7 @@ def _read_config(config_file, label):
     if config.get("model_type") != "rwkv":
         raise UserError(
             f"{label} is a {config.get('model_type', 'unknown')!r} model, not RWKV-4 (model_type 'rwkv'). "
-            "Pick an RWKV-4 model such as RWKV/rwkv-4-world-7b, or leave the model out for the offline checkpoint."
+            "Pick an RWKV-4 model such as RWKV/rwkv-4-world-7b, or leave the model out for the model trained here."
         )
     return config
 
@@ -55,15 +69,15 @@ def _hub_snapshot(repo_id):
         raise UserError(
             f"{repo_id} is neither in the local Hugging Face cache nor reachable. Fetch it once where there "
             f"is internet (`huggingface-cli download {repo_id}`, then copy ~/.cache/huggingface here), or pass "
-            "a local folder. The offline checkpoint needs nothing: leave the model out."
+            "a local folder. The model trained here needs nothing: leave the model out."
         ) from None
 
 
 def resolve_model(name_or_path=None):
-    """A ModelSource for a local folder, a hub id, or (None / empty) the offline tiny checkpoint."""
+    """A ModelSource for a local folder, a hub id, or (None / empty) the model trained here."""
     name_or_path = (name_or_path or os.environ.get("RWKV_MODEL") or "").strip()
     if not name_or_path:
-        return _folder_source(ensure_checkpoint("tiny"))
+        return _folder_source(ensure_trained_checkpoint())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _folder_source(path)
@@ -73,7 +87,7 @@ def resolve_model(name_or_path=None):
         return _folder_source(_hub_snapshot(name_or_path), name=name_or_path.replace("/", "--"))
     raise UserError(
         f"No model folder at {path}. Pass an existing folder, a hub id such as RWKV/rwkv-4-world-7b, "
-        "or leave the model out to use the offline checkpoint."
+        "or leave the model out to use the model trained here."
     )
 
 

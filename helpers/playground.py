@@ -16,7 +16,7 @@ from helpers.runtime.errors import UserError
 from helpers.runtime.loading import load_model, load_tokenizer
 from helpers.streaming import stream_generate
 
-OFFLINE = "offline checkpoint (random weights)"
+DEFAULT_MODEL = "the model trained here (Shakespeare)"
 
 
 class Playground:
@@ -32,7 +32,7 @@ class Playground:
         self.temperature = widgets.FloatSlider(value=1.0, min=0.1, max=2.0, step=0.05, description="temperature", style=style)
         self.top_p = widgets.FloatSlider(value=0.7, min=0.05, max=1.0, step=0.05, description="top_p", style=style)
         self.top_k = widgets.IntSlider(value=0, min=0, max=200, description="top_k (0: off)", style=style)
-        self.model_path = widgets.Combobox(placeholder=OFFLINE, options=[OFFLINE], description="Model",
+        self.model_path = widgets.Combobox(placeholder=DEFAULT_MODEL, options=[DEFAULT_MODEL], description="Model",
                                            layout=widgets.Layout(width="60%"), style=style)
         self.load_button = widgets.Button(description="Load model", icon="download")
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
@@ -76,10 +76,10 @@ class Playground:
         return self._thread is not None and self._thread.is_alive()
 
     def load(self):
-        """Load the model named in the picker (empty or OFFLINE: the offline checkpoint)."""
+        """Load the model named in the picker (empty or DEFAULT_MODEL: RWKV_MODEL, else the model trained here)."""
         if self.running:
             return self._say("Wait for the generation to end, or press Stop, before loading a model.", error=True)
-        name = "" if self.model_path.value in ("", OFFLINE) else self.model_path.value
+        name = "" if self.model_path.value in ("", DEFAULT_MODEL) else self.model_path.value
         try:
             self._say("Loading...")
             source = resolve_model(name)
@@ -87,8 +87,7 @@ class Playground:
             self.model, self.tokenizer, self.source = load_model(source, report=reports.append), load_tokenizer(source), source
         except UserError as error:
             return self._say(f"error: {error}", error=True)
-        kind = "random weights: the text is meaningless" if source.offline else "real weights"
-        self._say(" ".join([*reports, f"Ready: {source.name} in sym_int4 ({kind})."]))
+        self._say(" ".join([*reports, f"Ready: {source.producer()}; in sym_int4."]))
 
     def generate(self):
         """Start generating in a background thread; returns at once."""

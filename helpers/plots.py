@@ -16,6 +16,31 @@ def plot_long_run(run):
     plt.show()
 
 
+def plot_quality(rows):
+    """Perplexity, and KL divergence from FP32, against bytes per weight: a point per low-bit format, on the
+    fused path where it ran (helpers.perplexity rows)."""
+    from helpers.runtime.memory import BYTES_PER_WEIGHT
+
+    path = "fused" if any(row.path == "fused" for row in rows) else "torch"
+    points = [row for row in rows if row.path == path]
+    fp32 = next((row for row in rows if row.format == "fp32"), None)
+    sizes = [BYTES_PER_WEIGHT[row.format] for row in points]
+    fig, (perplexity, divergence) = plt.subplots(1, 2, figsize=(10, 3.4))
+    perplexity.plot(sizes, [row.perplexity for row in points], marker="o")
+    for row, size in zip(points, sizes):
+        perplexity.annotate(row.format, (size, row.perplexity), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if fp32:
+        perplexity.axhline(fp32.perplexity, linestyle="--", color="grey", label="FP32 (4 bytes per weight)")
+        perplexity.legend()
+        divergence.plot(sizes, [row.kl_mean for row in points], marker="o", label="mean")
+        divergence.plot(sizes, [row.kl_p99 for row in points], marker="s", linestyle=":", label="99th percentile")
+        divergence.set(yscale="log", xlabel="bytes per weight", ylabel="nats", title="KL divergence from FP32")
+        divergence.legend()
+    perplexity.set(xlabel="bytes per weight", ylabel="perplexity", title=f"Held-out perplexity ({path} path)")
+    fig.tight_layout()
+    plt.show()
+
+
 def plot_threads(measured):
     """Decode tokens/s against thread count, the median and the range of the rounds (helpers.tuning)."""
     threads = [int(label) for label in measured]

@@ -35,7 +35,7 @@ RUNTIMES = {  # name: bigdl-llm-init options
 
 
 class _Configuration:
-    """A process that loads the notebooks' model (RWKV_MODEL or the offline checkpoint) in one configuration,
+    """A process that loads the notebooks' model (RWKV_MODEL or the model trained here) in one configuration,
     then measures its decode speed each time it is asked."""
 
     def __init__(self, threads, env=None, prefix=()):

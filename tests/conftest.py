@@ -16,7 +16,13 @@ SAMPLE_TEXTS = json.loads((DATA_DIR / "sample_texts.json").read_text(encoding="u
 
 @pytest.fixture(scope="session")
 def tiny_source():
-    ensure_checkpoint("tiny")
+    """The random-weight checkpoint: right for shapes, speed and exactness checks, wrong for text and quality."""
+    return resolve_model(str(ensure_checkpoint("tiny")))
+
+
+@pytest.fixture(scope="session")
+def trained_source():
+    """The model trained here on Shakespeare, everything's default."""
     return resolve_model(None)
 
 

@@ -17,8 +17,8 @@ def run_example(*args, **env):
                           capture_output=True, text=True, env=full_env, timeout=300, cwd="/")
 
 
-@pytest.mark.parametrize("model", ["offline checkpoint", "hub layout"])
-def test_generate_example_prints_the_upstream_layout(tiny_source, hub_source, tokenizer, model):
+@pytest.mark.parametrize("model", ["the model trained here", "hub layout"])
+def test_generate_example_prints_the_upstream_layout(trained_source, hub_source, tokenizer, model):
     args = ["--n-predict", "6"] + (["--repo-id-or-model-path", hub_source.location] if model == "hub layout" else [])
     result = run_example(*args)
     assert result.returncode == 0, result.stderr

@@ -29,7 +29,9 @@ LONG_STREAM_PROMPT = "Once upon a time"  # greedy on the offline checkpoint: 400
 
 @pytest.fixture(scope="module")
 def stack(tiny_source):
-    with Stack(workers=2) as stack:
+    # The random-weight checkpoint: its greedy chain never writes a blank line (a stop), which the long
+    # streams below need; the model trained here writes one within a few lines.
+    with Stack(workers=2, model=tiny_source.location) as stack:
         yield stack
 
 
@@ -145,13 +147,14 @@ def test_a_worker_killed_mid_stream_ends_its_stream_with_an_error_and_the_others
     assert response.status_code == 503 and response.json()["message"].startswith(f"no worker serves {MODEL} now")
 
 
-def test_make_serve_answers_then_ctrl_c_stops_all_three():
+def test_make_serve_answers_then_ctrl_c_stops_all_three(trained_source):
     port = free_port()
     serve = subprocess.Popen([sys.executable, "-m", "helpers.serving", "--port", str(port)], stdout=subprocess.PIPE, text=True)
     try:
         lines = iter(serve.stdout.readline, "")
         assert next(line for line in lines if line.startswith("Serving ") or line.startswith("Error"))
-        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"] == MODEL
+        served = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
+        assert served == trained_source.name == "rwkv-4-world-shakespeare"  # make serve's default
         children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(serve.pid)], capture_output=True, text=True).stdout.split()]
         assert len(children) == 3
         serve.send_signal(signal.SIGINT)
@@ -214,3 +217,29 @@ def test_core_lists():
         parse_cpus("first")
     with pytest.raises(UserError, match="between 1 and the 8 cores"):
         core_groups(9, range(8))
+
+
+@pytest.mark.parametrize("messages, stop, expected", [
+    ("Once upon a time", None, []),  # a completion continues past blank lines
+    ("Once upon a time", "THE END", ["THE END"]),
+    ([{"role": "user", "content": "Hi"}], None, ["\n\n"]),  # a chat turn ends at one
+])
+def test_only_chats_stop_at_the_templates_blank_line(monkeypatch, messages, stop, expected):
+    import asyncio
+
+    from helpers.serving import api_server  # first: it keeps FastChat from logging into the current folder
+    from fastchat.conversation import SeparatorStyle
+    from fastchat.serve import openai_api_server as fastchat_api
+
+    template = {"name": "rwkv-world", "system_template": "{system_message}", "system_message": "",
+                "roles": ["User", "Assistant"], "messages": [], "offset": 0, "sep_style": SeparatorStyle.FALCON_CHAT.value, "sep": "\n\n",
+                "sep2": None, "stop_str": "\n\n", "stop_token_ids": [0]}
+
+    async def get_conv(model_name, worker_addr):
+        return template
+
+    monkeypatch.setattr(fastchat_api, "get_conv", get_conv)
+    params = asyncio.run(api_server.get_gen_params("m", "w", messages, temperature=0, top_p=1, top_k=None,
+                                                   presence_penalty=0, frequency_penalty=0, max_tokens=8,
+                                                   echo=False, stop=stop))
+    assert sorted(params["stop"]) == expected and params["stop_token_ids"] == [0]

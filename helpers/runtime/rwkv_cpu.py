@@ -57,7 +57,7 @@ def _mixed_inputs(module, hidden, state, slot):
     return mixed
 
 
-def _wkv(module, key, value, num, den, max_state):
+def wkv_recurrence(module, key, value, num, den, max_state):
     """The WKV recurrence over the positions of key / value; returns (output, (num, den, max_state))."""
     output = torch.empty_like(key)
     for position in range(key.shape[1]):
@@ -83,7 +83,7 @@ def attention_forward(self, hidden, state=None, use_cache=False):
     else:
         zeros = torch.zeros_like(key[:, 0])
         layer_state = [zeros, zeros, zeros - 1e38]
-    wkv, layer_state = _wkv(self, key, value, *layer_state)
+    wkv, layer_state = wkv_recurrence(self, key, value, *layer_state)
     if state is not None:
         for slot, tensor in zip((2, 3, 4), layer_state):
             state[slot][:, :, self.layer_id] = tensor

@@ -11,8 +11,11 @@ temperature or top_p out of range: 400 with one line), plus:
 - a worker that no longer answers is dropped before a request is sent to it, so the controller routes
   to the others, and 503 with one line when none is left.
 - a failure on the server's side is a 500, not FastChat's 400;
-- a blank line inside a chat message becomes a line break (in the World format it ends a turn).
-FastChat's handlers look up create_error_response, check_model, get_worker_address and
+- a blank line inside a chat message becomes a line break (in the World format it ends a turn);
+- a completion (a prompt, not a chat) stops only where the request says, as OpenAI's completions do:
+  FastChat adds the chat template's stop, a blank line, to every request, which cut a continued text at
+  its first blank line.
+FastChat's handlers look up create_error_response, check_model, get_worker_address, get_gen_params and
 generate_completion_stream in their module when called; this module puts its own versions there.
 """
 import argparse
@@ -156,13 +159,25 @@ async def generate_completion_stream(payload, worker_addr):
         yield {"text": "the worker stopped mid-answer; send the request again", "error_code": ErrorCode.INTERNAL_ERROR}
 
 
+async def get_gen_params(model_name, worker_addr, messages, **fields):
+    """FastChat's generation parameters; for a completion, without the chat template's stop (a blank line
+    ends a chat turn, not a text)."""
+    params = await fastchat_gen_params(model_name, worker_addr, messages, **fields)
+    if isinstance(messages, str):
+        stop = fields.get("stop")
+        params["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
+    return params
+
+
 def create_error_response(code, message):
     """FastChat answers every error with 400; a failure on the server's side is a 500."""
     return _error(message, status=500 if code == ErrorCode.INTERNAL_ERROR else 400, code=code)
 
 
 fastchat_stream = fastchat_api.generate_completion_stream
+fastchat_gen_params = fastchat_api.get_gen_params
 fastchat_api.create_error_response = create_error_response
+fastchat_api.get_gen_params = get_gen_params
 fastchat_api.check_model = check_model
 fastchat_api.get_worker_address = get_worker_address
 fastchat_api.generate_completion_stream = generate_completion_stream

@@ -138,7 +138,7 @@ def load_run(name):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the offline checkpoint)")
+    parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the model trained here)")
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--requests", type=int, default=16, help="requests per client count and round")
     parser.add_argument("--max-tokens", type=int, default=64)

@@ -182,7 +182,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8000, help="the API server's port")
     parser.add_argument("--workers", type=int, default=1, help="workers on this machine, each on its own cores")
-    parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the offline checkpoint)")
+    parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the model trained here)")
     args = parser.parse_args(argv)
     for stop_signal in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill: stop the stack, however started
         signal.signal(stop_signal, signal.default_int_handler)

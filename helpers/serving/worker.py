@@ -215,7 +215,7 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to take requests from other hosts")
     parser.add_argument("--port", type=int, default=21002)
     parser.add_argument("--worker-address", help="how the controller reaches this worker (default: http://HOST:PORT)")
-    parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the offline checkpoint)")
+    parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the model trained here)")
     parser.add_argument("--model-name", help="the name clients ask for (default: the model folder's name)")
     parser.add_argument("--low-bit", default="sym_int4")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
