@@ -92,11 +92,8 @@ def trained_token_counts(weights=None):
     weights = Path(weights or TRAINED_WEIGHTS)
     if not weights.exists():
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(weights), "pt") as file:
-        ids, counts = file.get_tensor("token_ids").tolist(), file.get_tensor("token_counts").tolist()
-    return dict(zip(ids, counts))
+    tensors, _ = _read_trained(weights)
+    return dict(zip(tensors["token_ids"].tolist(), tensors["token_counts"].tolist()))
 
 
 def build_trained_checkpoint(weights=None, out=None):

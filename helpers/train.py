@@ -68,10 +68,7 @@ class Attention(nn.Module):
         key, value = self.key(mix(x, shifted, self.time_mix_key)), self.value(mix(x, shifted, self.time_mix_value))
         receptance = torch.sigmoid(self.receptance(mix(x, shifted, self.time_mix_receptance)))
         self.decay = -torch.exp(self.time_decay)  # as the runtime's CPU forward reads it
-        if state is None:
-            zeros = torch.zeros_like(key[:, 0])
-            state = (None, zeros, zeros, zeros - 1e38)
-        wkv, wkv_state = wkv_recurrence(self, key, value, *state[1:])
+        wkv, wkv_state = wkv_recurrence(self, key, value, state and state[1:])
         return self.output(receptance * wkv), (x[:, -1], *wkv_state)
 
 
@@ -235,9 +232,10 @@ def train(steps=STEPS, seed=SEED, threads=2, out=TRAINED_WEIGHTS):
     counts = Counter(train_ids)
     model = CompactRwkv(sorted(counts))
     initialise(model, seed)
-    ids, held_out_ids = model.compact(train_ids), model.compact(encode(tokenizer, held_out))
+    held_out_world_ids = encode(tokenizer, held_out)
+    ids, held_out_ids = model.compact(train_ids), model.compact(held_out_world_ids)
     untrained = held_out_perplexity(model, held_out_ids)
-    unigram = corpus.unigram_perplexity(counts, encode(tokenizer, held_out), VOCAB_SIZE)
+    unigram = corpus.unigram_perplexity(counts, held_out_world_ids, VOCAB_SIZE)
     print(f"{len(train_ids):,} training tokens ({len(counts):,} distinct ids), {len(held_out_ids):,} held out. "
           f"Held-out perplexity: untrained {untrained:,.0f}, unigram {unigram:.1f}.", flush=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.99), eps=1e-8)

@@ -57,8 +57,13 @@ def _mixed_inputs(module, hidden, state, slot):
     return mixed
 
 
-def wkv_recurrence(module, key, value, num, den, max_state):
-    """The WKV recurrence over the positions of key / value; returns (output, (num, den, max_state))."""
+def wkv_recurrence(module, key, value, layer_state=None):
+    """The WKV recurrence over the positions of key / value, continuing layer_state (num, den, max_state),
+    or from the start of a text when it is None; returns (output, (num, den, max_state))."""
+    if layer_state is None:
+        zeros = torch.zeros_like(key[:, 0])
+        layer_state = (zeros, zeros, zeros - 1e38)
+    num, den, max_state = layer_state
     output = torch.empty_like(key)
     for position in range(key.shape[1]):
         k, v = key[:, position], value[:, position]
@@ -78,12 +83,8 @@ def attention_forward(self, hidden, state=None, use_cache=False):
     mixed = _mixed_inputs(self, hidden, state, 1)
     key, value = _linear(self.key, mixed[0]), _linear(self.value, mixed[1])
     receptance = torch.sigmoid(_linear(self.receptance, mixed[2]))
-    if state is not None:
-        layer_state = [s[:, :, self.layer_id] for s in state[2:]]
-    else:
-        zeros = torch.zeros_like(key[:, 0])
-        layer_state = [zeros, zeros, zeros - 1e38]
-    wkv, layer_state = wkv_recurrence(self, key, value, *layer_state)
+    layer_state = None if state is None else [s[:, :, self.layer_id] for s in state[2:]]
+    wkv, layer_state = wkv_recurrence(self, key, value, layer_state)
     if state is not None:
         for slot, tensor in zip((2, 3, 4), layer_state):
             state[slot][:, :, self.layer_id] = tensor
