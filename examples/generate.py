@@ -1,14 +1,27 @@
 """Predict tokens with generate() for an RWKV-4 World model in INT4 on the CPU, with BigDL-LLM.
 
-The upstream BigDL-LLM RWKV example as you would write it today: bigdl-llm and transformers, plus one
-line that repairs the newest bigdl-llm build's RWKV-4 forwards for a CPU.
+A program to copy: it needs bigdl-llm (2.5.0b20240627) and transformers (4.31.0), nothing from this
+project. It is bigdl-llm's own RWKV-4 example for PyTorch models, made to run on a CPU:
+
+1. load the model with plain transformers, in the checkpoint's 16-bit type;
+2. `model.rwkv._rescale_layers()`, as upstream's example does: it divides the weights of layer i by
+   2**(i // rescale_every) once, before they are quantized (RWKV's guard against fp16 overflow), so the
+   first forward does not try to divide the INT4 bytes in place ("result type Float can't be cast to the
+   desired output type Byte");
+3. `optimize_model(model, optimize_llm=False)`: every linear becomes INT4. `optimize_llm=False` keeps
+   transformers' RWKV forwards; bigdl-llm's own (the default) import `linear_q4_0`, which exists for
+   Intel GPUs only.
 
     python examples/generate.py [--repo-id-or-model-path RWKV/rwkv-4-world-7b] [--prompt "What is AI?"] [--n-predict 32]
 
+What this costs against `python -m helpers.generate` (notebooks 02 and 03): the whole 16-bit model is held
+while it converts (about 2X GB for an X-billion model), each token runs transformers' forwards (about 30
+small tensor operations a layer) instead of one native call, and on a CPU whose vendor is not Intel
+bigdl-llm picks its plain AVX kernels (set LLAMA_CPP_LIB to a faster build from bigdl/llm/libs, or
+`import helpers` first, to choose by the CPU's flags).
+
 Without --repo-id-or-model-path it uses RWKV_MODEL, else the small model trained here on Shakespeare
-(`make checkpoint` builds it from data/trained/; it writes like a play, it does not answer questions). bigdl-llm's from_pretrained holds the whole 16-bit
-model while it converts (about 2X GB for an X-billion model); `python -m helpers.generate` loads tensor by
-tensor and from a low-bit cache instead (README.md).
+(`make checkpoint` builds it; it writes like a play, it does not answer questions).
 """
 import argparse
 import os
@@ -16,11 +29,8 @@ import time
 from pathlib import Path
 
 import torch
-
-import helpers  # noqa: F401  (first: picks bigdl-llm's native kernels for this CPU's instruction sets)
-from bigdl.llm.transformers import AutoModelForCausalLM
-from helpers.runtime.rwkv_cpu import repair_for_cpu
-from transformers import AutoTokenizer
+from bigdl.llm import optimize_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # The prompt format of the model card (https://huggingface.co/RWKV/rwkv-4-world-7b), as upstream uses it.
 RWKV_PROMPT_FORMAT = "Question: {prompt}\n\nAnswer:"
@@ -36,11 +46,10 @@ if __name__ == "__main__":
     args = parser.parse_args()
     model_path = args.repo_id_or_model_path
 
-    # Load the model in 4 bit: bigdl-llm converts every linear layer to INT4 as it loads.
-    model = AutoModelForCausalLM.from_pretrained(model_path, load_in_4bit=True, trust_remote_code=True)
-    # bigdl-llm 2.5.0b20240627 binds RWKV-4 forwards that need an Intel GPU (`import linear_q4_0`):
-    # put CPU forwards in their place. Without this line the first forward fails.
-    model = repair_for_cpu(model)
+    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype="auto", low_cpu_mem_usage=True,
+                                                 trust_remote_code=True)
+    model.rwkv._rescale_layers()  # before the weights become INT4 (see the top of this file)
+    model = optimize_model(model, optimize_llm=False)  # INT4 linears, transformers' CPU forwards
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
 
     with torch.inference_mode():

@@ -2,6 +2,7 @@
 
     python -m helpers.bench [--shape 1b5] [--layout hub] [--threads N] [--json PATH] [--plot PATH] [--options a,b]
                             [--batch 1,4,8,16] [--kernel auto,avx512,avxvnni,avx2]
+    python -m helpers.bench --refresh README.md data/bench/README.md    # their tables, from the committed runs
 
 Each option runs in its own fresh process, one after another, on the same checkpoint and prompt, in the
 offline checkpoint's safetensors layout or in the layout the hub ships (`--layout hub`: one
@@ -14,8 +15,9 @@ against. `best_bound_ms` uses the single best read instead (of those between the
 just before and after decoding): a stricter bound that no token, nor torch's own reads, reaches on a
 busy host.
 
-`--kernel` runs each option that can use the fused step once per build named (helpers.runtime.fused_decode
-KERNELS; auto: the fastest this CPU runs), so that a CPU with AVX-512 measures the builds of CPUs without it.
+`--kernel` runs each format that can use the fused step once per build named (helpers.runtime.fused_decode
+KERNELS; auto: the fastest this CPU runs), so that a CPU with AVX-512 measures the builds of CPUs without it;
+the other loaders of sym_int4 (`_from_pretrained`, `_cache`) run the first build named.
 With RWKV_NATIVE_BUILD=avx2 set as well, the torch path (`sym_int4_unfused`) is that of a CPU without
 AVX-512 too.
 
@@ -24,10 +26,14 @@ and state, advance one token per step with the weights read once for all of them
 BATCH_STEPS steps in each of BATCH_ROUNDS rounds, the sizes taking turns; the table gives the median
 step, its range over the rounds, the aggregate tokens/s, and whether every sequence got the greedy
 tokens it gets decoded alone.
+
+`--json` writes the records with their provenance (helpers.provenance: machine, date, threads, read bandwidth,
+and a fingerprint of the kernel and loaders); a table is only rendered from a file of this code.
 """
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -38,8 +44,8 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
+from helpers import provenance
 from helpers.checkpoint import LAYOUTS, SHAPES
-from helpers.runtime.cpu import cpu_info
 from helpers.runtime.fused_decode import KERNELS
 from helpers.runtime.memory import GIB, model_weight_bytes
 from helpers.runtime.paths import DATA_DIR
@@ -188,28 +194,37 @@ def run_worker(option, shape, threads, layout="safetensors", batches=(), kernel=
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def uses_fused_step(option):
-    return not option.startswith("hf_") and not option.endswith(UNFUSED)
+def builds_to_run(option, kernels):
+    """The fused builds an option runs: each one named for a format the fused step reads, the first one for
+    the other loaders of sym_int4, none (auto) for the torch path."""
+    if option.startswith("hf_") or option.endswith(UNFUSED):
+        return ["auto"]
+    return kernels[:1] if option.endswith((FROM_PRETRAINED, "_cache")) else kernels
 
 
-def run_benchmark(shape="1b5", threads=None, options=OPTIONS, layout="safetensors", batches=(), kernels=("auto",)):
+def run_benchmark(shape="1b5", threads=None, options=OPTIONS, layout="safetensors", batches=(), kernels=("auto",),
+                  command="python -m helpers.bench"):
+    from helpers.checkpoint import ensure_checkpoint
+
     threads = threads or psutil.cpu_count(logical=False) or 1
-    runs = [(option, kernel) for option in options for kernel in (kernels if uses_fused_step(option) else ["auto"])]
+    ensure_checkpoint(shape, layout=layout)  # here, so that building it counts in no worker's peak memory
+    runs = [(option, kernel) for option in options for kernel in builds_to_run(option, list(kernels))]
     records = []
     with tqdm(total=len(runs), desc=f"bench {shape} ({layout}), {threads} threads", unit="run") as progress:
         for option, kernel in runs:
             progress.set_postfix_str(f"{option} ({kernel})")
-            record = run_worker(option, shape, threads, layout, batches, kernel)
+            sizes = () if option.startswith("hf_") else batches  # batched steps are the low-bit runtime's
+            record = run_worker(option, shape, threads, layout, sizes, kernel)
             if record is None:  # the cache was just written: measure loading it
-                record = run_worker(option, shape, threads, layout, batches, kernel)
+                record = run_worker(option, shape, threads, layout, sizes, kernel)
             records.append(record)
             progress.update()
     reference = next((r["tokens"] for r in records if r["option"] == "hf_fp32"), records[0]["tokens"])
-    machine = cpu_info()
     for record in records:
         record["same_tokens"] = sum(a == b for a, b in zip(record["tokens"], reference)) / len(reference)
-        record.update(shape=shape, layout=layout, threads=threads, machine=f"{machine.model}, {machine.physical_cores} cores, {psutil.virtual_memory().total / GIB:.0f} GiB")
-    return {"shape": shape, "layout": layout, "threads": threads, "records": records}
+        record.update(shape=shape, layout=layout, threads=threads)
+    made = provenance.stamp("decoding", command, threads, [r["bandwidth_gbs"] for r in records])
+    return {"shape": shape, "layout": layout, "threads": threads, "records": records, "provenance": made}
 
 
 def results_file(shape, layout="safetensors"):
@@ -223,16 +238,19 @@ def load_results(shape, layout="safetensors"):
 
 
 def load_run(name):
-    """The committed records data/bench/NAME.json of a run, as run_benchmark returns them."""
-    records = json.loads((DATA_DIR / "bench" / f"{name}.json").read_text())
-    first = records[0]
-    return {"shape": first["shape"], "layout": first.get("layout", "safetensors"), "threads": first["threads"],
-            "records": records}
+    """The committed run data/bench/NAME.json, as run_benchmark returns it; StaleResults when it was measured
+    with other kernel or loader code than this checkout's."""
+    path = DATA_DIR / "bench" / f"{name}.json"
+    run = json.loads(path.read_text())
+    provenance.check_current(run["provenance"], path.relative_to(DATA_DIR.parent))
+    first = run["records"][0]
+    return {"shape": first["shape"], "layout": first["layout"], "threads": first["threads"], "records": run["records"],
+            "provenance": run["provenance"]}
 
 
 def load_summary(result):
     """How far each low-bit load peaked above the model it loaded, and how long it took."""
-    lines = [f"{r['option']}: load peak {r['peak_load_rss_gib']:.2f} GiB, {r['peak_load_rss_gib'] - r['steady_rss_gib']:+.2f} "
+    lines = [f"{label(r)}: load peak {r['peak_load_rss_gib']:.2f} GiB, {r['peak_load_rss_gib'] - r['steady_rss_gib']:+.2f} "
              f"GiB above the loaded model ({r['steady_rss_gib']:.2f} GiB), {r['load_s']:.2f} s"
              for r in result["records"] if not r["option"].startswith("hf_")]
     return "\n".join(lines)
@@ -245,11 +263,10 @@ def label(record):
 
 def markdown_table(result):
     fp32 = next((r for r in result["records"] if r["option"] == "hf_fp32"), None)
-    bandwidths = [r["bandwidth_gbs"] for r in result["records"]]
     lines = [
-        f"Shape {result['shape']} ({result['layout']} layout), {result['threads']} threads, {PROMPT_TOKENS}-token prompt, median of {DECODE_TOKENS} "
-        f"greedy tokens. Read bandwidth between the tokens (median, per option) {min(bandwidths):.1f} to "
-        f"{max(bandwidths):.1f} GB/s; best read {max(r['best_bandwidth_gbs'] for r in result['records']):.1f} GB/s.",
+        f"Shape {result['shape']} ({result['layout']} layout), {PROMPT_TOKENS}-token prompt, median of {DECODE_TOKENS} greedy "
+        f"tokens; the read bandwidth is each option's median between its tokens, the best read "
+        f"{max(r['best_bandwidth_gbs'] for r in result['records']):.1f} GB/s. " + provenance.caption(result["provenance"]),
         "",
         "| option | load s | peak load RSS GiB | steady RSS GiB | weights in RAM GiB | prefill ms | decode ms/token | tokens/s "
         "| weight GiB read/token | bound ms | decode / bound | decode / best-read bound | decode / fp32 | tokens = fp32's |",
@@ -272,8 +289,9 @@ def batch_table(result):
     rows = [(r, b) for r in result["records"] for b in r.get("batches", [])]
     if not rows:
         return ""
-    lines = [f"Batched decoding: {BATCH_STEPS} steps of one token per sequence, median step and its range over "
-             f"{BATCH_ROUNDS} rounds; the bound is one read of the weights per step (the option's bandwidth above).",
+    lines = [f"Batched decoding, shape {result['shape']}: {BATCH_STEPS} steps of one token per sequence, median step "
+             f"and its range over {BATCH_ROUNDS} rounds; the bound is one read of the weights per step (the option's "
+             f"bandwidth in the decoding table). " + provenance.caption(result["provenance"]),
              "", "| option | batch | step ms | range ms | aggregate tokens/s | x batch 1 | step / bound "
              "| sequences with their tokens alone |", "|---|---|---|---|---|---|---|---|"]
     for record, b in rows:
@@ -283,6 +301,30 @@ def batch_table(result):
         lines.append(f"| {label(record)} | {b['batch']} | {b['step_ms']:.1f} | {low:.1f} to {high:.1f} "
                      f"| {b['aggregate_tokens_per_s']:.1f} | {speedup} | {b['step_over_bound']:.2f} "
                      f"| {b['same_tokens_as_alone']:.0%} |")
+    return "\n".join(lines)
+
+
+def fused_summary(result):
+    """One line per build of the fused step that ran sym_int4: its decode and prompt times against the torch path's."""
+    unfused = next((r for r in result["records"] if r["option"] == "sym_int4" + UNFUSED), None)
+    if unfused is None:
+        return ""
+    return "\n".join(
+        f"sym_int4, {r['kernel']} build: {r['decode_ms']:.1f} ms a token against {unfused['decode_ms']:.1f} through torch "
+        f"({unfused['decode_ms'] / r['decode_ms']:.2f}x faster); a {PROMPT_TOKENS}-token prompt in {r['prefill_ms']:.0f} ms "
+        f"against {unfused['prefill_ms']:.0f} ({unfused['prefill_ms'] / r['prefill_ms']:.2f}x)"
+        for r in result["records"] if r["option"] == "sym_int4" and r.get("kernel"))
+
+
+def batch_summary(result, batch=8):
+    """One line per option with batched rows: `batch` sequences' tokens/s and time per token against one's."""
+    lines = []
+    for record in result["records"]:
+        sizes = {b["batch"]: b for b in record.get("batches", [])}
+        if 1 in sizes and batch in sizes:
+            gain = sizes[batch]["aggregate_tokens_per_s"] / sizes[1]["aggregate_tokens_per_s"]
+            lines.append(f"{label(record)}: {batch} sequences together get {gain:.2f}x the tokens/s of one, each "
+                         f"token {sizes[batch]['step_ms'] / sizes[1]['step_ms']:.2f}x later")
     return "\n".join(lines)
 
 
@@ -320,6 +362,46 @@ def targets_table(result):
     return "\n".join(lines)
 
 
+def summary_table(result):
+    """The README's table: per option and build, prefill, decode and its bound, and batch 8 against batch 1."""
+    lines = [provenance.caption(result["provenance"]) + f" Shape {result['shape']}, {result['layout']} layout.", "",
+             f"| option (build) | prefill ms ({PROMPT_TOKENS} tokens) | decode ms/token | decode / bound "
+             "| batch 8: tokens/s, x batch 1 | peak load RSS GiB | steady RSS GiB |", "|---|---|---|---|---|---|---|"]
+    for r in result["records"]:
+        sizes = {b["batch"]: b for b in r.get("batches", [])}
+        batched = (f"{sizes[8]['aggregate_tokens_per_s']:.1f}, "
+                   f"{sizes[8]['aggregate_tokens_per_s'] / sizes[1]['aggregate_tokens_per_s']:.2f}x") if 1 in sizes and 8 in sizes else "-"
+        lines.append(f"| {label(r)} | {r['prefill_ms']:.0f} | {r['decode_ms']:.1f} | {r['decode_ms'] / r['bound_ms']:.2f} "
+                     f"| {batched} | {r['peak_load_rss_gib']:.2f} | {r['steady_rss_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def with_caption(table):
+    """A table renderer that puts the run's provenance above the table (for those whose own text has none)."""
+    return lambda result: provenance.caption(result["provenance"]) + "\n\n" + table(result) if table(result) else ""
+
+
+RENDERERS = {"summary": summary_table, "decoding": markdown_table, "batches": batch_table,
+             "targets": with_caption(targets_table)}
+RENDERED = re.compile(r"(<!-- rendered: (\S+) (\S+) -->\n)(.*?)(\n<!-- /rendered -->)", re.S)
+
+
+def render(name, kind):
+    """The table KIND (a RENDERERS key) of the committed run data/bench/NAME.json."""
+    return RENDERERS[kind](load_run(name))
+
+
+def rendered_blocks(text):
+    """[(name, kind, text between the markers)] for each `<!-- rendered: NAME KIND -->` block of a markdown text."""
+    return [(match[2], match[3], match[4]) for match in RENDERED.finditer(text)]
+
+
+def refresh(path):
+    """Rewrite every rendered block of the markdown file at path from its committed run."""
+    path = Path(path)
+    path.write_text(RENDERED.sub(lambda m: m[1] + render(m[2], m[3]) + m[5], path.read_text()))
+
+
 def plot(result, path):
     import matplotlib
 
@@ -327,15 +409,17 @@ def plot(result, path):
     import matplotlib.pyplot as plt
 
     records = result["records"]
-    names = [r["option"] for r in records]
+    names = [label(r) for r in records]
     positions = range(len(records))
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(11, 5))
     ax.bar([p - 0.2 for p in positions], [r["decode_ms"] for r in records], 0.4, label="decode ms/token (measured)")
     ax.bar([p + 0.2 for p in positions], [r["bound_ms"] for r in records], 0.4, label="bandwidth bound")
-    ax.set_xticks(list(positions), names, rotation=20)
+    ax.set_xticks(list(positions), names, rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("ms per token")
     ax.set_yscale("log")
-    ax.set_title(f"RWKV-4 {result['shape']} decode, {result['threads']} threads")
+    made = result["provenance"]
+    ax.set_title(f"RWKV-4 {result['shape']} decode, {result['threads']} threads: {made['machine']['cpu']}, {made['date']}",
+                 fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -354,8 +438,17 @@ def main(argv=None):
     parser.add_argument("--kernel", default="auto", help="fused step builds to run, comma-separated: auto, "
                         "avx512, avxvnni, avx2 (each option that uses the fused step runs once per build)")
     parser.add_argument("--batch", default="", help="batch sizes for batched decoding rows, e.g. 1,4,8,16")
+    parser.add_argument("--refresh", nargs="+", type=Path, metavar="MARKDOWN",
+                        help="rewrite the rendered tables of these markdown files from the committed runs, then stop")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.refresh:
+        try:
+            for path in args.refresh:
+                refresh(path)
+        except provenance.StaleResults as error:
+            parser.exit(1, f"Error: {error}\n")
+        return 0
     unknown = set(args.options.split(",")) - set(OPTIONS)
     if unknown:
         parser.error(f"unknown options {', '.join(sorted(unknown))}; choose from {', '.join(OPTIONS)}")
@@ -372,7 +465,8 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(measure(args.worker, args.shape, args.threads, args.layout, batches)))
         return 0
-    result = run_benchmark(args.shape, args.threads, args.options.split(","), args.layout, batches, kernels)
+    command = " ".join(["python -m helpers.bench", *(argv if argv is not None else sys.argv[1:])])
+    result = run_benchmark(args.shape, args.threads, args.options.split(","), args.layout, batches, kernels, command)
     print(markdown_table(result))
     print()
     if batches:
@@ -384,7 +478,7 @@ def main(argv=None):
         print()
     print(load_summary(result))
     if args.json:
-        args.json.write_text(json.dumps(result["records"], indent=1))
+        args.json.write_text(json.dumps({"provenance": result["provenance"], "records": result["records"]}, indent=1))
     if args.plot:
         plot(result, args.plot)
     return 0

@@ -1,14 +1,22 @@
 """A chat box for notebook 06: ipywidgets around a reply function that the notebook defines.
 
-The notebook's ``reply(text, conversation)`` reads a user turn into the conversation's RNN state and
-yields the answer's token ids as they come; the box streams them into its transcript, and offers Stop
-(after the current token) and Reset (a new conversation).
+The notebook's ``reply(text, conversation, sampling=...)`` reads a user turn into the conversation's RNN
+state and yields the answer's token ids as they come; the box streams them into its transcript, offers
+Stop (after the current token) and Reset (a new conversation), and sliders for the sampling settings,
+ChatRWKV's to begin with (helpers.runtime.sampling.CHATRWKV).
 """
+import dataclasses
 import html
 import threading
 import time
 
 import ipywidgets as widgets
+
+from helpers.runtime.sampling import CHATRWKV
+
+# (setting, slider label, largest value, step): the Sampling fields the box lets a person change.
+SLIDERS = [("temperature", "temperature", 2.0, 0.05), ("top_p", "top_p", 1.0, 0.05),
+           ("presence_penalty", "presence", 2.0, 0.05), ("frequency_penalty", "frequency", 2.0, 0.05)]
 
 
 def new_conversation():
@@ -17,8 +25,8 @@ def new_conversation():
 
 
 class ChatBox:
-    def __init__(self, reply, tokenizer):
-        self.reply, self.tokenizer = reply, tokenizer
+    def __init__(self, reply, tokenizer, sampling=CHATRWKV):
+        self.reply, self.tokenizer, self.defaults = reply, tokenizer, sampling
         self.conversation, self.turns = new_conversation(), []  # turns: [user text, answer text]
         self._thread, self._stop = None, threading.Event()
         self.message = widgets.Text(placeholder="Say something, then press Send", layout=widgets.Layout(width="70%"))
@@ -27,6 +35,10 @@ class ChatBox:
         self.reset_button = widgets.Button(description="Reset", icon="refresh")
         self.transcript = widgets.HTML()
         self.status = widgets.HTML()
+        self.sliders = {name: widgets.FloatSlider(value=getattr(sampling, name), min=0.0, max=largest, step=step,
+                                                  description=label, continuous_update=False,
+                                                  layout=widgets.Layout(width="24%"))
+                        for name, label, largest, step in SLIDERS}
         for name in ("message", "transcript", "status"):  # CSS hooks for browser tests
             getattr(self, name).add_class(f"chat-{name}")
         self.send_button.on_click(lambda _: self.send())
@@ -36,6 +48,7 @@ class ChatBox:
         self.widget = widgets.VBox([
             self.transcript,
             widgets.HBox([self.message, self.send_button, self.stop_button, self.reset_button]),
+            widgets.HBox(list(self.sliders.values())),
             self.status,
         ])
 
@@ -50,6 +63,11 @@ class ChatBox:
 
     def _say(self, text):
         self.status.value = f'<span style="color:#555">{html.escape(text)}</span>'
+
+    @property
+    def sampling(self):
+        """The box's defaults with the sliders' values (temperature 0: greedy)."""
+        return dataclasses.replace(self.defaults, **{name: slider.value for name, slider in self.sliders.items()})
 
     def _show(self):
         lines = [f"<b>User:</b> {html.escape(user)}<br><b>Assistant:</b> {html.escape(answer)}" for user, answer in self.turns]
@@ -67,13 +85,13 @@ class ChatBox:
         self._stop.clear()
         self.send_button.disabled, self.stop_button.disabled = True, False
         self._say("Answering...")
-        self._thread = threading.Thread(target=self._answer, args=(text,), daemon=True)
+        self._thread = threading.Thread(target=self._answer, args=(text, self.sampling), daemon=True)
         self._thread.start()
 
-    def _answer(self, text):
+    def _answer(self, text, sampling):
         start, first, tokens = time.perf_counter(), None, 0
         try:
-            for ids in self.reply(text, self.conversation):
+            for ids in self.reply(text, self.conversation, sampling=sampling):
                 first = first or time.perf_counter() - start
                 tokens = len(ids)
                 self.turns[-1][1] = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -103,10 +121,12 @@ def self_test(shown):
     """Chat as a person would, on a chat box of its own (the one on screen stays as its user left it);
     prints one line per check."""
     box = ChatBox(shown.reply, shown.tokenizer)
+    box.sliders["temperature"].value = 0.0  # greedy, with the penalties: the same answers on every run
     checks = []
     box.message.value = "Hello!"
     box.send_button.click()
     checks.append(("the first answer arrives", box.wait() and box.turns[0][1] != ""))
+    first_answer = box.turns[0][1]
     before = [tensor.clone() for tensor in box.conversation["state"]]
     box.message.value = "Tell me more."
     box.send_button.click()
@@ -121,6 +141,9 @@ def self_test(shown):
     checks.append(("an empty message is refused", "Type a message first" in box.status.value))
     box.reset_button.click()
     checks.append(("Reset starts a new conversation", box.conversation["state"] is None and box.transcript.value == ""))
+    box.message.value = "Hello!"
+    box.send_button.click()
+    checks.append(("the sliders reach reply: greedy answers the same after Reset", box.wait() and box.turns[0][1] == first_answer))
     for name, passed in checks:
         print(f"{'ok  ' if passed else 'FAIL'} {name}")
     assert all(passed for _, passed in checks), "the chat self-test failed"

@@ -6,7 +6,8 @@ import subprocess
 import sys
 from importlib import metadata
 
-from helpers.bench import load_results
+from helpers import provenance
+from helpers.bench import load_results, results_file
 from helpers.checkpoint import make_config
 from helpers.runtime import fused_decode
 from helpers.runtime.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
@@ -65,12 +66,18 @@ def fused_decode_status():
 
 
 def measured(shape, option):
-    """The committed `helpers.bench` record of one shape and option, or None."""
-    try:
-        records = load_results(shape)["records"]
-    except FileNotFoundError:
+    """The committed `helpers.bench --layout hub` record of one shape and option, or None."""
+    if not results_file(shape, "hub").exists():
         return None
-    return next((record for record in records if record["option"] == option), None)
+    return next((record for record in load_results(shape, "hub")["records"] if record["option"] == option), None)
+
+
+def memory_source():
+    """Which machines and dates the measured columns come from, in one line."""
+    runs = [load_results(shape, "hub")["provenance"] for shape in HUB_SIZES if results_file(shape, "hub").exists()]
+    machines = sorted({provenance.describe(run["machine"]) for run in runs})
+    dates = sorted({run["date"] for run in runs})
+    return f"Measured: {' to '.join(dates[::max(1, len(dates) - 1)])} on {'; '.join(machines)} (data/bench/SHAPE-hub.json)."
 
 
 def model_memory_rows():

@@ -5,10 +5,13 @@
 Run it as a file, not with -m: it needs only torch and a C compiler, not bigdl-llm. It compiles
 rwkv4_decode.c, fills one token's worth of sym_int4 matrices of the shape (every block linear and the
 head) with random blocks, and for each thread count times reading them all once, as a decoding step
-does, next to torch's read bandwidth with as many threads. Results for notebook 04.
+does, next to torch's read bandwidth with as many threads. Results for notebook 04, with their provenance
+as helpers.provenance writes it (that module needs bigdl-llm, so the few lines are repeated here).
 """
 import argparse
 import ctypes
+import datetime
+import hashlib
 import json
 import os
 import platform
@@ -29,6 +32,22 @@ SHAPES = {"1b5": (24, 2048), "3b": (32, 2560), "7b": (32, 4096)}
 VOCAB = 65536
 
 
+def fingerprint():
+    """helpers.provenance.fingerprint("kernel"): SHA-256 over the kernel source's path and bytes, 16 hex digits."""
+    return hashlib.sha256(b"helpers/runtime/rwkv4_decode.c\0" + SOURCE.read_bytes()).hexdigest()[:16]
+
+
+def provenance(description, threads, bandwidths):
+    isa = [name for name, key in (("AVX-512 VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"), ("AVX2", "avx2")) if description[key]]
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    machine = {"cpu": description["model"], "vendor": description["vendor"], "family": description["family"],
+               "model": description["model_number"], "isa": isa, "sockets": description["sockets"],
+               "physical_cores": description["sockets"] * description["cores_per_socket"], "memory_gib": round(memory)}
+    return {"kind": "kernel", "fingerprint": fingerprint(), "date": datetime.date.today().isoformat(), "machine": machine,
+            "threads": max(threads), "command": " ".join(["python helpers/kernel_sweep.py", *sys.argv[1:]]),
+            "read_bandwidth_gbs": [round(min(bandwidths), 1), round(max(bandwidths), 1)]}
+
+
 def cpu_description():
     fields = {}
     for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
@@ -37,6 +56,9 @@ def cpu_description():
     flags = set(fields.get("Flags", "").split())
     return {
         "model": fields.get("Model name", platform.processor()),
+        "vendor": fields.get("Vendor ID", ""),
+        "family": fields.get("CPU family"),
+        "model_number": fields.get("Model"),
         "sockets": int(fields.get("Socket(s)", 1)),
         "cores_per_socket": int(fields.get("Core(s) per socket", os.cpu_count())),
         "threads_per_core": int(fields.get("Thread(s) per core", 1)),
@@ -90,7 +112,7 @@ def _seconds(fn):
 def sweep(shape, thread_counts):
     description = cpu_description()
     if not description["avx2"]:
-        return {"shape": shape, "machine": description, "error": "this CPU lacks AVX2"}
+        return {"shape": shape, "error": f"this CPU ({description['model']}) lacks AVX2"}
     with tempfile.TemporaryDirectory() as folder:
         native = compile_kernel(folder, description)
         matrices = token_matrices(shape)
@@ -111,7 +133,8 @@ def sweep(shape, thread_counts):
             records.append({"threads": threads, "kernel_ms": milliseconds, "bandwidth_gbs": bandwidth,
                             "bound_ms": weight_bytes / (bandwidth * 1e9) * 1000})
             print(json.dumps(records[-1]), flush=True)
-    return {"shape": shape, "machine": description, "weight_bytes": weight_bytes, "records": records}
+    made = provenance(description, thread_counts, [record["bandwidth_gbs"] for record in records])
+    return {"provenance": made, "shape": shape, "weight_bytes": weight_bytes, "records": records}
 
 
 def main(argv=None):

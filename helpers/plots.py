@@ -43,7 +43,8 @@ def plot_quality(rows):
 
 def plot_threads(measured):
     """Decode tokens/s against thread count, the median and the range of the rounds (helpers.tuning)."""
-    threads = [int(label) for label in measured]
+    measured = {int(label): m for label, m in measured.items() if label.isdigit()}  # the reference has its own row
+    threads = list(measured)
     medians = [m.median for m in measured.values()]
     spreads = [[m.median - min(m.speeds) for m in measured.values()], [max(m.speeds) - m.median for m in measured.values()]]
     fig, ax = plt.subplots(figsize=(5, 3))

@@ -1,4 +1,6 @@
 """The prompt format of RWKV-4 World models, and the checks every entry point applies to input."""
+import re
+
 from helpers.runtime.errors import UserError
 
 # From the model card of RWKV/rwkv-4-world-7b, as the upstream bigdl-llm example uses it.
@@ -10,6 +12,14 @@ DRAGON_PROMPT = (
     "spoke perfect Chinese."
 )
 DEFAULT_N_PREDICT = 40
+# A blank line ends a turn in the World chat format, so BlinkDL's card for RWKV-4 World says to replace
+# "\n\n" in a message by "\n" (https://huggingface.co/BlinkDL/rwkv-4-world): see chat_message.
+BLANK_LINES = re.compile(r"\n\s*\n")
+
+
+def chat_message(text):
+    """A chat message as the World format reads it: no blank line inside (each becomes one line break)."""
+    return BLANK_LINES.sub("\n", text.replace("\r\n", "\n").strip())
 
 
 def format_prompt(prompt):

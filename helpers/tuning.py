@@ -1,10 +1,12 @@
 """What notebook 04 measures: decode speed against threads, decoding kernels, OpenMP and allocators, pinning.
 
 Each configuration runs in a process of its own (threads, LD_PRELOAD and the kernel build are fixed when
-a process starts):  python -m helpers.tuning --worker  loads the model, then prints one JSON line with
-its decode speed for each line it reads. Each configuration is measured in ROUNDS rounds, taking turns
-within a round, so that the machine's drift spreads over all of them; a configuration wins only where
-its slowest round beats every other's fastest.
+a process starts):  python -m helpers.tuning --worker  loads the measured model (measured_source), then
+prints one JSON line with its decode speed for each line it reads. Each configuration is measured in
+ROUNDS rounds, taking turns within a round, beside the REFERENCE configuration (all physical cores, the
+defaults), which runs in every section's rounds so that the machine's drift shows. A configuration wins
+only where its slowest round beats every other's fastest and its lead is larger than the reference's own
+range over the same rounds.
 """
 import json
 import os
@@ -16,14 +18,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from helpers import NATIVE_LIBRARY
+from helpers import NATIVE_LIBRARY, provenance
 from helpers.environment import bigdl_llm_init_settings
 from helpers.runtime import fused_decode
-from helpers.runtime.cpu import cpu_info
+from helpers.runtime.cpu import CpuInfo, cpu_info
 from helpers.runtime.paths import DATA_DIR
 
 PROMPT_TOKENS, DECODE_TOKENS = 16, 48
 ROUNDS = 3
+# Without RWKV_MODEL: the 169M shape, random weights (as fast as real ones). Reading its weights is most of
+# a token's time; the model trained here is so small that fixed costs are.
+MEASURED_SHAPE = "169m"
+REFERENCE = "reference (all cores, defaults)"
 SETTLE_S = 0.25  # before each measurement: the last one's idle OpenMP threads may spin this long (Intel's default 200 ms)
 SWEEPS_DIR = DATA_DIR / "sweeps"
 RUNTIMES = {  # name: bigdl-llm-init options
@@ -67,6 +73,14 @@ class _Configuration:
         self.errors.close()
 
 
+def measured_source():
+    """The model notebook 04 measures: RWKV_MODEL's, else the MEASURED_SHAPE checkpoint (built on first use)."""
+    from helpers.checkpoint import ensure_checkpoint
+    from helpers.models import resolve_model
+
+    return resolve_model(None if os.environ.get("RWKV_MODEL") else str(ensure_checkpoint(MEASURED_SHAPE, layout="hub")))
+
+
 def thread_counts():
     """1, 2, 4, ... threads, and all physical cores."""
     cores = cpu_info().physical_cores
@@ -83,8 +97,9 @@ class Measured:
 
 
 def measure_in_rounds(configurations, rounds=ROUNDS):
-    """{label: Measured} for {label: dict(threads=..., env=..., prefix=...)}, in alternating rounds; each
-    configuration's process starts (and loads the model) once."""
+    """{label: Measured} for REFERENCE and {label: dict(threads=..., env=..., prefix=...)}, in alternating
+    rounds; each configuration's process starts (and loads the model) once."""
+    configurations = {REFERENCE: dict(threads=cpu_info().physical_cores), **configurations}
     processes = {label: _Configuration(**settings) for label, settings in configurations.items()}
     try:
         for process in processes.values():  # no measurement while another process is still loading
@@ -120,18 +135,46 @@ BATCH_HEADERS = ["sequences together", "tokens/s, all", "x one client", "ms per 
                  "range over rounds", "sequences with their tokens alone"]
 
 
+def drift(measured):
+    """The reference's range over its rounds, relative to its median: how much the machine itself moved."""
+    reference = measured.get(REFERENCE)
+    return (max(reference.speeds) - min(reference.speeds)) / reference.median if reference else 0.0
+
+
+def _ranked(measured):
+    """(best label, its lead over the next best median as a fraction), the reference left out."""
+    candidates = {label: m for label, m in measured.items() if label != REFERENCE}
+    best = max(candidates, key=lambda label: candidates[label].median)
+    others = [m.median for label, m in candidates.items() if label != best]
+    return best, (candidates[best].median / max(others) - 1 if others else 0.0)
+
+
 def winner(measured):
-    """The label whose slowest round is faster than every other configuration's fastest, else None."""
-    best = max(measured, key=lambda label: measured[label].median)
-    others = [max(m.speeds) for label, m in measured.items() if label != best]
-    return best if others and min(measured[best].speeds) > max(others) else None
+    """The label whose slowest round beats every other configuration's fastest and whose median leads the
+    next by more than the reference's drift, else None."""
+    best, lead = _ranked(measured)
+    others = [max(m.speeds) for label, m in measured.items() if label not in (best, REFERENCE)]
+    return best if others and min(measured[best].speeds) > max(others) and lead > drift(measured) else None
 
 
 def verdict(title, measured):
-    best = winner(measured)
-    if best:
-        return f"{title}: {best} is fastest here, beyond the spread of the rounds"
-    return f"{title}: no measurable difference here (the ranges of the rounds overlap)"
+    best, lead = _ranked(measured)
+    moved = f"the reference moved {drift(measured):.0%} over the same rounds"
+    if winner(measured):
+        return f"{title}: {best} is fastest here, {lead:.0%} ahead, beyond the rounds' spread ({moved})"
+    return (f"{title}: no measurable difference here (best: {best}, {lead:.0%} ahead, within the rounds' spread "
+            f"or the drift: {moved})")
+
+
+def drift_rows(sections):
+    """Rows for {section: measured}: the reference's median and range in each section's rounds, then how far
+    its medians lie apart across the sections (what comparing numbers from different sections would risk)."""
+    references = {section: measured[REFERENCE] for section, measured in sections.items()}
+    rows = [(section, f"{m.median:.1f} tokens/s", f"{min(m.speeds):.1f} to {max(m.speeds):.1f}")
+            for section, m in references.items()]
+    medians = [m.median for m in references.values()]
+    rows.append(("across sections", f"{min(medians):.1f} to {max(medians):.1f}", f"{max(medians) / min(medians) - 1:.0%} apart"))
+    return rows
 
 
 def chosen_threads(threads_measured):
@@ -164,16 +207,43 @@ def pinnings(threads):
 
 
 def kernel_sweeps():
-    """The committed runs of helpers/kernel_sweep.py on a bigger machine (data/sweeps/), smallest shape first."""
-    return [json.loads(path.read_text()) for path in sorted(SWEEPS_DIR.glob("fused-kernel-*.json"))]
+    """The committed runs of helpers/kernel_sweep.py on a bigger machine (data/sweeps/), smallest shape first,
+    each with "current": whether the kernel source it timed is this checkout's."""
+    sweeps = [json.loads(path.read_text()) for path in sorted(SWEEPS_DIR.glob("fused-kernel-*.json"))]
+    return [{**sweep, "current": provenance.is_current(sweep["provenance"])} for sweep in sweeps]
 
 
-def recommended_commands(threads_measured, runtime_measured, pinning_measured):
-    """(client command, server commands, notes) from what won on this machine; where nothing won, the
-    plain default (all physical cores, no preloaded libraries, not pinned). The notes say what could
-    not be measured here."""
-    info = cpu_info()
-    threads, runtime, pinning = chosen_threads(threads_measured), winner(runtime_measured), winner(pinning_measured)
+def sweep_caption(sweep):
+    """Where a sweep comes from, and whether its kernel is this checkout's, in one line."""
+    made = sweep["provenance"]
+    kernel = ("the current kernel source" if sweep["current"] else
+              f"an older kernel source (fingerprint {made['fingerprint']}, this checkout's "
+              f"{provenance.fingerprint('kernel')}; its thread scaling, not its milliseconds, carries over)")
+    return f"Measured {made['date']} on {provenance.describe(made['machine'])}, 1 to {made['threads']} threads, with {kernel}."
+
+
+def fastest_threads(sweep):
+    """The thread count at which the sweep's kernel read one token's weights fastest."""
+    return min(sweep["records"], key=lambda record: record["kernel_ms"])["threads"]
+
+
+def two_socket_server(sweep):
+    """A server of two sockets like the sweep's one (its cores on each), as CpuInfo, with numactl installed."""
+    cores = sweep["provenance"]["machine"]["physical_cores"]
+    return CpuInfo("GenuineIntel", sweep["provenance"]["machine"]["cpu"], 2 * cores, 2, frozenset({"avx2", "avx512_vnni"}))
+
+
+def measured_choices(threads_measured, runtime_measured, pinning_measured):
+    """(threads, runtime, pinning) that won on this machine; None (the default) where nothing won."""
+    return chosen_threads(threads_measured), winner(runtime_measured), winner(pinning_measured)
+
+
+def recommended_commands(threads, runtime=None, pinning=None, info=None, numactl=None):
+    """(client command, server commands, notes) for the chosen settings (None: no preloaded libraries, not
+    pinned) on a machine (info and numactl: this one's). The notes say what could not be measured there
+    and why the two commands are the same where they are."""
+    info = info or cpu_info()
+    numactl = bool(shutil.which("numactl")) if numactl is None else numactl
     init = [f"source bigdl-llm-init {RUNTIMES[runtime]}".rstrip()] if runtime else []
     pin = pinnings(threads)[pinning] if pinning else ()
     client = "\n".join([*init, " ".join([f"OMP_NUM_THREADS={threads}", *pin, "python -m helpers.generate"])])
@@ -181,12 +251,14 @@ def recommended_commands(threads_measured, runtime_measured, pinning_measured):
     server = list(init) if info.sockets > 1 else [client]  # one socket: one process, as measured
     for socket in range(info.sockets if info.sockets > 1 else 0):
         cores = f"{socket * per_socket}-{(socket + 1) * per_socket - 1}"
-        place = f"numactl -C {cores} -m {socket}" if shutil.which("numactl") else f"taskset -c {cores}"
+        place = f"numactl -C {cores} -m {socket}" if numactl else f"taskset -c {cores}"
         server.append(f"OMP_NUM_THREADS={per_socket} {place} python -m helpers.generate &")
-    notes = [f"not measurable here: {what}" for what, missing in (
-        ("numactl (not installed: `apt install numactl`)", not shutil.which("numactl")),
-        ("one process per socket, each on its socket's memory (this machine has one socket)", info.sockets == 1),
-    ) if missing]
+    notes = [note for note, applies in (
+        ("numactl is not installed (`apt install numactl`): pinning uses taskset, which cannot place memory",
+         not numactl),
+        ("one socket: a server runs one process on all of its cores, as a client does, so the two commands are "
+         "the same", info.sockets == 1),
+    ) if applies]
     return client, "\n".join(server), notes
 
 
@@ -195,11 +267,10 @@ def worker():
 
     import helpers  # noqa: F401
     from helpers.runtime.loading import load_model
-    from helpers.models import resolve_model
     from helpers.streaming import timed_greedy_decode
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    model = load_model(resolve_model(None), "sym_int4", report=lambda line: print(line, file=sys.stderr))
+    model = load_model(measured_source(), "sym_int4", report=lambda line: print(line, file=sys.stderr))
     prompt = torch.arange(1, PROMPT_TOKENS + 1).unsqueeze(0)
     timed_greedy_decode(model, prompt, DECODE_TOKENS)  # warm up: every round then measures a warm process
     print(json.dumps({"loaded": True}), flush=True)

@@ -14,6 +14,11 @@ from helpers.runtime.paths import DATA_DIR
 SAMPLE_TEXTS = json.loads((DATA_DIR / "sample_texts.json").read_text(encoding="utf-8"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--screenshots", help="folder for the browser tests' screenshots (default: a temporary folder; "
+                     "docs updates the README's)")
+
+
 @pytest.fixture(scope="session")
 def tiny_source():
     """The random-weight checkpoint: right for shapes, speed and exactness checks, wrong for text and quality."""

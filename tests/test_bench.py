@@ -1,8 +1,12 @@
 import json
 
+import pytest
+
 from conftest import run_cli
-from helpers import bench
+from helpers import bench, provenance
 from helpers.runtime import fused_decode
+from helpers.runtime.paths import DATA_DIR, REPO_ROOT
+from helpers.serving import load_test
 
 KEYS = {"option", "load_s", "peak_load_rss_gib", "steady_rss_gib", "prefill_ms", "decode_ms", "bound_ms", "best_bound_ms",
         "weight_bytes"}
@@ -14,7 +18,12 @@ def test_bench_prints_a_table_and_writes_records(tmp_path):
                      "--threads", "1",
                      "--json", str(records_file), "--plot", str(plot_file))
     assert result.returncode == 0, result.stderr
-    records = json.loads(records_file.read_text())
+    run = json.loads(records_file.read_text())
+    records, made = run["records"], run["provenance"]
+    assert made["fingerprint"] == provenance.fingerprint("decoding") and made["threads"] == 1
+    assert made["machine"]["physical_cores"] >= 1 and made["machine"]["cpu"] in result.stdout  # the table names it
+    low, high = made["read_bandwidth_gbs"]
+    assert 0 < low <= high and made["command"].startswith("python -m helpers.bench --shape tiny")
     assert "| hf_fp32 |" in result.stdout and f"| {bench.label(records[1])} |" in result.stdout
     assert [r["option"] for r in records] == ["hf_fp32", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained"]
     for record in records:
@@ -36,8 +45,8 @@ def test_bench_reads_the_hub_layout_and_its_cache(tmp_path):
                      "--threads", "1", "--json", str(records_file), "--batch", "4,1")
     assert result.returncode == 0, result.stderr
     assert "Shape tiny (hub layout)" in result.stdout
-    assert "sym_int4: load peak " in result.stdout and "sym_int4_cache: load peak " in result.stdout
-    from_bin, from_cache = json.loads(records_file.read_text())
+    from_bin, from_cache = json.loads(records_file.read_text())["records"]
+    assert f"{bench.label(from_bin)}: load peak " in result.stdout and f"{bench.label(from_cache)}: load peak " in result.stdout
     assert from_bin["layout"] == from_cache["layout"] == "hub"
     assert from_bin["tokens"] == from_cache["tokens"]  # the cache holds the same weights
     assert f"| {bench.label(from_bin)} | 4 |" in result.stdout
@@ -75,3 +84,34 @@ def test_targets_say_what_each_run_met():
                for line in table)
     assert any(line.startswith("| sym_int8 (avx512), batch 8") and line.endswith("| 5.00x, 88% of sequences | no |")
                for line in table)
+
+
+def committed_runs():
+    return sorted(path.stem for path in (DATA_DIR / "bench").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", committed_runs())
+def test_every_committed_run_was_measured_with_this_code(name):
+    """A kernel or loader change (a serving change, for a load test) makes this fail until the run is redone."""
+    run = load_test.load_run(name)[0] if name.startswith("serving-") else bench.load_run(name)
+    assert provenance.is_current(run["provenance"])
+
+
+def test_a_run_of_other_code_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "bench").mkdir()
+    run = json.loads((DATA_DIR / "bench" / "1b5-hub.json").read_text())
+    run["provenance"]["fingerprint"] = "0" * 16
+    (tmp_path / "bench" / "old.json").write_text(json.dumps(run))
+    monkeypatch.setattr(bench, "DATA_DIR", tmp_path)
+    with pytest.raises(provenance.StaleResults, match="rerun `python -m helpers.bench --shape 1b5"):
+        bench.render("old", "summary")
+
+
+@pytest.mark.parametrize("markdown", ["README.md", "data/bench/README.md"])
+def test_rendered_tables_are_their_runs(markdown):
+    """Each table between rendered markers is what its committed run renders now (python -m helpers.bench --refresh)."""
+    blocks = bench.rendered_blocks((REPO_ROOT / markdown).read_text())
+    assert blocks
+    for name, kind, text in blocks:
+        assert text == bench.render(name, kind), f"{markdown}: {name} {kind} is stale: python -m helpers.bench --refresh {markdown}"
+        assert "Measured 20" in text  # its caption names the machine and the date

@@ -1,8 +1,10 @@
 """The playground and the chat box as a person uses them: in JupyterLab (the playground also as a Voila
 page), in a real (headless) Chromium.
 
-Needs Debian's chromium at /usr/bin/chromium (`.ci/run` installs it); skipped where it is missing.
+Needs Debian's chromium at /usr/bin/chromium (`.ci/run` installs it); skipped where it is missing. The
+screenshots go to a temporary folder; `pytest tests/test_browser.py --screenshots docs` updates the README's.
 """
+import json
 import os
 import secrets
 import signal
@@ -21,11 +23,22 @@ from helpers.runtime.paths import REPO_ROOT
 CHROMIUM = "/usr/bin/chromium"
 NOTEBOOK = "notebooks/05_prompt_playground.ipynb"
 CHAT_NOTEBOOK = "notebooks/06_chat.ipynb"
-CHAT_BOX_CELL = 9  # the index of the cell that shows the chat box
-SCREENSHOTS = REPO_ROOT / "docs"
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
+
+
+def chat_box_cell():
+    """The index of the cell that shows notebook 06's chat box."""
+    cells = json.loads((REPO_ROOT / CHAT_NOTEBOOK).read_text())["cells"]
+    return next(i for i, cell in enumerate(cells) if "ChatBox(reply" in "".join(cell["source"]))
+
+
+@pytest.fixture(scope="session")
+def screenshots(request, tmp_path_factory):
+    """Where the screenshots go: --screenshots FOLDER, else a temporary folder (the tests rewrite no tracked file)."""
+    chosen = request.config.getoption("--screenshots")
+    return Path(chosen) if chosen else tmp_path_factory.mktemp("screenshots")
 
 
 def free_port():
@@ -142,7 +155,7 @@ def use_the_playground(page, screenshot):
     page.locator(".playground-status", has_text="error: The prompt is empty").wait_for(timeout=10_000)
 
 
-def test_playground_in_jupyterlab(jupyterlab, page):
+def test_playground_in_jupyterlab(jupyterlab, page, screenshots):
     page.goto(jupyterlab.url)
     page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)  # the kernel is up
     news = page.get_by_role("button", name="No", exact=True)  # "get notified about Jupyter news?"
@@ -153,17 +166,17 @@ def test_playground_in_jupyterlab(jupyterlab, page):
     for _ in range(2):  # run the title cell and the one that shows the playground, as Shift+Enter would
         page.keyboard.press("Shift+Enter")
     textarea(page, "prompt").wait_for(timeout=60_000)
-    use_the_playground(page, SCREENSHOTS / "playground-jupyterlab.png")
+    use_the_playground(page, screenshots / "playground-jupyterlab.png")
 
 
-def test_playground_as_a_voila_page(voila, page):
+def test_playground_as_a_voila_page(voila, page, screenshots):
     page.goto(voila.url)
     textarea(page, "prompt").wait_for(timeout=90_000)
     assert page.get_by_text("from helpers.playground import Playground").count() == 0  # no code shown
-    use_the_playground(page, SCREENSHOTS / "playground-voila.png")
+    use_the_playground(page, screenshots / "playground-voila.png")
 
 
-def test_chat_box_in_jupyterlab(jupyterlab, page):
+def test_chat_box_in_jupyterlab(jupyterlab, page, screenshots):
     # A workspace of its own: the playground test's workspace would restore its notebook over this one
     page.goto(jupyterlab.url.replace(f"/lab/tree/{NOTEBOOK}", f"/lab/workspaces/chat/tree/{CHAT_NOTEBOOK}"))
     page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)
@@ -172,7 +185,7 @@ def test_chat_box_in_jupyterlab(jupyterlab, page):
         news.click()
     page.locator(".jp-Notebook:visible .jp-Cell").first.click()  # the notebook opened, not one the workspace restored
     page.keyboard.press("Escape")
-    for _ in range(CHAT_BOX_CELL + 1):  # run every cell down to the one that shows the chat box
+    for _ in range(chat_box_cell() + 1):  # run every cell down to the one that shows the chat box
         page.keyboard.press("Shift+Enter")
     message = page.locator(".chat-message input")
     message.wait_for(timeout=120_000)
@@ -187,7 +200,7 @@ def test_chat_box_in_jupyterlab(jupyterlab, page):
     page.wait_for_function("() => document.querySelector('.chat-transcript').innerText.split('User:').length == 3",
                            timeout=30_000)
     page.locator(".chat-status", has_text="tokens").wait_for(timeout=60_000)
-    page.screenshot(path=str(SCREENSHOTS / "chat-jupyterlab.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "chat-jupyterlab.png"), full_page=True)
     page.get_by_role("button", name="Reset").click()
     page.locator(".chat-status", has_text="New conversation").wait_for(timeout=10_000)
     assert transcript.inner_text().strip() == ""

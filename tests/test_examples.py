@@ -1,4 +1,5 @@
 """The copyable example scripts run as a learner would run them."""
+import ast
 import os
 import subprocess
 import sys
@@ -27,3 +28,11 @@ def test_generate_example_prints_the_upstream_layout(trained_source, hub_source,
     assert head.startswith("Inference time: ") and head.endswith(f"{SEPARATORS[0]}\n{prompt}\n")
     assert output.startswith(prompt)
     assert 1 <= len(tokenizer(output[len(prompt):].rstrip("\n")).input_ids) <= 10  # 6 new tokens, re-tokenized
+
+
+def test_generate_example_stands_alone():
+    """A learner copies examples/generate.py into a project of their own: it imports no module of this one."""
+    tree = ast.parse((REPO_ROOT / "examples" / "generate.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"argparse", "os", "time", "pathlib", "torch", "bigdl", "transformers"}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXTS
+from helpers import provenance
 from helpers.quality import agreement, stepwise_logits
 from helpers.runtime import fused_decode
 from helpers.runtime.cpu import cpu_info
@@ -150,6 +151,10 @@ def test_kernel_sweep_times_one_tokens_weights(tmp_path):
     assert result["weight_bytes"] == weights // 64 * 34
     assert [r["threads"] for r in result["records"]] == [1, 2]
     assert all(r["kernel_ms"] > 0 and r["bound_ms"] > 0 for r in result["records"])
+    # Its provenance is helpers.provenance's, written without importing helpers (which needs bigdl-llm):
+    assert result["provenance"]["fingerprint"] == provenance.fingerprint("kernel")
+    assert provenance.is_current(result["provenance"]) and result["provenance"]["threads"] == 2
+    assert provenance.caption(result["provenance"]).startswith("Measured ")
 
 
 @pytest.mark.parametrize("kernel", ["avxvnni", "avx2"])

@@ -1,5 +1,6 @@
 """The serving stack (helpers.serving) on free loopback ports: FastChat's controller, two RWKV workers
-pinned to their own cores, and the OpenAI-compatible API server, on the offline checkpoint."""
+pinned to their own cores, and the OpenAI-compatible API server, on the offline checkpoint, driven with the
+official `openai` client (and plain HTTP where a client could not send the request)."""
 import json
 import os
 import signal
@@ -7,12 +8,16 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 import requests
 import torch
 
-from helpers.runtime.loading import load_model
-from helpers.serving.scheduler import Sampling, Scheduler
+from helpers.prompt import chat_message
+from helpers.runtime.batching import decode_step, read_prompt
+from helpers.runtime.loading import load_model, load_tokenizer
+from helpers.runtime.sampling import Sampling
+from helpers.serving.scheduler import Scheduler
 from helpers.streaming import batched_greedy
 from helpers.serving.stack import Stack, core_groups, free_port
 from helpers.serving.worker import AnswerText, parse_cpus
@@ -25,6 +30,7 @@ PROMPTS = [f"Question: {topic}\n\nAnswer:" for topic in (
     "What is INT4?", "How do I bake bread?", "What is Tibet?", "What is a dragon?", "What is memory?",
     "What is a server?")]
 LONG_STREAM_PROMPT = "Once upon a time"  # greedy on the offline checkpoint: 4000 tokens without a stop
+PENALTY_PROMPT = "Once upon a time"
 
 
 @pytest.fixture(scope="module")
@@ -35,25 +41,19 @@ def stack(tiny_source):
         yield stack
 
 
-def complete(stack, prompt, max_tokens=24, **fields):
-    response = requests.post(stack.url + "/v1/completions", timeout=120, json={
-        "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **fields})
-    assert response.status_code == 200, response.text
-    return response.json()["choices"][0]
+@pytest.fixture(scope="module")
+def client(stack):
+    # The server asks for no key; the client needs one, any will do. No retries: each test sees each answer.
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
 
 
-def stream_events(response):
-    """The JSON events of a server-sent event stream, up to [DONE]."""
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith("data: "):
-            if line == "data: [DONE]":
-                return
-            yield json.loads(line[len("data: "):])
+def complete(client, prompt, max_tokens=24, **fields):
+    """The first choice of a greedy completion."""
+    return client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, **fields).choices[0]
 
 
-def test_models_lists_the_model(stack):
-    models = requests.get(stack.url + "/v1/models", timeout=10).json()
-    assert [card["id"] for card in models["data"]] == [MODEL]
+def test_models_lists_the_model(client):
+    assert [card.id for card in client.models.list().data] == [MODEL]
 
 
 def test_workers_are_pinned_to_their_own_cores(stack):
@@ -66,58 +66,87 @@ def admitted(stack):
     return [requests.post(worker.url + "/worker_get_status", timeout=5).json()["requests_admitted"] for worker in stack.workers]
 
 
-def test_concurrent_greedy_completions_equal_each_served_alone(stack):
+def test_concurrent_greedy_completions_equal_each_served_alone(stack, client):
     before = admitted(stack)
-    alone = [complete(stack, prompt)["text"] for prompt in PROMPTS]
+    alone = [complete(client, prompt).text for prompt in PROMPTS]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        together = list(pool.map(lambda prompt: complete(stack, prompt)["text"], PROMPTS))
+        together = list(pool.map(lambda prompt: complete(client, prompt).text, PROMPTS))
     assert together == alone
     assert len(set(alone)) > 1 and all(alone)
     taken = [after - earlier for after, earlier in zip(admitted(stack), before)]
     assert sum(taken) == 2 * len(PROMPTS) and min(taken) > 0  # the controller spread them over both workers
 
 
-def test_streamed_chat_is_the_answer_in_pieces(stack):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello! Who are you?"}],
-            "max_tokens": 20, "temperature": 0}
-    whole = requests.post(stack.url + "/v1/chat/completions", json=body, timeout=60).json()
-    with requests.post(stack.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=60) as response:
-        events = list(stream_events(response))
-    pieces = [event["choices"][0]["delta"].get("content", "") for event in events]
+def test_streamed_chat_is_the_answer_in_pieces(client):
+    request = dict(model=MODEL, messages=[{"role": "user", "content": "Hello! Who are you?"}], max_tokens=20, temperature=0)
+    whole = client.chat.completions.create(**request).choices[0]
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    pieces = [chunk.choices[0].delta.content or "" for chunk in chunks]
     assert len([piece for piece in pieces if piece]) > 1
-    assert "".join(pieces) == whole["choices"][0]["message"]["content"].replace("\ufffd", "") != ""
-    assert events[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert "".join(pieces) == whole.message.content.replace("\ufffd", "") != ""
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
 
 
-def test_a_blank_line_in_a_chat_message_is_read_as_a_line_break(stack):
+def test_a_blank_line_in_a_chat_message_is_read_as_a_line_break(client):
     def answer(text):
-        body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0}
-        return requests.post(stack.url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
+        messages = [{"role": "user", "content": text}]
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0).choices[0].message.content
 
-    assert answer("Hello!\n\nWho are you?") == answer("Hello!\nWho are you?") != answer("Hello! Who are you?")
+    assert answer("Hello!\n\n\nWho are you?") == answer("Hello!\nWho are you?") != answer("Hello! Who are you?")
 
 
-def test_a_stop_string_ends_the_text_before_it(stack):
-    full = complete(stack, PROMPTS[0], max_tokens=40)["text"]
+def test_a_chat_message_keeps_no_blank_line():
+    assert chat_message(" Hello!\r\n\r\nWho are you?\n \n\n\nBye. ") == "Hello!\nWho are you?\nBye."
+    assert chat_message("one\ntwo") == "one\ntwo"
+
+
+def test_a_stop_string_ends_the_text_before_it(client):
+    full = complete(client, PROMPTS[0], max_tokens=40).text
     stop = full[len(full) // 2:len(full) // 2 + 3]
-    stopped = complete(stack, PROMPTS[0], max_tokens=40, stop=[stop])
-    assert stopped["text"] == full[:full.index(stop)]
-    assert stopped["finish_reason"] == "stop"
+    stopped = complete(client, PROMPTS[0], max_tokens=40, stop=[stop])
+    assert stopped.text == full[:full.index(stop)]
+    assert stopped.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("path, body, expected", [
+def greedy_with_penalties(model, prompt_ids, steps, presence, frequency):
+    """The reference: OpenAI's penalties written out, on the runtime's batched step for one sequence."""
+    state, logits = read_prompt(model, torch.tensor([prompt_ids]))
+    tokens = []
+    for _ in range(steps):
+        scores = logits.clone()
+        for token in set(tokens):
+            scores[token] -= presence + frequency * tokens.count(token)
+        tokens.append(int(scores.argmax()))
+        (logits,) = decode_step(model, tokens[-1:], [state])
+    return tokens
+
+
+@pytest.mark.parametrize("path, fields, expected", [
     ("completions", {"model": MODEL, "prompt": "  "}, "prompt is empty"),
     ("completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 0}, "max_tokens"),
     ("completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 100_000}, "max_tokens must be between 1 and 4096"),
     ("completions", {"model": "gpt-4", "prompt": "Hi"}, "unknown model 'gpt-4'"),
-    ("completions", {"model": MODEL}, "malformed request body: prompt"),
     ("completions", {"model": MODEL, "prompt": [1, 2, 3]}, "send text, not token ids"),
-    ("completions", '{"model": "' + MODEL + '", "prompt": ', "not valid JSON"),
+    ("completions", {"model": MODEL, "prompt": "Hi", "frequency_penalty": 2.5}, "frequency_penalty must be between -2 and 2"),
     ("chat/completions", {"model": MODEL, "messages": []}, "no user message"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "Hi"}]}, "unknown message role 'tool'"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": ""}], "stream": True}, "empty"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "presence_penalty": -3},
+     "presence_penalty must be between -2 and 2"),
 ])
-def test_bad_requests_get_a_400_with_one_line(stack, path, body, expected):
+def test_bad_requests_get_a_400_with_one_line_in_the_client(client, path, fields, expected):
+    create = client.completions.create if path == "completions" else client.chat.completions.create
+    with pytest.raises(openai.BadRequestError) as raised:
+        create(**fields)
+    message = raised.value.body["message"]
+    assert raised.value.status_code == 400 and expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize("path, body, expected", [
+    ("completions", {"model": MODEL}, "malformed request body: prompt"),
+    ("completions", '{"model": "' + MODEL + '", "prompt": ', "not valid JSON"),
+])
+def test_bodies_no_client_sends_get_a_400_with_one_line(stack, path, body, expected):
     data = body if isinstance(body, str) else json.dumps(body)
     response = requests.post(f"{stack.url}/v1/{path}", data=data, headers={"Content-Type": "application/json"}, timeout=30)
     assert response.status_code == 400
@@ -126,28 +155,29 @@ def test_bad_requests_get_a_400_with_one_line(stack, path, body, expected):
 
 
 # This test kills both workers of the module's stack: the tests after it start their own processes.
-def test_a_worker_killed_mid_stream_ends_its_stream_with_an_error_and_the_others_answer_then_none(stack):
-    body = {"model": MODEL, "prompt": LONG_STREAM_PROMPT, "max_tokens": 4000, "temperature": 0, "stream": True}
-    with requests.post(stack.url + "/v1/completions", json=body, stream=True, timeout=60) as response:
-        events = stream_events(response)
-        next(events)
-        (busy,) = [worker for worker in stack.workers if requests.post(
-            worker.url + "/worker_get_status", timeout=5).json()["queue_length"] > 0]
-        busy.popen.send_signal(signal.SIGKILL)
-        rest = list(events)
-    assert "error_code" in rest[-1] and "stopped mid-answer" in rest[-1]["text"]
-    assert len(rest) < 3999  # it ended early
-    texts = [complete(stack, prompt)["text"] for prompt in PROMPTS[:4]]
+def test_a_worker_killed_mid_stream_ends_its_stream_with_an_error_and_the_others_answer_then_none(stack, client):
+    chunks = iter(client.completions.create(model=MODEL, prompt=LONG_STREAM_PROMPT, max_tokens=4000, temperature=0, stream=True))
+    next(chunks)
+    (busy,) = [worker for worker in stack.workers if requests.post(
+        worker.url + "/worker_get_status", timeout=5).json()["queue_length"] > 0]
+    busy.popen.send_signal(signal.SIGKILL)
+    received = 0
+    with pytest.raises(openai.APIError, match="the worker stopped mid-answer; send the request again"):
+        for _ in chunks:  # the client raises the stream's error event
+            received += 1
+    assert received < 3999  # it ended early
+    texts = [complete(client, prompt).text for prompt in PROMPTS[:4]]
     assert all(texts)
     assert stack.controller.running() and stack.api_server.running()
     (last,) = [worker for worker in stack.workers if worker.running()]
     last.popen.send_signal(signal.SIGKILL)
     last.popen.wait()
-    response = requests.post(stack.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi"}, timeout=30)
-    assert response.status_code == 503 and response.json()["message"].startswith(f"no worker serves {MODEL} now")
+    with pytest.raises(openai.InternalServerError) as raised:
+        complete(client, "Hi")
+    assert raised.value.status_code == 503 and raised.value.body["message"].startswith(f"no worker serves {MODEL} now")
 
 
-def test_make_serve_answers_then_ctrl_c_stops_all_three(trained_source):
+def test_make_serve_answers_with_penalties_then_ctrl_c_stops_all_three(trained_source):
     port = free_port()
     serve = subprocess.Popen([sys.executable, "-m", "helpers.serving", "--port", str(port)], stdout=subprocess.PIPE, text=True)
     try:
@@ -155,6 +185,14 @@ def test_make_serve_answers_then_ctrl_c_stops_all_three(trained_source):
         assert next(line for line in lines if line.startswith("Serving ") or line.startswith("Error"))
         served = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
         assert served == trained_source.name == "rwkv-4-world-shakespeare"  # make serve's default
+        # OpenAI's penalties reach the worker: on the model trained here greedy text repeats itself, and the
+        # penalized answer is the reference's (the random checkpoint's greedy chain never repeats a token)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0, timeout=120)
+        ask = lambda **penalties: client.completions.create(model=served, prompt=PENALTY_PROMPT, max_tokens=32,  # noqa: E731
+                                                            temperature=0, **penalties).choices[0].text
+        expected = greedy_with_penalties(load_model(trained_source), load_tokenizer(trained_source)(PENALTY_PROMPT).input_ids,
+                                         32, 0.5, 1.0)
+        assert ask(presence_penalty=0.5, frequency_penalty=1.0) == load_tokenizer(trained_source).decode(expected) != ask()
         children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(serve.pid)], capture_output=True, text=True).stdout.split()]
         assert len(children) == 3
         serve.send_signal(signal.SIGINT)
@@ -190,6 +228,21 @@ def test_greedy_and_sampled_picks():
     assert Sampling().pick(logits) == 1
     assert {Sampling(temperature=1.0, top_k=2).pick(logits) for _ in range(200)} == {1, 3}
     assert {Sampling(temperature=1.0, top_p=0.01).pick(logits) for _ in range(50)} == {1}
+
+
+def test_penalties_by_hand():
+    logits, counts = torch.tensor([0.0, 3.0, 1.0, 2.0]), {1: 2, 2: 1}
+    penalties = Sampling(presence_penalty=0.5, frequency_penalty=0.75)
+    # token 1: 3 - 0.5 - 2 x 0.75 = 1.0; token 2: 1 - 0.5 - 0.75 = -0.25; token 3 untouched and now the best
+    assert penalties.penalized(logits, counts).tolist() == [0.0, 1.0, -0.25, 2.0]
+    assert penalties.pick(logits, counts) == 3 and Sampling().pick(logits, counts) == 1
+    fading, seen = Sampling(penalty_decay=0.5), {}
+    for token in (7, 7, 9):
+        fading.count(seen, token)
+    assert seen == {7: (1 * 0.5 + 1) * 0.5, 9: 1}
+    sampled = Sampling(temperature=1.0, top_p=0.7).probabilities(logits)
+    full = torch.softmax(logits, -1)
+    assert torch.allclose(sampled, torch.tensor([0.0, full[1], 0.0, full[3]]) / (full[1] + full[3]))
 
 
 def test_answer_text_holds_back_a_possible_stop_and_cuts_at_a_stop():

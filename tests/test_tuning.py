@@ -1,8 +1,11 @@
-"""Notebook 04 names a winner only beyond the spread of its rounds, and builds the commands from the winners."""
+"""Notebook 04 names a winner only beyond the spread of its rounds and the reference's drift, and builds the
+commands from the winners, for this machine or for one described."""
 import pytest
 
 from helpers import tuning
 from helpers.runtime.cpu import CpuInfo
+
+TWO_SOCKETS = CpuInfo("AuthenticAMD", "test", 16, 2, frozenset({"avx2"}))
 
 
 def measured(**speeds):
@@ -15,28 +18,65 @@ def test_a_winner_beats_every_other_round():
     assert "no measurable difference here" in tuning.verdict("threads", measured(a=[1, 2, 3], b=[2, 3, 4]))
 
 
-@pytest.fixture
-def two_sockets(monkeypatch):
-    monkeypatch.setattr(tuning, "cpu_info", lambda: CpuInfo("AuthenticAMD", "test", 16, 2, frozenset({"avx2"})))
-    monkeypatch.setattr(tuning.shutil, "which", lambda name: None)  # no numactl
+def test_a_winner_leads_by_more_than_the_reference_moved():
+    # b leads a by 27% (14 against 11) and its rounds do not overlap a's, but the reference, the same
+    # configuration every time, moved (14 - 10) / 12 = 33% over the same rounds:
+    drifting = {tuning.REFERENCE: tuning.Measured([10, 12, 14]), **measured(a=[10, 11, 12], b=[13, 14, 15])}
+    assert tuning.winner(drifting) is None
+    assert "b, 27% ahead" in tuning.verdict("threads", drifting) and "moved 33%" in tuning.verdict("threads", drifting)
+    steady = {tuning.REFERENCE: tuning.Measured([10, 10.5, 11]), **measured(a=[10, 11, 12], b=[13, 14, 15])}
+    assert tuning.winner(steady) == "b"
+    fastest_reference = {tuning.REFERENCE: tuning.Measured([90, 90, 90]), **measured(a=[10, 10, 10], b=[20, 20, 20])}
+    assert tuning.winner(fastest_reference) == "b"  # the reference is a yardstick, never a candidate
 
 
-def test_commands_follow_the_winners(two_sockets):
-    threads = measured(**{"8": [5, 5, 5], "16": [9, 9, 9]})
-    runtimes = {name: tuning.Measured([4, 4, 4]) for name in tuning.RUNTIMES}
-    runtimes["Intel OpenMP, jemalloc"] = tuning.Measured([8, 8, 8])
-    pinning = {"not pinned": tuning.Measured([4, 4, 4]), "taskset -c 0-15": tuning.Measured([7, 7, 7])}
-    client, server, notes = tuning.recommended_commands(threads, runtimes, pinning)
+def test_drift_rows_compare_the_reference_across_sections():
+    sections = {"threads": {tuning.REFERENCE: tuning.Measured([100, 110, 120])},
+                "pinning": {tuning.REFERENCE: tuning.Measured([70, 75, 80])}}
+    assert tuning.drift_rows(sections) == [("threads", "110.0 tokens/s", "100.0 to 120.0"),
+                                           ("pinning", "75.0 tokens/s", "70.0 to 80.0"),
+                                           ("across sections", "75.0 to 110.0", "47% apart")]
+
+
+def test_commands_follow_the_choices():
+    client, server, notes = tuning.recommended_commands(16, "Intel OpenMP, jemalloc", "taskset -c 0-15",
+                                                        info=TWO_SOCKETS, numactl=False)
     assert client == "source bigdl-llm-init -j\nOMP_NUM_THREADS=16 taskset -c 0-15 python -m helpers.generate"
     assert server.splitlines() == ["source bigdl-llm-init -j",
                                    "OMP_NUM_THREADS=8 taskset -c 0-7 python -m helpers.generate &",
                                    "OMP_NUM_THREADS=8 taskset -c 8-15 python -m helpers.generate &"]
-    assert notes == ["not measurable here: numactl (not installed: `apt install numactl`)"]
+    assert notes == ["numactl is not installed (`apt install numactl`): pinning uses taskset, which cannot place memory"]
+    _, server, notes = tuning.recommended_commands(8, info=TWO_SOCKETS, numactl=True)
+    assert "OMP_NUM_THREADS=8 numactl -C 8-15 -m 1 python -m helpers.generate &" in server and notes == []
 
 
-def test_without_a_winner_the_commands_are_the_plain_default(two_sockets):
+def test_one_socket_says_why_client_and_server_are_the_same():
+    client, server, notes = tuning.recommended_commands(2, info=CpuInfo("GenuineIntel", "test", 2, 1, frozenset()),
+                                                        numactl=True)
+    assert client == server == "OMP_NUM_THREADS=2 python -m helpers.generate"
+    assert any("one socket" in note and "the same" in note for note in notes)
+
+
+@pytest.fixture
+def sixteen_cores(monkeypatch):
+    monkeypatch.setattr(tuning, "cpu_info", lambda: TWO_SOCKETS)
+
+
+def test_choices_come_from_the_winners_else_the_defaults(sixteen_cores):
+    runtimes = {name: tuning.Measured([4, 4, 4]) for name in tuning.RUNTIMES}
+    runtimes["Intel OpenMP, jemalloc"] = tuning.Measured([8, 8, 8])
+    choices = tuning.measured_choices(measured(**{"8": [5, 5, 5], "16": [9, 9, 9]}), runtimes,
+                                      measured(not_pinned=[4, 4, 4], **{"taskset -c 0-15": [7, 7, 7]}))
+    assert choices == (16, "Intel OpenMP, jemalloc", "taskset -c 0-15")
     same = [5, 6, 7]
-    client, _, _ = tuning.recommended_commands(measured(**{"8": same, "16": same}),
-                                               {name: tuning.Measured(same) for name in tuning.RUNTIMES},
-                                               measured(not_pinned=same))
-    assert client == "OMP_NUM_THREADS=16 python -m helpers.generate"
+    assert tuning.measured_choices(measured(**{"8": same, "16": same}), {name: tuning.Measured(same) for name in tuning.RUNTIMES},
+                                   measured(not_pinned=same)) == (16, None, None)
+
+
+def test_the_two_socket_server_of_the_committed_sweep():
+    sweep = tuning.kernel_sweeps()[-1]
+    server = tuning.two_socket_server(sweep)
+    assert (server.sockets, server.physical_cores) == (2, 2 * sweep["provenance"]["machine"]["physical_cores"])
+    fastest = min(sweep["records"], key=lambda record: record["kernel_ms"])
+    assert tuning.fastest_threads(sweep) == fastest["threads"]
+    assert ("older kernel" in tuning.sweep_caption(sweep)) != sweep["current"]  # a stale sweep says so

@@ -6,8 +6,10 @@ It is fastchat.serve.openai_api_server, unchanged where it already answers well 
 temperature or top_p out of range: 400 with one line), plus:
 - 400 with one line for a malformed body, an unknown model (naming the ones served), an empty prompt or
   chat, a prompt of token ids (FastChat would read them with OpenAI's tokenizer, which needs the internet)
-  and max_tokens above the context length;
-- a worker that stops answering mid-stream ends that stream with an error event, not a cut connection;
+  max_tokens above the context length, and presence or frequency penalties outside OpenAI's -2 to 2 (the
+  worker applies both penalties, helpers.runtime.sampling);
+- a worker that stops answering mid-stream ends that stream with an error event, not a cut connection (with
+  OpenAI's "error" object, which the openai client raises as an APIError);
 - a worker that no longer answers is dropped before a request is sent to it, so the controller routes
   to the others, and 503 with one line when none is left.
 - a failure on the server's side is a 500, not FastChat's 400;
@@ -32,6 +34,8 @@ from fastchat.constants import ErrorCode  # noqa: E402
 from fastchat.protocol.openai_api_protocol import ErrorResponse  # noqa: E402
 from fastchat.serve import openai_api_server as fastchat_api  # noqa: E402
 
+from helpers.prompt import chat_message  # noqa: E402
+
 MAX_TOKENS = 4096  # the context length of every RWKV-4 World model (config.json's context_length)
 STATUS_TIMEOUT_S = 2.0
 app = fastchat_api.app
@@ -46,9 +50,14 @@ class NoWorker(Exception):
         super().__init__(f"no worker serves {model} now; start one (python -m helpers.serving.worker) and retry")
 
 
-def _max_tokens_problem(max_tokens):
-    if max_tokens is not None and max_tokens > MAX_TOKENS:
-        return f"max_tokens must be between 1 and {MAX_TOKENS}, the model's context length, not {max_tokens}"
+def _limits_problem(request):
+    """max_tokens beyond the context, or a penalty outside OpenAI's range (FastChat checks neither)."""
+    if request.max_tokens is not None and request.max_tokens > MAX_TOKENS:
+        return f"max_tokens must be between 1 and {MAX_TOKENS}, the model's context length, not {request.max_tokens}"
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(request, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            return f"{name} must be between -2 and 2, as in OpenAI's API, not {value}"
 
 
 def _completion_problem(request):
@@ -57,7 +66,7 @@ def _completion_problem(request):
         return "prompt must be a string or a list of strings (RWKV World has its own vocabulary: send text, not token ids)"
     if any(not prompt.strip() for prompt in prompts):
         return "prompt is empty: send some text to complete"
-    return _max_tokens_problem(request.max_tokens)
+    return _limits_problem(request)
 
 
 def _chat_problem(request):
@@ -72,7 +81,7 @@ def _chat_problem(request):
         return "messages has no user message: send at least one {\"role\": \"user\", \"content\": ...}"
     if not isinstance(users[-1], str) or not users[-1].strip():
         return "the last user message is empty: send some text"
-    return _max_tokens_problem(request.max_tokens)
+    return _limits_problem(request)
 
 
 async def check_model(request):
@@ -88,7 +97,7 @@ def _world_turns(request):
     if not isinstance(request.messages, str):
         for message in request.messages:
             if isinstance(message.get("content"), str):
-                message["content"] = message["content"].replace("\r\n", "\n").replace("\n\n", "\n")
+                message["content"] = chat_message(message["content"])
 
 
 async def _answer(request, problem_of, prepare, fastchat_handler):
@@ -149,14 +158,19 @@ async def get_worker_address(model_name):
     raise NoWorker(model_name)
 
 
+def _error_event(text, code):
+    """A stream's last event: FastChat's fields, and OpenAI's "error" object, which the openai client raises."""
+    return {"text": text, "error_code": code, "error": {"message": text, "type": "server_error", "code": code}}
+
+
 async def generate_completion_stream(payload, worker_addr):
     """FastChat's stream from a worker, ending with an error event if the worker goes away mid-answer."""
     try:
         async for content in fastchat_stream(payload, worker_addr):
-            yield content
+            yield _error_event(content["text"], content["error_code"]) if content.get("error_code") else content
     except httpx.HTTPError as error:
         fastchat_api.logger.error(f"{worker_addr} stopped mid-answer: {error!r}")
-        yield {"text": "the worker stopped mid-answer; send the request again", "error_code": ErrorCode.INTERNAL_ERROR}
+        yield _error_event("the worker stopped mid-answer; send the request again", ErrorCode.INTERNAL_ERROR)
 
 
 async def get_gen_params(model_name, worker_addr, messages, **fields):

@@ -16,8 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
 import requests
 
+from helpers import provenance
 from helpers.runtime.errors import UserError
 from helpers.runtime.paths import DATA_DIR
 
@@ -131,8 +133,11 @@ def load_rows(results):
 
 
 def load_run(name):
-    """A committed run, data/bench/NAME.json: (its settings, [LoadResult])."""
-    run = json.loads((DATA_DIR / "bench" / f"{name}.json").read_text())
+    """A committed run, data/bench/NAME.json: (its settings, [LoadResult]); StaleResults when it was measured
+    with other kernel, loader or serving code than this checkout's."""
+    path = DATA_DIR / "bench" / f"{name}.json"
+    run = json.loads(path.read_text())
+    provenance.check_current(run["provenance"], path.relative_to(DATA_DIR.parent))
     return {key: value for key, value in run.items() if key != "results"}, [LoadResult(**r) for r in run["results"]]
 
 
@@ -145,8 +150,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the run here")
     args = parser.parse_args(argv)
+    from helpers.bench import read_bandwidth_gbs
     from helpers.models import resolve_model
-    from helpers.runtime.cpu import cpu_info
     from helpers.runtime.loading import load_tokenizer
     from helpers.serving.stack import Stack
 
@@ -157,19 +162,24 @@ def main(argv=None):
     try:
         source = resolve_model(args.model)
         tokenizer = load_tokenizer(source)
+        threads = psutil.cpu_count(logical=False) or 1
+        bandwidths = [read_bandwidth_gbs(threads)]
         with Stack(model=source.location) as stack:
             model = requests.get(stack.url + "/v1/models", timeout=10).json()["data"][0]["id"]
             results = [load_test(stack.url, model, count, args.requests, args.max_tokens,
                                  lambda text: len(tokenizer(text).input_ids))
                        for _ in range(args.rounds) for count in clients]
+        bandwidths.append(read_bandwidth_gbs(threads))
     except UserError as error:
         sys.exit(f"Error: {error}")
-    machine = cpu_info()
-    run = {"model": model, "machine": f"{machine.model}, {machine.physical_cores} cores", "max_tokens": args.max_tokens,
-           "requests": args.requests, "rounds": args.rounds, "results": [asdict(result) for result in results]}
+    command = " ".join(["python -m helpers.serving.load_test", *(argv if argv is not None else sys.argv[1:])])
+    made = provenance.stamp("serving", command, threads, bandwidths)
+    run = {"model": model, "max_tokens": args.max_tokens, "requests": args.requests, "rounds": args.rounds,
+           "provenance": made, "results": [asdict(result) for result in results]}
     from tabulate import tabulate
 
-    print(f"{model} on {run['machine']}: {args.requests} requests of {args.max_tokens} tokens per count, {args.rounds} rounds")
+    print(f"{model}: {args.requests} requests of {args.max_tokens} tokens per count, {args.rounds} rounds. "
+          + provenance.caption(made))
     print(tabulate(load_rows(results), LOAD_HEADERS, tablefmt="github", disable_numparse=True))
     if args.json:
         args.json.write_text(json.dumps(run, indent=1))

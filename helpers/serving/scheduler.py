@@ -13,29 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from helpers.runtime.batching import decode_step, read_prompt
-
-GREEDY_BELOW = 1e-5  # a temperature under this means greedy, as in FastChat's own worker
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1: all tokens
-
-    def pick(self, logits):
-        """The next token id from one sequence's logits [vocab]."""
-        if self.temperature < GREEDY_BELOW:
-            return int(logits.argmax())
-        logits = logits / self.temperature
-        if 0 < self.top_k < logits.numel():
-            logits = logits.masked_fill(logits < logits.topk(self.top_k).values[-1], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p  # keeps the token that crosses top_p
-            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-        return int(torch.multinomial(probs, 1))
+from helpers.runtime.sampling import Sampling
 
 
 @dataclass
@@ -58,6 +36,7 @@ class _Running:
     state: list
     token: int
     count: int = 1
+    counts: dict = field(default_factory=dict)  # {token id: times in the answer}, for the penalties
 
 
 class Scheduler:
@@ -110,7 +89,9 @@ class Scheduler:
                 request.tokens.put(error)
                 continue
             request.tokens.put(token)
-            self.running.append(_Running(request, state, token))
+            run = _Running(request, state, token)
+            request.sampling.count(run.counts, token)
+            self.running.append(run)
             self.admitted += 1
         return True
 
@@ -132,10 +113,11 @@ class Scheduler:
         self.steps += 1
         for run, row in zip(list(self.running), logits):
             try:
-                run.token = run.request.sampling.pick(row)
+                run.token = run.request.sampling.pick(row, run.counts)
             except Exception as error:
                 run.request.tokens.put(error)
                 self.running.remove(run)
                 continue
+            run.request.sampling.count(run.counts, run.token)
             run.count += 1
             run.request.tokens.put(run.token)

@@ -121,7 +121,8 @@ def _make_worker_class():
     from fastchat.serve.base_model_worker import BaseModelWorker
 
     from helpers.runtime.loading import load_model, load_tokenizer
-    from helpers.serving.scheduler import Sampling, Scheduler
+    from helpers.runtime.sampling import Sampling
+    from helpers.serving.scheduler import Scheduler
 
     # The World chat format, "System\n\nUser: ...\n\nAssistant:" (the system part only when one is sent),
     # is what FastChat's FALCON_CHAT style writes with these roles and separator.
@@ -171,11 +172,15 @@ def _make_worker_class():
                 stops = [stops] if isinstance(stops, str) else [str(stop) for stop in stops if stop]
                 stop_ids = {int(token) for token in params.get("stop_token_ids") or []} | {0}  # 0: end of text
                 sampling = Sampling(float(params.get("temperature", 1.0)), float(params.get("top_p", 1.0)),
-                                    int(params.get("top_k") or -1))
+                                    int(params.get("top_k") or -1), float(params.get("presence_penalty") or 0.0),
+                                    float(params.get("frequency_penalty") or 0.0))
             except (TypeError, ValueError) as error:
                 raise UserError(f"a parameter has the wrong type ({error})") from None
             if not 1 <= max_new_tokens <= self.context_len:
                 raise UserError(f"max_tokens must be between 1 and {self.context_len}, not {max_new_tokens}")
+            for name in ("presence_penalty", "frequency_penalty"):
+                if not -2.0 <= getattr(sampling, name) <= 2.0:
+                    raise UserError(f"{name} must be between -2 and 2, as in OpenAI's API, not {getattr(sampling, name)}")
             return prompt, max_new_tokens, stops, stop_ids, sampling
 
         def _generate_stream(self, params):
