@@ -143,7 +143,13 @@ def self_test(shown):
     checks.append(("Reset starts a new conversation", box.conversation["state"] is None and box.transcript.value == ""))
     box.message.value = "Hello!"
     box.send_button.click()
-    checks.append(("the sliders reach reply: greedy answers the same after Reset", box.wait() and box.turns[0][1] == first_answer))
+    checks.append(("greedy, the same message gets the same answer after Reset", box.wait() and box.turns[0][1] == first_answer))
+    asked = []
+    box.reply = lambda text, conversation, sampling: asked.append(sampling) or shown.reply(text, conversation, sampling=sampling)
+    box.sliders["presence_penalty"].value, box.sliders["top_p"].value = 0.5, 0.5
+    box.message.value = "And you?"
+    box.send_button.click()
+    checks.append(("the sliders' values reach reply", box.wait() and (asked[0].presence_penalty, asked[0].top_p) == (0.5, 0.5)))
     for name, passed in checks:
         print(f"{'ok  ' if passed else 'FAIL'} {name}")
     assert all(passed for _, passed in checks), "the chat self-test failed"

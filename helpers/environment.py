@@ -75,9 +75,11 @@ def measured(shape, option):
 def memory_source():
     """Which machines and dates the measured columns come from, in one line."""
     runs = [load_results(shape, "hub")["provenance"] for shape in HUB_SIZES if results_file(shape, "hub").exists()]
-    machines = sorted({provenance.describe(run["machine"]) for run in runs})
+    if not runs:
+        return "Measured: nothing committed (data/bench/SHAPE-hub.json)."
     dates = sorted({run["date"] for run in runs})
-    return f"Measured: {' to '.join(dates[::max(1, len(dates) - 1)])} on {'; '.join(machines)} (data/bench/SHAPE-hub.json)."
+    machines = sorted({provenance.describe(run["machine"]) for run in runs})
+    return f"Measured {dates[0]}{' to ' + dates[-1] if len(dates) > 1 else ''} on {'; '.join(machines)} (data/bench/SHAPE-hub.json)."
 
 
 def model_memory_rows():

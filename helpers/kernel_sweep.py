@@ -38,7 +38,8 @@ def fingerprint():
 
 
 def provenance(description, threads, bandwidths):
-    isa = [name for name, key in (("AVX-512 VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"), ("AVX2", "avx2")) if description[key]]
+    isa = [name for name, key in (("AVX-512 VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"), ("AMX", "amx"), ("AVX2", "avx2"))
+           if description[key]]
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     machine = {"cpu": description["model"], "vendor": description["vendor"], "family": description["family"],
                "model": description["model_number"], "isa": isa, "sockets": description["sockets"],
@@ -66,6 +67,7 @@ def cpu_description():
         "avx_vnni": "avx_vnni" in flags,
         "avx2": "avx2" in flags,
         "gfni": "gfni" in flags,
+        "amx": "amx_tile" in flags,
     }
 
 
