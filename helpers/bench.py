@@ -284,6 +284,19 @@ def markdown_table(result):
     return "\n".join(lines)
 
 
+def by_batch(record):
+    """A record's batched rows, {batch size: row}."""
+    return {row["batch"]: row for row in record.get("batches", [])}
+
+
+def batch_gain(record, batch):
+    """How many times batch 1's tokens/s `batch` sequences got together, or None without both rows."""
+    sizes = by_batch(record)
+    if 1 in sizes and batch in sizes:
+        return sizes[batch]["aggregate_tokens_per_s"] / sizes[1]["aggregate_tokens_per_s"]
+    return None
+
+
 def batch_table(result):
     """The batched decoding rows, or "" when the run had none."""
     rows = [(r, b) for r in result["records"] for b in r.get("batches", [])]
@@ -295,8 +308,8 @@ def batch_table(result):
              "", "| option | batch | step ms | range ms | aggregate tokens/s | x batch 1 | step / bound "
              "| sequences with their tokens alone |", "|---|---|---|---|---|---|---|---|"]
     for record, b in rows:
-        single = next((x for x in record["batches"] if x["batch"] == 1), None)
-        speedup = f"{b['aggregate_tokens_per_s'] / single['aggregate_tokens_per_s']:.2f}" if single else "-"
+        gain = batch_gain(record, b["batch"])
+        speedup = f"{gain:.2f}" if gain is not None else "-"
         low, high = b["step_ms_range"]
         lines.append(f"| {label(record)} | {b['batch']} | {b['step_ms']:.1f} | {low:.1f} to {high:.1f} "
                      f"| {b['aggregate_tokens_per_s']:.1f} | {speedup} | {b['step_over_bound']:.2f} "
@@ -320,9 +333,8 @@ def batch_summary(result, batch=8):
     """One line per option with batched rows: `batch` sequences' tokens/s and time per token against one's."""
     lines = []
     for record in result["records"]:
-        sizes = {b["batch"]: b for b in record.get("batches", [])}
-        if 1 in sizes and batch in sizes:
-            gain = sizes[batch]["aggregate_tokens_per_s"] / sizes[1]["aggregate_tokens_per_s"]
+        gain, sizes = batch_gain(record, batch), by_batch(record)
+        if gain is not None:
             lines.append(f"{label(record)}: {batch} sequences together get {gain:.2f}x the tokens/s of one, each "
                          f"token {sizes[batch]['step_ms'] / sizes[1]['step_ms']:.2f}x later")
     return "\n".join(lines)
@@ -349,10 +361,9 @@ def targets_table(result):
             ratio = round(record["decode_ms"] / record["bound_ms"], 2)
             rows.append((f"{label(record)} decode: at most 1.25x its bound", f"{ratio:.2f}x", ratio <= 1.25))
     for record in (r for r in records if r.get("kernel")):  # the fused step's targets: not the torch path's
-        sizes = {b["batch"]: b for b in record.get("batches", [])}
-        if 1 in sizes and 8 in sizes:
-            speedup = round(sizes[8]["aggregate_tokens_per_s"] / sizes[1]["aggregate_tokens_per_s"], 2)
-            same = sizes[8]["same_tokens_as_alone"]
+        if batch_gain(record, 8) is not None:
+            speedup = round(batch_gain(record, 8), 2)
+            same = by_batch(record)[8]["same_tokens_as_alone"]
             rows.append((f"{label(record)}, batch 8: at least 3.5x batch 1's tokens/s, each sequence's tokens as alone",
                          f"{speedup:.2f}x, {same:.0%} of sequences", speedup >= 3.5 and same == 1.0))
     if not rows:
@@ -368,9 +379,8 @@ def summary_table(result):
              f"| option (build) | prefill ms ({PROMPT_TOKENS} tokens) | decode ms/token | decode / bound "
              "| batch 8: tokens/s, x batch 1 | peak load RSS GiB | steady RSS GiB |", "|---|---|---|---|---|---|---|"]
     for r in result["records"]:
-        sizes = {b["batch"]: b for b in r.get("batches", [])}
-        batched = (f"{sizes[8]['aggregate_tokens_per_s']:.1f}, "
-                   f"{sizes[8]['aggregate_tokens_per_s'] / sizes[1]['aggregate_tokens_per_s']:.2f}x") if 1 in sizes and 8 in sizes else "-"
+        gain = batch_gain(r, 8)
+        batched = f"{by_batch(r)[8]['aggregate_tokens_per_s']:.1f}, {gain:.2f}x" if gain is not None else "-"
         lines.append(f"| {label(r)} | {r['prefill_ms']:.0f} | {r['decode_ms']:.1f} | {r['decode_ms'] / r['bound_ms']:.2f} "
                      f"| {batched} | {r['peak_load_rss_gib']:.2f} | {r['steady_rss_gib']:.2f} |")
     return "\n".join(lines)

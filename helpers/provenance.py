@@ -42,15 +42,9 @@ def fingerprint(kind, root=REPO_ROOT):
 def machine():
     """The CPU (model, family and model numbers, instruction sets that matter here), cores, sockets, RAM."""
     info = cpu_info()
-    numbers = {}
-    proc = Path("/proc/cpuinfo")
-    for line in proc.read_text().splitlines() if proc.exists() else []:
-        key, _, value = (part.strip() for part in line.partition(":"))
-        if key in ("cpu family", "model") and key not in numbers:
-            numbers[key] = value
     isa = [name for name, flags in ISA if info.has(*flags)]
     isa = [name for name in isa if not (name == "AVX-512" and "AVX-512 VNNI" in isa)]
-    return {"cpu": info.model, "vendor": info.vendor, "family": numbers.get("cpu family"), "model": numbers.get("model"),
+    return {"cpu": info.model, "vendor": info.vendor, "family": info.family or None, "model": info.model_number or None,
             "isa": isa, "physical_cores": info.physical_cores, "sockets": info.sockets,
             "memory_gib": round(psutil.virtual_memory().total / GIB)}
 

@@ -9,18 +9,24 @@ ZEN4 = AVX2_ONLY | cpu.AVX512 | {"avx512_vnni"}  # AVX-512 without AMX, on a non
 SAPPHIRE_RAPIDS = ZEN4 | {"avx_vnni", "amx_tile", "amx_int8"}
 PROC_CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
 model name\t: AMD EPYC 9654
 physical id\t: 0
 core id\t: 0
 flags\t\t: fpu avx avx2 fma
 processor\t: 1
 vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
 model name\t: AMD EPYC 9654
 physical id\t: 0
 core id\t: 0
 flags\t\t: fpu avx avx2 fma
 processor\t: 2
 vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
 model name\t: AMD EPYC 9654
 physical id\t: 1
 core id\t: 0
@@ -42,6 +48,7 @@ def libs_dir(tmp_path):
 def test_parses_proc_cpuinfo():
     info = cpu._parse_proc_cpuinfo(PROC_CPUINFO)
     assert (info.vendor, info.model, info.physical_cores, info.sockets) == ("AuthenticAMD", "AMD EPYC 9654", 2, 2)
+    assert (info.family, info.model_number) == ("25", "17")  # "model" is the number, "model name" the name
     assert info.has("avx2", "fma") and not info.has("avx512f")
 
 

@@ -35,13 +35,15 @@ class CpuInfo:
     physical_cores: int
     sockets: int
     flags: frozenset
+    family: str = ""  # /proc/cpuinfo's "cpu family" and "model" numbers, where there is one
+    model_number: str = ""
 
     def has(self, *flags):
         return all(flag in self.flags for flag in flags)
 
 
 def _parse_proc_cpuinfo(text):
-    vendor = model = ""
+    vendor = model = family = model_number = ""
     flags = set()
     cores = set()
     sockets = set()
@@ -52,6 +54,10 @@ def _parse_proc_cpuinfo(text):
             vendor = value
         elif key == "model name":
             model = value
+        elif key == "cpu family":
+            family = value
+        elif key == "model":
+            model_number = value
         elif key == "flags":
             flags = set(value.split())
         elif key == "physical id":
@@ -59,7 +65,8 @@ def _parse_proc_cpuinfo(text):
             sockets.add(value)
         elif key == "core id":
             cores.add((physical_id, value))
-    return CpuInfo(vendor, model, len(cores) or os.cpu_count() or 1, len(sockets) or 1, frozenset(flags))
+    return CpuInfo(vendor, model, len(cores) or os.cpu_count() or 1, len(sockets) or 1, frozenset(flags), family,
+                   model_number)
 
 
 def cpu_info():
