@@ -42,11 +42,15 @@ lab: $(STAMP) $(CHECKPOINT)
 playground: $(STAMP) $(CHECKPOINT)
 	$(VENV)/bin/voila notebooks/05_prompt_playground.ipynb --no-browser --Voila.ip=127.0.0.1 --port=8866
 
-# The OpenAI-compatible API on 127.0.0.1:$(PORT): FastChat's controller, $(WORKERS) RWKV worker(s), the API server.
+# The OpenAI-compatible API on $(SERVE_HOST):$(PORT): FastChat's controller, $(WORKERS) RWKV worker(s), the API
+# server. API_KEYS=key1,key2 (or RWKV_API_KEYS in the environment): clients must send one; needed for a
+# SERVE_HOST other hosts can reach. (The recipe is not echoed: it holds the keys.)
 PORT ?= 8000
 WORKERS ?= 1
+SERVE_HOST ?= 127.0.0.1
+API_KEYS ?= $(RWKV_API_KEYS)
 serve: $(STAMP) $(CHECKPOINT)
-	$(PY) -m helpers.serving --port $(PORT) --workers $(WORKERS)
+	@RWKV_API_KEYS="$(API_KEYS)" $(PY) -m helpers.serving --host $(SERVE_HOST) --port $(PORT) --workers $(WORKERS)
 
 clean:
 	rm -rf $(VENV) data/models build

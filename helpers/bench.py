@@ -393,11 +393,16 @@ def with_caption(table):
 
 RENDERERS = {"summary": summary_table, "decoding": markdown_table, "batches": batch_table,
              "targets": with_caption(targets_table)}
-RENDERED = re.compile(r"(<!-- rendered: (\S+) (\S+) -->\n)(.*?)(\n<!-- /rendered -->)", re.S)
+# A block's text never runs into the next block (an empty block once swallowed everything up to the next end).
+RENDERED = re.compile(r"(<!-- rendered: (\S+) (\S+) -->\n)((?:(?!<!-- rendered:).)*?)\n?(<!-- /rendered -->)", re.S)
 
 
 def render(name, kind):
-    """The table KIND (a RENDERERS key) of the committed run data/bench/NAME.json."""
+    """The table KIND (a RENDERERS key, or "soak") of the committed run data/bench/NAME.json."""
+    if kind == "soak":  # a serving run
+        from helpers.serving.load_test import load_run as load_serving_run, soak_table
+
+        return soak_table(*load_serving_run(name))
     return RENDERERS[kind](load_run(name))
 
 
@@ -409,7 +414,7 @@ def rendered_blocks(text):
 def refresh(path):
     """Rewrite every rendered block of the markdown file at path from its committed run."""
     path = Path(path)
-    path.write_text(RENDERED.sub(lambda m: m[1] + render(m[2], m[3]) + m[5], path.read_text()))
+    path.write_text(RENDERED.sub(lambda m: m[1] + render(m[2], m[3]) + "\n" + m[5], path.read_text()))
 
 
 def plot(result, path):

@@ -21,7 +21,7 @@ CODE = {
     "kernel": ["helpers/runtime/rwkv4_decode.c"],  # helpers/kernel_sweep.py times the kernel alone
     "decoding": DECODING_CODE,
     "serving": DECODING_CODE + ["helpers/serving/scheduler.py", "helpers/serving/worker.py",
-                                "helpers/serving/api_server.py"],
+                                "helpers/serving/api_server.py", "helpers/serving/http.py"],
 }
 ISA = [("AVX-512 VNNI", {"avx512_vnni", *AVX512}), ("AVX-512", AVX512), ("AVX-VNNI", {"avx_vnni"}),
        ("AMX", {"amx_tile", "amx_int8"}), ("AVX2", {"avx2"})]

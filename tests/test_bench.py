@@ -93,7 +93,7 @@ def committed_runs():
 @pytest.mark.parametrize("name", committed_runs())
 def test_every_committed_run_was_measured_with_this_code(name):
     """A kernel or loader change (a serving change, for a load test) makes this fail until the run is redone."""
-    run = load_test.load_run(name)[0] if name.startswith("serving-") else bench.load_run(name)
+    run = load_test.load_run(name)[0] if name.startswith(("serving-", "soak-")) else bench.load_run(name)
     assert provenance.is_current(run["provenance"])
 
 
@@ -115,3 +115,12 @@ def test_rendered_tables_are_their_runs(markdown):
     for name, kind, text in blocks:
         assert text == bench.render(name, kind), f"{markdown}: {name} {kind} is stale: python -m helpers.bench --refresh {markdown}"
         assert "Measured 20" in text  # its caption names the machine and the date
+
+
+def test_an_empty_rendered_block_is_filled_without_touching_the_text_after_it(tmp_path):
+    block = "<!-- rendered: 169m-hub summary -->\n{}<!-- /rendered -->\n"
+    path = tmp_path / "page.md"
+    path.write_text(block.format("") + "text between\n" + block.format("an old table\n"))
+    bench.refresh(path)
+    table = bench.render("169m-hub", "summary")
+    assert path.read_text() == block.format(table + "\n") + "text between\n" + block.format(table + "\n")

@@ -173,3 +173,58 @@ def test_a_laptops_build_holds_only_its_own_instructions(tmp_path, kernel):
         assert "{vex} vpdpbusd" in code
     else:
         assert "vpdpbusd" not in code and "vpmaddubsw" in code
+
+
+@needs_fused_step
+def test_states_the_kernel_cannot_read_get_one_line_before_any_native_call(tiny_source, input_ids):
+    model = load_low_bit_model(tiny_source, "sym_int4")
+    fused = model.fused_forward
+    _, state = fused(input_ids[:, :8])
+    one = [s[0] for s in state]
+    ids = input_ids[0, 8:10].unsqueeze(1)  # two sequences of one token
+    wider = [torch.zeros(1, 2 * s.shape[1], s.shape[2]) for s in state]  # a state of a model of another size
+    for states, expected in (([one], "one state per sequence: 2 sequence(s), 1 state(s)"),
+                             ([one, one[:4]], "state 1 must be five contiguous float32 tensors"),
+                             ([one, wider], "state 1 must be five"), ([one, [s.double() for s in one]], "state 1"),
+                             ([one, [s.T for s in one]], "state 1")):
+        with pytest.raises(ValueError, match=re.escape(expected)) as raised:
+            fused.run(ids, states)
+        assert "\n" not in str(raised.value)
+    with pytest.raises(ValueError, match="token ids shaped"):
+        fused.run(input_ids[0, :3], [one])
+    assert torch.equal(fused.run(ids, [[s.clone() for s in one] for _ in range(2)])[0], fused.run(ids[:1], [one])[0])
+
+
+@needs_fused_step
+def test_weights_the_kernel_cannot_read_are_refused_when_it_is_built(tiny_source):
+    model = load_low_bit_model(tiny_source, "sym_int4")
+    fused = model.fused_forward
+    with pytest.raises(ValueError, match="reads layer 0's attention_key as .* torch.uint8 values; the model has"):
+        fused_decode.FusedForward(model, fused.native, fused_decode.FORMATS.index("sym_int8"))  # sizes of another format
+    model.rwkv.blocks[3].ln2.weight.data = model.rwkv.blocks[3].ln2.weight.data.half()
+    with pytest.raises(ValueError, match="layer 3's ln2_weight as 256 contiguous torch.float32 values; the model has 256 contiguous torch.float16"):
+        fused_decode.FusedForward(model, fused.native, fused.model.format)
+
+
+@needs_fused_step
+def test_a_failed_allocation_in_the_kernel_is_a_memory_error(tiny_source):
+    # Under an address-space limit just above what the process holds, the kernel's buffers for a long prompt
+    # (about 13 kB a token here) cannot be allocated: it must return an error, not write through NULL.
+    code = f"""
+import resource, torch
+from helpers.models import resolve_model
+from helpers.runtime.loading import load_low_bit_model
+model = load_low_bit_model(resolve_model({tiny_source.location!r}), "sym_int4")
+fused = model.fused_forward
+fused(torch.tensor([[1, 2, 3]]))  # the OpenMP threads exist before the limit
+used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+ids = torch.ones(1, 50_000, dtype=torch.int64)
+resource.setrlimit(resource.RLIMIT_AS, (used + 2**28, resource.RLIM_INFINITY))
+try:
+    fused.run(ids, [fused.new_state()])
+except MemoryError as error:
+    print("MemoryError:", error)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MemoryError: the fused step could not allocate its buffers for 1 sequence(s) of 50000 token(s)" in result.stdout

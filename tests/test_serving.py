@@ -1,23 +1,29 @@
 """The serving stack (helpers.serving) on free loopback ports: FastChat's controller, two RWKV workers
 pinned to their own cores, and the OpenAI-compatible API server, on the offline checkpoint, driven with the
 official `openai` client (and plain HTTP where a client could not send the request)."""
+import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 import requests
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis_jsonschema import from_schema
 
 from helpers.prompt import chat_message
 from helpers.runtime.batching import decode_step, read_prompt
 from helpers.runtime.loading import load_model, load_tokenizer
 from helpers.runtime.sampling import Sampling
-from helpers.serving.scheduler import Scheduler
+from helpers.serving.load_test import soak
+from helpers.serving.scheduler import Overloaded, Scheduler, SchedulerStopped
 from helpers.streaming import batched_greedy
 from helpers.serving.stack import Stack, core_groups, free_port
 from helpers.serving.worker import AnswerText, parse_cpus
@@ -31,6 +37,7 @@ PROMPTS = [f"Question: {topic}\n\nAnswer:" for topic in (
     "What is a server?")]
 LONG_STREAM_PROMPT = "Once upon a time"  # greedy on the offline checkpoint: 4000 tokens without a stop
 PENALTY_PROMPT = "Once upon a time"
+SCHEMA_BUDGET_S = 180  # the property-based run over the OpenAPI schema sends no request after this
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +152,7 @@ def test_bad_requests_get_a_400_with_one_line_in_the_client(client, path, fields
 @pytest.mark.parametrize("path, body, expected", [
     ("completions", {"model": MODEL}, "malformed request body: prompt"),
     ("completions", '{"model": "' + MODEL + '", "prompt": ', "not valid JSON"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, "every message needs its text"),
 ])
 def test_bodies_no_client_sends_get_a_400_with_one_line(stack, path, body, expected):
     data = body if isinstance(body, str) else json.dumps(body)
@@ -152,6 +160,118 @@ def test_bodies_no_client_sends_get_a_400_with_one_line(stack, path, body, expec
     assert response.status_code == 400
     message = response.json()["message"]
     assert expected in message and "\n" not in message
+
+
+def worker_statuses(stack):
+    return [requests.post(worker.url + "/worker_get_status", timeout=5).json() for worker in stack.workers]
+
+
+def wait_until_idle(stack, timeout_s=5):
+    deadline = time.monotonic() + timeout_s
+    while any(status["running"] or status["waiting"] for status in worker_statuses(stack)):
+        assert time.monotonic() < deadline, "a worker still decodes for a client that has gone"
+        time.sleep(0.05)
+
+
+def test_a_client_that_goes_stops_its_request_within_one_step(stack):
+    # greedy on the offline checkpoint: 4000 tokens without a stop, seconds of decoding
+    for streamed in (False, True):
+        before = sum(status["cancelled"] for status in worker_statuses(stack))
+        connection = http.client.HTTPConnection("127.0.0.1", stack.api_server.port, timeout=60)
+        body = {"model": MODEL, "prompt": LONG_STREAM_PROMPT, "max_tokens": 4000, "temperature": 0, "stream": streamed}
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        deadline = time.monotonic() + 30
+        while not any(status["running"] for status in worker_statuses(stack)):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        connection.close()  # the client goes while its request decodes
+        wait_until_idle(stack)
+        statuses = worker_statuses(stack)
+        assert sum(status["cancelled"] for status in statuses) == before + 1  # stopped before its 4000th token
+        # counted by the worker: steps that still decoded it after the API server's connection closed
+        assert max(status["most_steps_after_cancel"] for status in statuses) <= 1
+
+
+def test_a_field_sent_as_null_gets_its_default(stack):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": None, "n": None, "temperature": 0}
+    answer = requests.post(stack.url + "/v1/completions", json=body, timeout=60).json()
+    assert len(answer["choices"]) == 1 and answer["usage"]["completion_tokens"] == 16  # OpenAI's default max_tokens
+
+
+def test_the_health_route_and_the_routes_that_are_gone(stack):
+    assert requests.get(stack.url + "/health", timeout=10).json() == {"status": "ok", "models": [MODEL]}
+    for path in ("/v1/embeddings", f"/v1/engines/{MODEL}/embeddings"):
+        response = requests.post(stack.url + path, json={"model": MODEL, "input": "Hello"}, timeout=10)
+        assert response.status_code == 400 and "no embeddings" in response.json()["message"]
+    for path in ("/api/v1/chat/completions", "/api/v1/token_check"):  # FastChat's own API, with none of the checks
+        assert requests.post(stack.url + path, json={"model": MODEL, "messages": []}, timeout=10).status_code == 404
+    assert requests.post(stack.workers[0].url + "/worker_get_embeddings", json={"input": ["Hi"]}, timeout=10).status_code == 404
+
+
+def test_a_worker_checks_a_request_sent_straight_to_it(stack):
+    def generate(**params):
+        return requests.post(stack.workers[0].url + "/worker_generate", json={"prompt": "Hi", **params}, timeout=60).json()
+
+    assert generate(max_new_tokens=3, temperature=0)["usage"]["completion_tokens"] == 3
+    for params, expected in (({"prompt": "word " * 3000, "max_new_tokens": 2000}, "more than the model's context of 4096"),
+                             ({"max_new_tokens": 8, "presence_penalty": 5}, "presence_penalty must be between -2 and 2"),
+                             ({"max_new_tokens": 8, "top_p": 1.5}, "top_p must be between 0 and 1"),
+                             ({"prompt": "", "max_new_tokens": 8}, "the prompt is empty")):
+        answer = generate(**params)
+        assert answer["error_code"] == 40302 and expected in answer["text"] and "\n" not in answer["text"]
+
+
+def one_line_or_success(response):
+    """A response that is not a server error: a success, or a 4xx whose message is one line."""
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    if response.status_code >= 400 and response.status_code != 404:
+        message = response.json().get("message") or response.json()["detail"]
+        assert "\n" not in str(message), message
+
+
+def inlined(schema, components):
+    """The schema with every "$ref" to components replaced by what it names."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return inlined(components[schema["$ref"].rsplit("/", 1)[-1]], components)
+        return {key: inlined(value, components) for key, value in schema.items()}
+    return [inlined(item, components) for item in schema] if isinstance(schema, list) else schema
+
+
+def test_no_request_the_servers_own_schema_allows_gets_a_server_error(stack):
+    # Bodies drawn from the server's OpenAPI document (every route it exposes), half of them for the served
+    # model so that they get past the model check; bounded in count and, by each request's time limit, in time.
+    document = requests.get(stack.url + "/openapi.json", timeout=10).json()
+    components = document.get("components", {}).get("schemas", {})
+    operations = [(method.upper(), path, inlined(spec.get("requestBody", {}).get("content", {}).get(
+        "application/json", {}).get("schema"), components)) for path, methods in document["paths"].items()
+        for method, spec in methods.items()]
+    assert {path for _, path, _ in operations} == {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
+                                                   "/v1/engines/{model_name}/embeddings", "/health"}
+
+    budget_ends = time.monotonic() + SCHEMA_BUDGET_S
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def any_request(data):
+        if time.monotonic() > budget_ends:
+            return  # the rest of the examples are not sent: the run is bounded in time too
+        method, path, schema = data.draw(st.sampled_from(operations))
+        path = path.replace("{model_name}", data.draw(st.sampled_from([MODEL, "gpt-4", "%20"])))
+        body = data.draw(from_schema(schema)) if schema else None
+        if isinstance(body, dict) and data.draw(st.booleans()):
+            body["model"] = MODEL
+        one_line_or_success(requests.request(method, stack.url + path, json=body, timeout=120))
+
+    any_request()
+
+
+def test_a_soak_loses_no_request(stack):
+    result = soak(stack.url, MODEL, 120, clients=8, worker_rss_mb=lambda: 0.0)
+    assert result.outcomes.get("lost", 0) == 0, result.lost
+    assert result.outcomes["refused"] == 120 // 20 and result.outcomes["cancelled"] == 12  # every malformed one; 1 in 10
+    assert result.outcomes["answered"] == 120 - 6 - 12
 
 
 # This test kills both workers of the module's stack: the tests after it start their own processes.
@@ -177,6 +297,52 @@ def test_a_worker_killed_mid_stream_ends_its_stream_with_an_error_and_the_others
     assert raised.value.status_code == 503 and raised.value.body["message"].startswith(f"no worker serves {MODEL} now")
 
 
+def test_keys_are_asked_for_and_a_full_worker_answers_429_with_retry_after(tiny_source):
+    with Stack(model=tiny_source.location, max_batch=1, max_queue=1, api_keys="sk-one,sk-two") as stack:
+        for key in ("wrong", None):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            response = requests.get(stack.url + "/v1/models", headers=headers, timeout=10)
+            assert response.status_code == 401 and "needs an API key" in response.json()["message"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=stack.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert requests.get(stack.url + "/health", timeout=10).status_code == 200  # no key needed
+        keyed = openai.OpenAI(base_url=stack.url + "/v1", api_key="sk-two", max_retries=0, timeout=120)
+        request = dict(model=MODEL, prompt=LONG_STREAM_PROMPT, max_tokens=4000, temperature=0, stream=True)
+        running = keyed.completions.create(**request)
+        next(iter(running))  # decoding: the batch of one is full
+        # a stream answers once its first token is there (or its refusal): this one waits in the queue
+        waiting = ThreadPoolExecutor(1).submit(keyed.completions.create, **request)
+        deadline = time.monotonic() + 30
+        while worker_statuses(stack)[0]["waiting"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for stream in (True, False):
+            with pytest.raises(openai.RateLimitError) as raised:
+                keyed.completions.create(**{**request, "stream": stream, "max_tokens": 8})
+            response = raised.value.response
+            assert response.status_code == 429 and 1 <= int(response.headers["Retry-After"]) <= 60
+            assert "every worker serving rwkv-4-world-tiny is full; retry later (Retry-After says when)" == raised.value.body["message"]
+        running.close()  # its place goes to the waiting one, whose stream then opens
+        waiting.result(timeout=60).close()
+
+
+def test_the_api_server_refuses_to_listen_for_other_hosts_without_keys():
+    environment = {name: value for name, value in os.environ.items() if name != "RWKV_API_KEYS"}
+    result = subprocess.run([sys.executable, "-m", "helpers.serving.api_server", "--host", "0.0.0.0", "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=120, env=environment)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "Error: refusing to listen on 0.0.0.0 without API keys: anyone who reaches it could use the model. "
+        "Pass --api-keys (or set RWKV_API_KEYS), or listen on 127.0.0.1."]
+
+
+def test_a_worker_refuses_to_listen_on_every_network():
+    result = subprocess.run([sys.executable, "-m", "helpers.serving.worker", "--host", "0.0.0.0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "name this host's address on a private network" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_make_serve_answers_with_penalties_then_ctrl_c_stops_all_three(trained_source):
     port = free_port()
     serve = subprocess.Popen([sys.executable, "-m", "helpers.serving", "--port", str(port)], stdout=subprocess.PIPE, text=True)
@@ -195,6 +361,18 @@ def test_make_serve_answers_with_penalties_then_ctrl_c_stops_all_three(trained_s
         assert ask(presence_penalty=0.5, frequency_penalty=1.0) == load_tokenizer(trained_source).decode(expected) != ask()
         children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(serve.pid)], capture_output=True, text=True).stdout.split()]
         assert len(children) == 3
+        # a worker that dies is restarted, and make serve says so
+        (worker,) = [pid for pid in children if "helpers.serving.worker" in open(f"/proc/{pid}/cmdline").read()]
+        os.kill(worker, signal.SIGKILL)
+        said = next(line for line in lines if line.startswith("worker-1"))
+        assert said.strip() == "worker-1 stopped (exit code -9); restarting it in 1 s (restart 1)."
+        assert next(lines).startswith("Restarted worker-1 (process ")
+        deadline = time.monotonic() + 120
+        while not requests.get(f"http://127.0.0.1:{port}/health", timeout=10).ok:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert ask(presence_penalty=0.5, frequency_penalty=1.0) == load_tokenizer(trained_source).decode(expected)
+        children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(serve.pid)], capture_output=True, text=True).stdout.split()]
         serve.send_signal(signal.SIGINT)
         assert serve.wait(30) == 0 and "Stopping." in serve.stdout.read()
         assert not any(os.path.exists(f"/proc/{pid}") for pid in children)
@@ -221,6 +399,95 @@ def test_requests_submitted_together_share_decoding_steps(tiny_source):
     assert scheduler.steps < 2 * 15  # together: 15 steps for all four (alone: 60)
     scheduler.thread.join(timeout=10)
     assert not scheduler.thread.is_alive()  # closed: the model thread has ended
+
+
+def arrived(request, timeout_s=30):
+    """Everything the scheduler sends the request until None or an exception."""
+    items = []
+    while not items or isinstance(items[-1], int):
+        items.append(request.tokens.get(timeout=timeout_s))
+    return items
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_source):
+    return load_model(tiny_source)
+
+
+def test_a_full_queue_refuses_at_once_and_a_long_wait_is_refused(tiny_model):
+    scheduler = Scheduler(tiny_model, max_batch=1, max_queue=1, queue_timeout_s=0.5)
+    running = scheduler.submit([1, 2, 3], max_new_tokens=4000)
+    running.tokens.get(timeout=30)  # admitted: the batch of one is full
+    waiting = scheduler.submit([4, 5], max_new_tokens=4)
+    with pytest.raises(Overloaded, match="1 requests running and 1 waiting") as raised:
+        scheduler.submit([6], max_new_tokens=4)
+    assert 1 <= raised.value.retry_after_s <= 60
+    assert isinstance(arrived(waiting)[-1], Overloaded)  # no place within 0.5 s: refused, not left waiting
+    scheduler.cancel(running)
+    assert arrived(running)[-1] is None
+    scheduler.close()
+
+
+def test_a_cancelled_request_stops_before_the_next_step(tiny_model):
+    scheduler = Scheduler(tiny_model, max_batch=2)
+    other = scheduler.submit([7, 8], max_new_tokens=60)
+    request = scheduler.submit([1, 2, 3], max_new_tokens=4000)
+    for _ in range(5):
+        request.tokens.get(timeout=30)
+    scheduler.cancel(request)
+    after = arrived(request)
+    status = scheduler.status()
+    # counted by the scheduler: steps that still decoded it after cancel(), at most the one then running
+    assert after[-1] is None and 5 + len(after) - 1 < 4000
+    assert status["cancelled"] == 1 and status["most_steps_after_cancel"] <= 1
+    rest = arrived(other)
+    assert rest[-1] is None and len(rest) == 61  # its 60 tokens: the other request went on
+    scheduler.close()
+
+
+def test_a_dead_model_thread_fails_every_request_at_once(tiny_model):
+    scheduler = Scheduler(tiny_model, max_batch=2)
+
+    def broken():
+        raise RuntimeError("a bug in the loop")
+
+    scheduler._retire = broken
+    first, second = scheduler.submit([1, 2], max_new_tokens=50), scheduler.submit([3], max_new_tokens=50)
+    for request in (first, second):
+        last = arrived(request, timeout_s=10)[-1]
+        assert isinstance(last, SchedulerStopped) and "a bug in the loop" in str(last)
+    scheduler.thread.join(timeout=10)
+    assert scheduler.status()["healthy"] is False and not scheduler.thread.is_alive()
+    with pytest.raises(SchedulerStopped, match="restart the worker"):
+        scheduler.submit([4], max_new_tokens=5)
+
+
+def test_a_worker_whose_model_thread_died_answers_with_an_error_and_reports_itself_unhealthy(tiny_source):
+    from helpers.serving.api_server import create_error_response  # first: it keeps FastChat from logging into the current folder
+    from fastapi.testclient import TestClient
+    from fastchat.serve import base_model_worker
+
+    from helpers.serving.worker import _make_worker_class, install_routes
+
+    worker = _make_worker_class()(tiny_source, MODEL, "sym_int4", 2, controller_addr="http://127.0.0.1:9",
+                                  worker_addr="http://127.0.0.1:9")
+    install_routes(base_model_worker.app, worker)
+    with TestClient(base_model_worker.app) as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        assert http.post("/worker_generate", json={"prompt": "Hi", "max_new_tokens": 2}).json()["error_code"] == 0
+
+        def broken():
+            raise RuntimeError("a bug in the loop")
+
+        worker.scheduler._retire = broken
+        answer = http.post("/worker_generate", json={"prompt": "Hi", "max_new_tokens": 5}).json()
+        assert answer["error_code"] == 50001 and "a bug in the loop" in answer["text"] and "\n" not in answer["text"]
+        health = http.get("/health")
+        assert health.status_code == 503 and "model thread stopped" in health.json()["error"]["message"]
+        assert http.post("/worker_get_status").json()["healthy"] is False
+    response = create_error_response(answer["error_code"], answer["text"])  # what the API server answers
+    assert response.status_code == 500 and json.loads(response.body)["message"] == answer["text"]
+    assert create_error_response(42903, "full").headers["Retry-After"] == "1"
 
 
 def test_greedy_and_sampled_picks():

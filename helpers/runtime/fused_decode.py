@@ -37,6 +37,8 @@ KERNELS = {
 }
 BLOCK = 64
 FORMATS = ["sym_int4", "asym_int4", "sym_int5", "sym_int8"]  # bigdl-llm's layouts the kernel reads, in its order
+BLOCK_BYTES = [34, 36, 42, 68]  # bytes of a block of 64 weights in each format (rwkv4_decode.c's block_bytes)
+OUT_OF_MEMORY = -1  # what the library's functions return when they could not allocate their buffers
 ROWS_PER_STEP = 8  # rows % 8 == 0: the kernel computes 8 rows at a time
 
 
@@ -120,6 +122,7 @@ def build_library(kernel=None, extra_flags=()):
 
 def load_library(kernel=None, extra_flags=()):
     library = ctypes.CDLL(str(build_library(kernel, extra_flags)))
+    library.rwkv4_forward.restype = library.rwkv4_matmul.restype = ctypes.c_int
     library.rwkv4_forward.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                       ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     library.rwkv4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
@@ -165,37 +168,46 @@ class FusedForward:
 
     def __init__(self, model, native, format_index):
         config, rwkv = model.config, model.rwkv
-        hidden, intermediate = config.hidden_size, config.intermediate_size
+        hidden, intermediate, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
         self.native, self.keep = native, []  # keep: every tensor whose address the C structs hold
+        low_bit = lambda rows, cols: (torch.uint8, rows * cols // BLOCK * BLOCK_BYTES[format_index])  # noqa: E731
+        vector, square = (torch.float32, hidden), low_bit(hidden, hidden)
         self.layers = (Layer * config.num_hidden_layers)()
-        for layer, block in zip(self.layers, rwkv.blocks):
+        for index, (layer, block) in enumerate(zip(self.layers, rwkv.blocks)):
             attention, feed_forward = block.attention, block.feed_forward
-            for field, tensor in (
-                ("ln1_weight", block.ln1.weight), ("ln1_bias", block.ln1.bias),
-                ("ln2_weight", block.ln2.weight), ("ln2_bias", block.ln2.bias),
-                ("attention_mix", attention.time_mixes), ("time_first", attention.time_first),
-                ("decay", attention.decay), ("feed_forward_mix", feed_forward.time_mixes),
-                ("attention_key", attention.key.weight), ("attention_value", attention.value.weight),
-                ("attention_receptance", attention.receptance.weight), ("attention_output", attention.output.weight),
-                ("feed_forward_key", feed_forward.key.weight),
-                ("feed_forward_receptance", feed_forward.receptance.weight),
-                ("feed_forward_value", feed_forward.value.weight),
+            for field, tensor, (dtype, size) in (
+                ("ln1_weight", block.ln1.weight, vector), ("ln1_bias", block.ln1.bias, vector),
+                ("ln2_weight", block.ln2.weight, vector), ("ln2_bias", block.ln2.bias, vector),
+                ("attention_mix", attention.time_mixes, (torch.float32, 3 * hidden)),
+                ("time_first", attention.time_first, vector), ("decay", attention.decay, vector),
+                ("feed_forward_mix", feed_forward.time_mixes, (torch.float32, 2 * hidden)),
+                ("attention_key", attention.key.weight, square), ("attention_value", attention.value.weight, square),
+                ("attention_receptance", attention.receptance.weight, square),
+                ("attention_output", attention.output.weight, square),
+                ("feed_forward_key", feed_forward.key.weight, low_bit(intermediate, hidden)),
+                ("feed_forward_receptance", feed_forward.receptance.weight, square),
+                ("feed_forward_value", feed_forward.value.weight, low_bit(hidden, intermediate)),
             ):
-                setattr(layer, field, self._pointer(tensor))
+                setattr(layer, field, self._pointer(f"layer {index}'s {field}", tensor, dtype, size))
             layer.output_scale = attention.output_scale
         ln0 = rwkv.blocks[0].pre_ln
         self.model = Model(
-            config.num_hidden_layers, hidden, intermediate, config.vocab_size,
+            config.num_hidden_layers, hidden, intermediate, vocab,
             config.rescale_every if rwkv.layers_are_rescaled else 0, format_index, config.layer_norm_epsilon,
-            self._pointer(rwkv.embeddings.weight), self._pointer(ln0.weight), self._pointer(ln0.bias),
-            self._pointer(rwkv.ln_out.weight), self._pointer(rwkv.ln_out.bias), self._pointer(model.head.weight),
+            self._pointer("embeddings", rwkv.embeddings.weight, torch.float16, vocab * hidden),
+            self._pointer("ln0_weight", ln0.weight, *vector), self._pointer("ln0_bias", ln0.bias, *vector),
+            self._pointer("ln_out_weight", rwkv.ln_out.weight, *vector),
+            self._pointer("ln_out_bias", rwkv.ln_out.bias, *vector),
+            self._pointer("head", model.head.weight, *low_bit(vocab, hidden)),
             self.layers,
         )
 
-    def _pointer(self, tensor):
+    def _pointer(self, name, tensor, dtype, size):
+        """The address of a weight the kernel reads: `size` values of `dtype`, contiguous (ValueError if not)."""
         tensor = tensor.data
-        if not tensor.is_contiguous():
-            raise ValueError("non-contiguous tensor")
+        if tensor.dtype != dtype or tensor.numel() != size or not tensor.is_contiguous():
+            raise ValueError(f"the fused step reads {name} as {size} contiguous {dtype} values; the model has "
+                             f"{tensor.numel()} {'contiguous ' if tensor.is_contiguous() else ''}{tensor.dtype} values")
         self.keep.append(tensor)
         return tensor.data_ptr()
 
@@ -241,15 +253,38 @@ class FusedForward:
     def run(self, input_ids, states, all_logits=False):
         """Logits [sequences, tokens or 1, vocab] of input_ids [sequences, tokens], row i continuing states[i]
         (five contiguous [hidden, layers] fp32 tensors, or [1, hidden, layers]), updated in place. A server's
-        step: each sequence keeps its own state tensors, and the weights are read once for all."""
+        step: each sequence keeps its own state tensors, and the weights are read once for all.
+
+        ValueError (one line) for ids or states the kernel cannot read, MemoryError when it cannot allocate
+        its buffers (nothing is changed then)."""
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"the fused step reads token ids shaped [sequences, tokens], not {list(input_ids.shape)}")
         ids = input_ids.to(torch.int64).contiguous()
         sequences, tokens = ids.shape
         check_token_ids(ids, self.model.vocab)  # the kernel reads embedding rows by id
+        self.check_states(states, sequences)
         logits = torch.empty(sequences, tokens if all_logits else 1, self.model.vocab)
         pointers = (ctypes.c_void_p * (5 * sequences))(*(s.data_ptr() for state in states for s in state))
-        self.native.rwkv4_forward(ctypes.byref(self.model), ids.data_ptr(), sequences, tokens, pointers,
-                                  logits.data_ptr(), int(all_logits), torch.get_num_threads())
+        status = self.native.rwkv4_forward(ctypes.byref(self.model), ids.data_ptr(), sequences, tokens, pointers,
+                                           logits.data_ptr(), int(all_logits), torch.get_num_threads())
+        if status == OUT_OF_MEMORY:
+            raise MemoryError(f"the fused step could not allocate its buffers for {sequences} sequence(s) of {tokens} "
+                              "token(s); send fewer or shorter ones, or free memory")
         return logits
+
+    def check_states(self, states, sequences):
+        """ValueError (one line) unless there are `sequences` states of five contiguous fp32 tensors of this
+        model's [hidden, layers] (or [1, hidden, layers]): the kernel reads and writes them by address."""
+        model = self.model
+        if len(states) != sequences:
+            raise ValueError(f"the fused step needs one state per sequence: {sequences} sequence(s), {len(states)} state(s)")
+        shapes = ([model.hidden, model.layers], [1, model.hidden, model.layers])
+        for index, state in enumerate(states):
+            if len(state) != 5 or any(list(s.shape) not in shapes or s.dtype != torch.float32 or not s.is_contiguous()
+                                      for s in state):
+                found = ", ".join(f"{list(s.shape)} {s.dtype}" for s in state)
+                raise ValueError(f"state {index} must be five contiguous float32 tensors of shape {shapes[0]} "
+                                 f"(this model's hidden size and layers), not {len(state)}: {found}")
 
 
 @contextlib.contextmanager

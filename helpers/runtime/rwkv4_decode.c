@@ -423,6 +423,10 @@ static Quantized quantized_buffers(int tokens, int cols) {
     return q;
 }
 
+static int quantized_allocated(const Quantized *q) {
+    return q->values && q->scales && q->sums && q->lanes && q->lane_scales && q->lane_sums;
+}
+
 static void free_quantized(Quantized *q) {
     free(q->values);
     free(q->scales);
@@ -432,14 +436,21 @@ static void free_quantized(Quantized *q) {
     free(q->lane_sums);
 }
 
+#define OUT_OF_MEMORY (-1) /* what the exposed functions return when a buffer could not be allocated */
+
 /* Exposed for tests: y[tokens][rows] = x[tokens][cols] W^T through the model's kernels, W in `format`
-   (y padded to a multiple of TOKENS tokens from GROUPED_FROM tokens on). */
-void rwkv4_matmul(const uint8_t *weight, int format, int rows, int cols, const float *x, int tokens, float *y,
-                  int threads) {
+   (y padded to a multiple of TOKENS tokens from GROUPED_FROM tokens on). Returns 0 or OUT_OF_MEMORY. */
+int rwkv4_matmul(const uint8_t *weight, int format, int rows, int cols, const float *x, int tokens, float *y,
+                 int threads) {
     Quantized q = quantized_buffers(tokens, cols);
+    if (!quantized_allocated(&q)) {
+        free_quantized(&q);
+        return OUT_OF_MEMORY;
+    }
     Product product = {weight, rows, cols, x, y};
     products(&product, 1, tokens, format, threads, &q);
     free_quantized(&q);
+    return 0;
 }
 
 typedef struct {
@@ -581,19 +592,32 @@ static void wkv8(const Layer *layer, int c, int tokens, int n, const float *key,
    batched decoding step: every weight block is read once for all of them. states[5 * s + k] is state
    tensor k of sequence s, laid out as transformers makes it ([hidden, layers]): feed-forward shift,
    attention shift, WKV numerator, denominator and running maximum. The layers work on a transposed
-   copy, [sequences][5][layers][hidden], where a layer's part is contiguous. */
-void rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens, float *const *states, float *logits,
-                   int all_logits, int threads) {
+   copy, [sequences][5][layers][hidden], where a layer's part is contiguous. Returns 0, or OUT_OF_MEMORY
+   (with the states and logits untouched) when its buffers could not be allocated. */
+int rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens, float *const *states, float *logits,
+                  int all_logits, int threads) {
     int n = m->hidden, wide_n = m->intermediate, layers = m->layers, total = sequences * tokens;
+    int per = all_logits ? tokens : 1, count = sequences * per; /* the rows whose logits are wanted */
     size_t rows = (size_t)padded(total), per_sequence = (size_t)5 * layers * n;
+    int widest = wide_n > n ? wide_n : n;
     float *buffer = malloc(sizeof(float) * rows * (9 * n + wide_n)),
-          *by_layer = malloc(sizeof(float) * sequences * per_sequence);
+          *by_layer = malloc(sizeof(float) * sequences * per_sequence),
+          /* the head's output, padded to a multiple of TOKENS rows where computed in groups, then trimmed */
+          *head_out = padded(count) == count ? logits : malloc(sizeof(float) * padded(count) * m->vocab);
+    Quantized q[MAX_PRODUCTS] = {quantized_buffers(total, widest), quantized_buffers(1, widest),
+                                 quantized_buffers(1, widest)};
+    int allocated = buffer && by_layer && head_out;
+    for (int i = 0; i < MAX_PRODUCTS; i++) allocated = allocated && quantized_allocated(&q[i]);
+    if (!allocated) {
+        for (int i = 0; i < MAX_PRODUCTS; i++) free_quantized(&q[i]);
+        if (head_out != logits) free(head_out);
+        free(by_layer);
+        free(buffer);
+        return OUT_OF_MEMORY;
+    }
     float *x = buffer, *normed = x + rows * n, *key = normed + rows * n, *value = key + rows * n,
           *receptance = value + rows * n, *out = receptance + rows * n, *wide = out + rows * n,
           *mixed[3] = {wide + rows * wide_n, wide + rows * (wide_n + n), wide + rows * (wide_n + 2 * n)};
-    int widest = wide_n > n ? wide_n : n;
-    Quantized q[MAX_PRODUCTS] = {quantized_buffers(total, widest), quantized_buffers(1, widest),
-                                 quantized_buffers(1, widest)};
 
     for (int t = 0; t < total; t++) {
         float *row = x + (size_t)t * n;
@@ -644,13 +668,10 @@ void rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens
             for (size_t at = 0; at < (size_t)total * n; at++) x[at] *= 0.5f;
     }
     /* the rows whose logits are wanted: every token, or each sequence's last */
-    int per = all_logits ? tokens : 1, count = sequences * per;
     for (int s = 0; s < sequences; s++)
         for (int t = tokens - per; t < tokens; t++)
             layer_norm(x + ((size_t)s * tokens + t) * n, m->ln_out_weight, m->ln_out_bias, n, m->eps,
                        normed + ((size_t)s * per + t - (tokens - per)) * n);
-    /* the head's output padded to a multiple of TOKENS rows where computed in groups, then trimmed */
-    float *head_out = padded(count) == count ? logits : malloc(sizeof(float) * padded(count) * m->vocab);
     Product head = {m->head, m->vocab, n, normed, head_out};
     products(&head, 1, count, m->format, threads, q);
     if (head_out != logits) {
@@ -663,4 +684,5 @@ void rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens
             from_layer_rows(by_layer + s * per_sequence + (size_t)k * layers * n, n, layers, states[5 * s + k]);
     free(by_layer);
     free(buffer);
+    return 0;
 }

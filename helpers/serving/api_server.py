@@ -1,48 +1,66 @@
 """FastChat's OpenAI-compatible API server, with the checks and fault handling a public endpoint needs.
 
     python -m helpers.serving.api_server --controller-address http://127.0.0.1:21001 --port 8000
+        [--host 10.0.0.1 --api-keys KEY1,KEY2]          (keys from RWKV_API_KEYS when the flag is not given)
 
 It is fastchat.serve.openai_api_server, unchanged where it already answers well (max_tokens below 1, a
 temperature or top_p out of range: 400 with one line), plus:
+- its routes are /v1/models, /v1/completions, /v1/chat/completions, /health and the embeddings routes,
+  which answer 400 with one line (RWKV-4 World is a language model, not an embedding model); FastChat's
+  /api/v1 routes, which skipped every check, are gone;
 - 400 with one line for a malformed body, an unknown model (naming the ones served), an empty prompt or
-  chat, a prompt of token ids (FastChat would read them with OpenAI's tokenizer, which needs the internet)
-  max_tokens above the context length, and presence or frequency penalties outside OpenAI's -2 to 2 (the
-  worker applies both penalties, helpers.runtime.sampling);
+  chat, a prompt of token ids (FastChat would read them with OpenAI's tokenizer, which needs the internet),
+  max_tokens above the context length, n above MAX_CHOICES, and penalties outside OpenAI's -2 to 2 (the
+  worker applies both penalties, helpers.runtime.sampling, and checks the same values: helpers.serving.limits);
+- 429 with Retry-After and one line when every worker's queue is full; 503 when no worker answers; 500
+  (not FastChat's 400) for a failure on the server's side; 401 with one line without a valid API key;
+- a worker is asked whether it is healthy and has room before a request is sent to it, so the controller
+  routes to the others;
 - a worker that stops answering mid-stream ends that stream with an error event, not a cut connection (with
   OpenAI's "error" object, which the openai client raises as an APIError);
-- a worker that no longer answers is dropped before a request is sent to it, so the controller routes
-  to the others, and 503 with one line when none is left.
-- a failure on the server's side is a 500, not FastChat's 400;
+- a client that goes stops its work at once, streamed or not (helpers.serving.http);
 - a blank line inside a chat message becomes a line break (in the World format it ends a turn);
 - a completion (a prompt, not a chat) stops only where the request says, as OpenAI's completions do:
   FastChat adds the chat template's stop, a blank line, to every request, which cut a continued text at
   its first blank line.
+It refuses to listen on an address other hosts can reach without API keys.
 FastChat's handlers look up create_error_response, check_model, get_worker_address, get_gen_params and
 generate_completion_stream in their module when called; this module puts its own versions there.
 """
 import argparse
+import ipaddress
+import json
 import os
+import sys
+import time
 
 os.environ.setdefault("LOGDIR", "")  # FastChat logs to stdout only, not into files in the current folder
 
+import aiohttp  # noqa: E402
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
-from fastapi import Depends  # noqa: E402
+from fastapi import Depends, HTTPException, Request  # noqa: E402
+from fastapi.exception_handlers import http_exception_handler  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
+from fastapi.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
 from fastchat.constants import ErrorCode  # noqa: E402
-from fastchat.protocol.openai_api_protocol import ErrorResponse  # noqa: E402
+from fastchat.protocol.openai_api_protocol import EmbeddingsRequest, ErrorResponse  # noqa: E402
 from fastchat.serve import openai_api_server as fastchat_api  # noqa: E402
 
 from helpers.prompt import chat_message  # noqa: E402
+from helpers.serving.http import StreamWhileClientListens, closes_with_response, open_streams, unless_client_goes  # noqa: E402
+from helpers.serving.limits import MAX_CHOICES, max_tokens_problem, sampling_problem  # noqa: E402
 
 MAX_TOKENS = 4096  # the context length of every RWKV-4 World model (config.json's context_length)
 STATUS_TIMEOUT_S = 2.0
+WORKER_CHOICES = 4  # the controller's choices of worker tried for one request
+CLIENT_GONE = 499  # the status of a response no one reads (nginx's "client closed request")
+HEALTH_CACHE_S = 1.0  # /health asks no key: its answer is reused this long, so calling it costs the workers little
 app = fastchat_api.app
 
 
-def _error(message, status=400, code=ErrorCode.PARAM_OUT_OF_RANGE):
-    return JSONResponse(ErrorResponse(message=message, code=code).dict(), status_code=status)
+def _error(message, status=400, code=ErrorCode.PARAM_OUT_OF_RANGE, headers=None):
+    return JSONResponse(ErrorResponse(message=message, code=code).dict(), status_code=status, headers=headers)
 
 
 class NoWorker(Exception):
@@ -50,14 +68,26 @@ class NoWorker(Exception):
         super().__init__(f"no worker serves {model} now; start one (python -m helpers.serving.worker) and retry")
 
 
+class WorkersFull(Exception):
+    def __init__(self, model, retry_after_s):
+        super().__init__(f"every worker serving {model} is full; retry later (Retry-After says when)")
+        self.retry_after_s = retry_after_s
+
+
 def _limits_problem(request):
-    """max_tokens beyond the context, or a penalty outside OpenAI's range (FastChat checks neither)."""
-    if request.max_tokens is not None and request.max_tokens > MAX_TOKENS:
-        return f"max_tokens must be between 1 and {MAX_TOKENS}, the model's context length, not {request.max_tokens}"
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(request, name)
-        if value is not None and not -2.0 <= value <= 2.0:
-            return f"{name} must be between -2 and 2, as in OpenAI's API, not {value}"
+    """max_tokens beyond the context, too many choices, or a penalty outside OpenAI's range (FastChat checks none)."""
+    if request.n is not None and request.n > MAX_CHOICES:
+        return f"n must be between 1 and {MAX_CHOICES} on this server, not {request.n}"
+    return max_tokens_problem(request.max_tokens, MAX_TOKENS) or sampling_problem(
+        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty)
+
+
+def _not_unicode(text):
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's \\ud800 escapes can carry
+        return True
 
 
 def _completion_problem(request):
@@ -66,6 +96,8 @@ def _completion_problem(request):
         return "prompt must be a string or a list of strings (RWKV World has its own vocabulary: send text, not token ids)"
     if any(not prompt.strip() for prompt in prompts):
         return "prompt is empty: send some text to complete"
+    if any(map(_not_unicode, prompts)):
+        return "prompt is not valid Unicode text"
     return _limits_problem(request)
 
 
@@ -76,6 +108,10 @@ def _chat_problem(request):
     roles = {m.get("role") for m in messages} - {"system", "user", "assistant"}
     if roles:
         return f"unknown message role {sorted(map(str, roles))[0]!r}: use system, user or assistant"
+    if any(not isinstance(m.get("content"), str) for m in messages):
+        return "every message needs its text as \"content\""
+    if any(_not_unicode(m["content"]) for m in messages):
+        return "a message is not valid Unicode text"
     users = [m.get("content") for m in messages if m.get("role") == "user"]
     if not users:
         return "messages has no user message: send at least one {\"role\": \"user\", \"content\": ...}"
@@ -100,32 +136,151 @@ def _world_turns(request):
                 message["content"] = chat_message(message["content"])
 
 
-async def _answer(request, problem_of, prepare, fastchat_handler):
+def _null_means_default(request):
+    """A field sent as null gets its default: FastChat's handlers count with n, max_tokens and others."""
+    for name, model_field in type(request).__fields__.items():
+        if getattr(request, name) is None and model_field.default is not None:
+            setattr(request, name, model_field.default)
+
+
+async def _answer(request, http, problem_of, prepare, fastchat_handler):
+    _null_means_default(request)
     problem = problem_of(request)
     if problem:
         return _error(problem)
     prepare(request)
     try:
-        return await fastchat_handler(request)
+        if request.stream:
+            return await _stream(fastchat_handler(request), http)
+        answered, response = await unless_client_goes(http, fastchat_handler(request))
+        return response if answered else Response(status_code=CLIENT_GONE)
     except NoWorker as error:
         return _error(str(error), status=503, code=ErrorCode.CONTROLLER_NO_WORKER)
+    except WorkersFull as error:
+        return _overloaded(str(error), error.retry_after_s)
+    except aiohttp.ClientError:
+        return _error(f"the controller at {fastchat_api.app_settings.controller_address} does not answer; retry later",
+                      status=503, code=ErrorCode.CONTROLLER_NO_WORKER)
+
+
+async def _stream(handled, http):
+    """FastChat's streamed answer, once its first event from a worker has come: a worker's refusal then (its
+    queue full, a value it refuses) is answered with its status, 429 or 400, not a stream of one error event."""
+    streams = open_streams()  # the worker streams opened for this answer: closed with it (helpers.serving.http)
+    response = await handled
+    if not isinstance(response, StreamingResponse):
+        return response
+    body = response.body_iterator
+    answered, opening = await unless_client_goes(http, _opening(body))
+    error = _event(opening[-1]) if answered and opening else {}
+    if not answered or error.get("error_code"):
+        for stream in [body, *reversed(streams)]:
+            await stream.aclose()
+        if not answered:
+            return Response(status_code=CLIENT_GONE)
+        if error["error_code"] == ErrorCode.ENGINE_OVERLOADED:
+            return _overloaded(error["text"], error.get("retry_after_s") or 1)
+        return create_error_response(error["error_code"], error["text"])
+    return StreamWhileClientListens(_resumed(opening, body), streams, media_type=response.media_type)
+
+
+def _event(chunk):
+    """The JSON of a server-sent event ("data: {...}"), or {}."""
+    try:
+        event = json.loads(chunk.removeprefix("data: "))
+    except ValueError:
+        return {}
+    return event if isinstance(event, dict) else {}
+
+
+async def _opening(body):
+    """A stream's chunks up to its first from a worker (a chat stream opens with the assistant's role)."""
+    chunks = []
+    async for chunk in body:
+        chunks.append(chunk)
+        choices = _event(chunk).get("choices") or [{}]
+        if choices[0].get("delta") != {"role": "assistant"}:
+            break
+    return chunks
+
+
+async def _resumed(opening, body):
+    for chunk in opening:
+        yield chunk
+    async for chunk in body:
+        yield chunk
+
+
+def _overloaded(message, retry_after_s):
+    return _error(message, status=429, code=ErrorCode.ENGINE_OVERLOADED, headers={"Retry-After": str(retry_after_s)})
+
+
+def _remove_routes(*paths):
+    removed = [route for route in app.router.routes if getattr(route, "path", None) in paths]
+    for route in removed:
+        app.router.routes.remove(route)
+    return removed
 
 
 def _checked_route(path, problem_of, prepare=lambda request: None):
     """Put a route that checks (then prepares) the request first in place of FastChat's route for path (the
     module's name for a FastChat endpoint may be another route's: it defines create_chat_completion twice)."""
-    (route,) = [route for route in app.router.routes if getattr(route, "path", None) == path]
-    app.router.routes.remove(route)
+    (route,) = _remove_routes(path)
     request_type = route.endpoint.__annotations__["request"]
 
-    async def checked(request: request_type):
-        return await _answer(request, problem_of, prepare, route.endpoint)
+    async def checked(request: request_type, http: Request):
+        return await _answer(request, http, problem_of, prepare, route.endpoint)
 
     app.post(path, dependencies=[Depends(fastchat_api.check_api_key)])(checked)
 
 
 _checked_route("/v1/completions", _completion_problem)
 _checked_route("/v1/chat/completions", _chat_problem, prepare=_world_turns)
+# FastChat's own API (no checks, a 500 for an unknown model) and its embeddings, which call the worker's
+# get_embeddings: this worker has none.
+_remove_routes("/api/v1/chat/completions", "/api/v1/token_check", "/v1/embeddings", "/v1/engines/{model_name}/embeddings")
+
+
+@app.post("/v1/embeddings", dependencies=[Depends(fastchat_api.check_api_key)])
+@app.post("/v1/engines/{model_name}/embeddings", dependencies=[Depends(fastchat_api.check_api_key)])
+async def embeddings(request: EmbeddingsRequest, model_name: str = None):
+    return _error("this server has no embeddings: RWKV-4 World is trained to continue text, not to place texts near "
+                  "similar ones; use a sentence-embedding model for search or clustering", code=ErrorCode.INVALID_MODEL)
+
+
+_health = {"until": 0.0, "answer": None}
+
+
+@app.get("/health")
+async def health():
+    """200 while every model the controller lists has a worker that can answer, else 503 with one line
+    (as llama.cpp's server answers /health). Asks no API key; its answer is reused for HEALTH_CACHE_S."""
+    if time.monotonic() >= _health["until"]:
+        _health["answer"] = await _check_health()
+        _health["until"] = time.monotonic() + HEALTH_CACHE_S
+    return _health["answer"]
+
+
+async def _check_health():
+    controller = fastchat_api.app_settings.controller_address
+    try:
+        models = await fastchat_api.fetch_remote(controller + "/list_models", None, "models")
+        for model in models:
+            await get_worker_address(model)
+    except WorkersFull as error:  # busy, and answering
+        return {"status": "ok", "models": models, "note": str(error)}
+    except NoWorker as error:
+        return _unavailable(str(error))
+    except (aiohttp.ClientError, ValueError, TypeError) as error:
+        return _unavailable(f"the controller at {controller} does not answer ({type(error).__name__})")
+    if not models:
+        return _unavailable("no worker has registered with the controller yet")
+    return {"status": "ok", "models": models}
+
+
+def _unavailable(message):
+    return JSONResponse({"status": "error", "error": {"message": message, "type": "unavailable_error", "code": 503}},
+                        status_code=503)
 
 
 @app.exception_handler(RequestValidationError)
@@ -137,37 +292,59 @@ async def malformed_body(request, exc):
     return _error(f"malformed request body: {where}: {first.get('msg')}", code=ErrorCode.VALIDATION_TYPE_ERROR)
 
 
-async def _worker_answers(address):
+@app.exception_handler(HTTPException)
+async def no_key(request, exc):
+    """FastChat's 401 has an empty message: say what to send."""
+    if exc.status_code == 401:
+        return _error("this server needs an API key: send the header Authorization: Bearer KEY "
+                      "(openai.OpenAI(api_key=KEY))", status=401, code=ErrorCode.INVALID_AUTH_KEY)
+    return await http_exception_handler(request, exc)
+
+
+async def _worker_status(address):
     try:
         async with httpx.AsyncClient() as client:
             response = await client.post(address + "/worker_get_status", timeout=STATUS_TIMEOUT_S)
-        return response.status_code == 200
-    except httpx.HTTPError:
-        return False
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 async def get_worker_address(model_name):
-    """The controller's choice of worker, checked first: a worker that does not answer makes the controller
-    drop the workers it cannot reach, and it chooses again."""
+    """The controller's choice of worker, checked first: healthy, with room in its queue. A worker that does
+    not answer makes the controller drop the workers it cannot reach; a full or unhealthy one is passed over
+    (the controller's next choice is another worker). NoWorker, or WorkersFull when all that answer are full."""
     controller = fastchat_api.app_settings.controller_address
-    for _ in range(2):
+    full = []
+    for _ in range(WORKER_CHOICES):
         address = await fastchat_api.fetch_remote(controller + "/get_worker_address", {"model": model_name}, "address")
-        if address and await _worker_answers(address):
+        status = await _worker_status(address) if address else None
+        if status is None:
+            await fastchat_api.fetch_remote(controller + "/refresh_all_workers")
+        elif status.get("healthy") and status["room"] > 0:
             return address
-        await fastchat_api.fetch_remote(controller + "/refresh_all_workers")
+        elif status.get("healthy"):
+            full.append(status["retry_after_s"])
+    if full:
+        raise WorkersFull(model_name, min(full))
     raise NoWorker(model_name)
 
 
-def _error_event(text, code):
+def _error_event(text, code, retry_after_s=None):
     """A stream's last event: FastChat's fields, and OpenAI's "error" object, which the openai client raises."""
-    return {"text": text, "error_code": code, "error": {"message": text, "type": "server_error", "code": code}}
+    event = {"text": text, "error_code": code, "error": {"message": text, "type": "server_error", "code": code}}
+    return {**event, "retry_after_s": retry_after_s} if retry_after_s else event
 
 
 async def generate_completion_stream(payload, worker_addr):
     """FastChat's stream from a worker, ending with an error event if the worker goes away mid-answer."""
+    from_worker = closes_with_response(fastchat_stream(payload, worker_addr))
     try:
-        async for content in fastchat_stream(payload, worker_addr):
-            yield _error_event(content["text"], content["error_code"]) if content.get("error_code") else content
+        async for content in from_worker:
+            if content.get("error_code"):
+                yield _error_event(content["text"], content["error_code"], content.get("retry_after_s"))
+            else:
+                yield content
     except httpx.HTTPError as error:
         fastchat_api.logger.error(f"{worker_addr} stopped mid-answer: {error!r}")
         yield _error_event("the worker stopped mid-answer; send the request again", ErrorCode.INTERNAL_ERROR)
@@ -184,8 +361,11 @@ async def get_gen_params(model_name, worker_addr, messages, **fields):
 
 
 def create_error_response(code, message):
-    """FastChat answers every error with 400; a failure on the server's side is a 500."""
-    return _error(message, status=500 if code == ErrorCode.INTERNAL_ERROR else 400, code=code)
+    """FastChat answers every error with 400: here the status its code names (429 for a full worker, 500 for a
+    failure on the server's side)."""
+    if code == ErrorCode.ENGINE_OVERLOADED:
+        return _overloaded(message, 1)
+    return _error(message, status=500 if code // 100 >= 500 else 400, code=code)
 
 
 fastchat_stream = fastchat_api.generate_completion_stream
@@ -197,13 +377,28 @@ fastchat_api.get_worker_address = get_worker_address
 fastchat_api.generate_completion_stream = generate_completion_stream
 
 
+def _loopback(host):
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any address
+        return False
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--controller-address", default="http://127.0.0.1:21001")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (another than loopback needs keys)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-keys", default=os.environ.get("RWKV_API_KEYS"),
+                        help="keys a client must send, separated by commas (env: RWKV_API_KEYS)")
     args = parser.parse_args(argv)
+    keys = [key.strip() for key in (args.api_keys or "").split(",") if key.strip()]
+    if not keys and not _loopback(args.host):
+        print(f"Error: refusing to listen on {args.host} without API keys: anyone who reaches it could use the model. "
+              "Pass --api-keys (or set RWKV_API_KEYS), or listen on 127.0.0.1.", file=sys.__stderr__)  # not FastChat's log
+        sys.exit(2)
     fastchat_api.app_settings.controller_address = args.controller_address
+    fastchat_api.app_settings.api_keys = keys or None
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

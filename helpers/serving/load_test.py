@@ -1,15 +1,19 @@
 """A load test of an OpenAI-compatible server on this machine: a fixed number of streamed greedy
-completions, a fixed number of clients at a time; it stops by itself.
+completions, a fixed number of clients at a time; it stops by itself. Or a soak: many requests of mixed
+kinds, to see that every one is answered or refused with a line and that the worker's memory holds.
 
     python -m helpers.serving.load_test [--model PATH_OR_ID] [--clients 1,4,16] [--requests 16] [--max-tokens 64]
                                         [--rounds 3] [--json data/bench/serving-NAME.json]
+    python -m helpers.serving.load_test --soak 2000 [--clients 16] [--max-batch 8 --max-queue 4]
+                                        [--json data/bench/soak-NAME.json]
 
 The command starts the serving stack (one worker) on the model, runs the client counts in turn, `--rounds`
-times over, and prints a table (the notebook 07 shows the committed runs).
+times over (or the soak), and prints a table (the notebook 07 shows the committed runs).
 """
 import argparse
 import json
 import statistics
+from collections import Counter
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -132,22 +136,125 @@ def load_rows(results):
     return rows
 
 
+SOAK_MEASURED_AFTER = 200  # the worker's memory is read after this many requests, and after the last
+MALFORMED = [  # (body, what the answer's one line says): requests a soak sends that must be refused
+    ('{"model": "MODEL", "prompt": ', "not valid JSON"),
+    ({"prompt": " ", "max_tokens": 8}, "prompt is empty"),
+    ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "Hi", "max_tokens": 8, "presence_penalty": 9}, "presence_penalty"),
+]
+
+
+@dataclass
+class SoakResult:
+    requests: int
+    clients: int
+    outcomes: dict = field(default_factory=dict)  # {"answered", "refused" (a 4xx with one line), "cancelled", "lost": count}
+    refused_429: int = 0  # of the refused: full workers (with Retry-After)
+    lost: list = field(default_factory=list)  # what the first lost requests got
+    seconds: float = 0.0
+    rss_mb: dict = field(default_factory=dict)  # the worker's resident memory (MB) after the first requests, after all
+    worker: dict = field(default_factory=dict)  # the worker's status at the end
+
+    @property
+    def rss_growth(self):
+        """The worker's memory after the last request over its memory after the first SOAK_MEASURED_AFTER."""
+        return self.rss_mb["after_all"] / self.rss_mb["after_first"] - 1
+
+
+def _one_line_refusal(response, expected=""):
+    try:
+        message = response.json()["message"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return 400 <= response.status_code < 500 and "\n" not in message and expected in message and (
+        response.status_code != 429 or response.headers.get("Retry-After", "").isdigit())
+
+
+def soak_request(url, model, index, headers=None):
+    """(outcome, detail) of the soak's request number index: one in 20 is malformed, one in 10 is cancelled
+    after its first event, the others are streamed or whole completions of 1 to 64 tokens, greedy or sampled."""
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    try:
+        if index % 20 == 7:
+            body, expected = MALFORMED[index // 20 % len(MALFORMED)]
+            data = body.replace("MODEL", model) if isinstance(body, str) else json.dumps({"model": model, **body})
+            response = requests.post(url + "/v1/completions", data=data, headers=headers, timeout=STALLED_S)
+            return ("refused", "") if _one_line_refusal(response, expected) else ("lost", f"HTTP {response.status_code}: {response.text[:200]}")
+        body = {"model": model, "prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": 1 + index * 37 % 64,
+                "temperature": 0 if index % 3 else 0.8, "stream": index % 10 == 3 or index % 2 == 1}
+        with requests.post(url + "/v1/completions", json=body, headers=headers, stream=body["stream"], timeout=STALLED_S) as response:
+            if response.status_code != 200:
+                ok = _one_line_refusal(response)
+                return ("refused", str(response.status_code)) if ok else ("lost", f"HTTP {response.status_code}: {response.text[:200]}")
+            if index % 10 == 3:
+                next(response.iter_lines())
+                return "cancelled", ""  # leaving the block closes the connection
+            events = [json.loads(line[6:]) for line in response.iter_lines(decode_unicode=True)
+                      if line.startswith("data: ") and line != "data: [DONE]"] if body["stream"] else [response.json()]
+    except (requests.RequestException, ValueError, StopIteration) as error:
+        return "lost", str(error)[:200]
+    finished = [event for event in events if "choices" in event and event["choices"][0].get("finish_reason")]
+    return ("answered", "") if finished and not any("error" in event for event in events) else ("lost", str(events[-1:])[:200])
+
+
+def soak(url, model, count, clients, worker_rss_mb=lambda: None, headers=None):
+    """Send `count` soak requests (soak_request), `clients` at a time; the worker's memory is read after the
+    first SOAK_MEASURED_AFTER and after the last."""
+    result, started, outcomes = SoakResult(count, clients), time.monotonic(), []
+    with ThreadPoolExecutor(clients) as pool:
+        for when, first, last in (("after_first", 0, min(count, SOAK_MEASURED_AFTER)),
+                                  ("after_all", min(count, SOAK_MEASURED_AFTER), count)):
+            outcomes += pool.map(lambda index: soak_request(url, model, index, headers), range(first, last))
+            result.rss_mb[when] = worker_rss_mb()
+    result.seconds = time.monotonic() - started
+    result.outcomes = dict(Counter(outcome for outcome, _ in outcomes))
+    result.refused_429 = sum(1 for outcome, detail in outcomes if outcome == "refused" and detail == "429")
+    result.lost = [detail for outcome, detail in outcomes if outcome == "lost"][:5]
+    return result
+
+
+SOAK_HEADERS = ["requests", "clients", "answered", "refused (429)", "cancelled", "lost", "minutes",
+                "worker MB after 200", "after all", "growth"]
+
+
+def soak_table(settings, result):
+    """A soak's markdown: its provenance and settings, then one row (SOAK_HEADERS)."""
+    first, last = result.rss_mb["after_first"], result.rss_mb["after_all"]
+    row = [result.requests, result.clients, result.outcomes.get("answered", 0),
+           f"{result.outcomes.get('refused', 0)} ({result.refused_429})", result.outcomes.get("cancelled", 0),
+           result.outcomes.get("lost", 0), f"{result.seconds / 60:.1f}", f"{first:.0f}", f"{last:.0f}",
+           f"{result.rss_growth:+.1%}"]
+    queue = settings["max_queue"] if settings["max_queue"] is not None else settings["max_batch"]
+    return "\n".join([
+        provenance.caption(settings["provenance"]) + f" {settings['model']}, one worker (--max-batch "
+        f"{settings['max_batch']}, --max-queue {queue}); cancelled requests decoded at most "
+        f"{result.worker['most_steps_after_cancel']} step(s) after their client went.", "",
+        "| " + " | ".join(SOAK_HEADERS) + " |", "|" + "---|" * len(SOAK_HEADERS),
+        "| " + " | ".join(map(str, row)) + " |"])
+
+
 def load_run(name):
-    """A committed run, data/bench/NAME.json: (its settings, [LoadResult]); StaleResults when it was measured
-    with other kernel, loader or serving code than this checkout's."""
+    """A committed run, data/bench/NAME.json: (its settings, [LoadResult]), or a soak's (settings, SoakResult);
+    StaleResults when it was measured with other kernel, loader or serving code than this checkout's."""
     path = DATA_DIR / "bench" / f"{name}.json"
     run = json.loads(path.read_text())
     provenance.check_current(run["provenance"], path.relative_to(DATA_DIR.parent))
+    if "soak" in run:
+        return {key: value for key, value in run.items() if key != "soak"}, SoakResult(**run["soak"])
     return {key: value for key, value in run.items() if key != "results"}, [LoadResult(**r) for r in run["results"]]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the model trained here)")
-    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--clients", default="1,4,16", help="client counts (a soak: one count)")
     parser.add_argument("--requests", type=int, default=16, help="requests per client count and round")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--soak", type=int, metavar="REQUESTS", help="a soak of this many requests instead")
+    parser.add_argument("--max-batch", type=int, default=16, help="the worker's --max-batch")
+    parser.add_argument("--max-queue", type=int, help="the worker's --max-queue (default: --max-batch)")
     parser.add_argument("--json", type=Path, help="write the run here")
     args = parser.parse_args(argv)
     from helpers.bench import read_bandwidth_gbs
@@ -159,28 +266,42 @@ def main(argv=None):
         clients = [int(count) for count in args.clients.split(",")]
     except ValueError:
         parser.error(f"--clients takes client counts separated by commas, e.g. 1,4,16 (got {args.clients!r})")
+    if args.soak is not None and (len(clients) != 1 or args.soak < 1):
+        parser.error("--soak takes a number of requests and one client count (--clients 16)")
     try:
         source = resolve_model(args.model)
         tokenizer = load_tokenizer(source)
         threads = psutil.cpu_count(logical=False) or 1
         bandwidths = [read_bandwidth_gbs(threads)]
-        with Stack(model=source.location) as stack:
-            model = requests.get(stack.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-            results = [load_test(stack.url, model, count, args.requests, args.max_tokens,
-                                 lambda text: len(tokenizer(text).input_ids))
-                       for _ in range(args.rounds) for count in clients]
+        with Stack(model=source.location, max_batch=args.max_batch, max_queue=args.max_queue) as stack:
+            model = requests.get(stack.url + "/health", timeout=10).json()["models"][0]
+            if args.soak:
+                worker = psutil.Process(stack.workers[0].popen.pid)
+                result = soak(stack.url, model, args.soak, clients[0], lambda: worker.memory_info().rss / 2**20)
+                result.worker = requests.post(stack.workers[0].url + "/worker_get_status", timeout=10).json()
+            else:
+                results = [load_test(stack.url, model, count, args.requests, args.max_tokens,
+                                     lambda text: len(tokenizer(text).input_ids))
+                           for _ in range(args.rounds) for count in clients]
         bandwidths.append(read_bandwidth_gbs(threads))
     except UserError as error:
         sys.exit(f"Error: {error}")
     command = " ".join(["python -m helpers.serving.load_test", *(argv if argv is not None else sys.argv[1:])])
     made = provenance.stamp("serving", command, threads, bandwidths)
-    run = {"model": model, "max_tokens": args.max_tokens, "requests": args.requests, "rounds": args.rounds,
-           "provenance": made, "results": [asdict(result) for result in results]}
-    from tabulate import tabulate
+    if args.soak:
+        run = {"model": model, "max_batch": args.max_batch, "max_queue": args.max_queue, "provenance": made,
+               "soak": asdict(result)}
+        print(soak_table(run, result))
+        if result.lost:
+            print("Lost:", *result.lost, sep="\n  ")
+    else:
+        run = {"model": model, "max_tokens": args.max_tokens, "requests": args.requests, "rounds": args.rounds,
+               "provenance": made, "results": [asdict(result) for result in results]}
+        from tabulate import tabulate
 
-    print(f"{model}: {args.requests} requests of {args.max_tokens} tokens per count, {args.rounds} rounds. "
-          + provenance.caption(made))
-    print(tabulate(load_rows(results), LOAD_HEADERS, tablefmt="github", disable_numparse=True))
+        print(f"{model}: {args.requests} requests of {args.max_tokens} tokens per count, {args.rounds} rounds. "
+              + provenance.caption(made))
+        print(tabulate(load_rows(results), LOAD_HEADERS, tablefmt="github", disable_numparse=True))
     if args.json:
         args.json.write_text(json.dumps(run, indent=1))
     return 0

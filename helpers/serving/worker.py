@@ -1,33 +1,41 @@
 """A FastChat model worker for RWKV-4 in low bits on the CPU.
 
     python -m helpers.serving.worker --controller-address http://127.0.0.1:21001 --port 21002 [--model PATH_OR_ID]
-        [--cpus 0-7] [--host 0.0.0.0 --worker-address http://THIS_HOST:21002]
+        [--cpus 0-7] [--max-batch 16] [--max-queue 16] [--queue-timeout-s 30]
+        [--host 10.0.0.2 --worker-address http://10.0.0.2:21002]      (another host, on a private network)
 
 It loads the model as the notebooks do (helpers.runtime: the low-bit cache, the CPU repair, the fused
 decoding step), batches the requests it is sent (helpers.serving.scheduler), streams text with stop
 strings, and registers with the controller once it can answer. `--cpus` pins it to those cores (one
 worker per socket or NUMA node on a server).
+
+It checks every request itself (a worker's port takes raw generate calls): the prompt, max_tokens and the
+prompt's length against the context, and the sampling values. Past `--max-batch` running and `--max-queue`
+waiting requests it refuses with ENGINE_OVERLOADED (the API server answers 429); a request whose client
+goes stops decoding before the next step. `/health` answers 200 while it can answer, 503 once its model
+thread has failed.
 """
 import argparse
 import asyncio
 import json
 import os
-import queue
 import socket
 import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
 from helpers.runtime.errors import UserError
+from helpers.serving.limits import max_tokens_problem, sampling_problem
 
 MAX_CHAR_TOKENS = 4  # a UTF-8 character has at most 4 bytes, so it is split over at most 4 tokens
-# A request waiting for a place in the batch sends its unchanged text this often, so that the API server's
-# read timeout (FastChat's WORKER_API_TIMEOUT, 100 s) does not take it for a dead worker.
+# A request waiting for a place in the batch, or for prompts read ahead of it, sends its unchanged text this
+# often, so that the API server's read timeout (FastChat's WORKER_API_TIMEOUT, 100 s) does not take the
+# worker for dead (FastChat's API server sends no event for it).
 KEEPALIVE_S = 10
+WILDCARDS = ("0.0.0.0", "::", "")
 
 
 def parse_cpus(text):
@@ -45,8 +53,8 @@ def parse_cpus(text):
     return cpus
 
 
-def _error_chunk(text, code):
-    return json.dumps({"text": text, "error_code": int(code)}).encode() + b"\0"
+def _error_chunk(text, code, **fields):
+    return json.dumps({"text": text, "error_code": int(code), **fields}).encode() + b"\0"
 
 
 class AnswerText:
@@ -82,27 +90,37 @@ class AnswerText:
         return self.text
 
 
-def _arrived(request):
-    """The tokens the scheduler has sent the request: waits for one (KEEPALIVE_S at most, then returns
-    none), takes the others already there."""
-    try:
-        tokens = [request.tokens.get(timeout=KEEPALIVE_S)]
-    except queue.Empty:
-        return []
-    while True:
+class Tokens:
+    """A request's tokens for a reader in the event loop: the scheduler's thread puts them, the reader
+    awaits them."""
+
+    def __init__(self):
+        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+
+    def put(self, item):
         try:
-            tokens.append(request.tokens.get_nowait())
-        except queue.Empty:
-            return tokens
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: the worker is stopping, no one reads
+            pass
+
+    async def arrived(self):
+        """The tokens put since the last call: waits for one (KEEPALIVE_S at most, then returns none), takes
+        the others already there."""
+        try:
+            tokens = [await asyncio.wait_for(self.queue.get(), KEEPALIVE_S)]
+        except asyncio.TimeoutError:
+            return []
+        while not self.queue.empty():
+            tokens.append(self.queue.get_nowait())
+        return tokens
 
 
 def _register_when_listening(worker, host, port):
     """Register with the controller once this worker's server accepts connections (the controller drops
     a worker it cannot reach), retrying until the controller answers; then send heartbeats."""
-    address = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     while True:
         try:
-            socket.create_connection((address, port), timeout=1).close()
+            socket.create_connection((host, port), timeout=1).close()
             break
         except OSError:
             time.sleep(0.1)
@@ -122,7 +140,7 @@ def _make_worker_class():
 
     from helpers.runtime.loading import load_model, load_tokenizer
     from helpers.runtime.sampling import Sampling
-    from helpers.serving.scheduler import Scheduler
+    from helpers.serving.scheduler import Overloaded, Scheduler, SchedulerStopped
 
     # The World chat format, "System\n\nUser: ...\n\nAssistant:" (the system part only when one is sent),
     # is what FastChat's FALCON_CHAT style writes with these roles and separator.
@@ -132,37 +150,37 @@ def _make_worker_class():
     )
 
     class RwkvWorker(BaseModelWorker):
-        def __init__(self, source, model_name, low_bit, max_batch, **addresses):
+        def __init__(self, source, model_name, low_bit, max_batch, max_queue=None, queue_timeout_s=30.0, **addresses):
             super().__init__(model_path=source.location, model_names=[model_name], conv_template=None,
-                             limit_worker_concurrency=2 * max_batch, worker_id=uuid.uuid4().hex[:8], **addresses)
+                             limit_worker_concurrency=max_batch, worker_id=uuid.uuid4().hex[:8], **addresses)
             self.tokenizer = load_tokenizer(source)
             self.model = load_model(source, low_bit, report=print)
             self.context_len = self.model.config.context_length
-            self.scheduler = Scheduler(self.model, max_batch)
+            self.scheduler = Scheduler(self.model, max_batch, max_queue, queue_timeout_s)
 
         def make_conv_template(self, conv_template=None, model_path=None):
             return world_chat.copy()
 
+        def get_queue_length(self):
+            """What the controller's heartbeats carry, to send new requests to the shortest queue."""
+            status = self.scheduler.status()
+            return status["running"] + status["waiting"]
+
         def get_status(self):
-            """FastChat's status (what the controller reads), and how many requests this worker has taken."""
-            return {**super().get_status(), "requests_admitted": self.scheduler.admitted}
+            """FastChat's status (what the controller reads) and the scheduler's: health, room, counts."""
+            return {**super().get_status(), **self.scheduler.status()}
 
-        def generate_stream_gate(self, params):
-            """FastChat's stream: the text so far as JSON chunks ending in b"\\0", the last with finish_reason."""
+        def count_token(self, params):
+            """FastChat's token count (the API server's length check asks it); 0 for a prompt that is not
+            text, which the request itself is then refused for with one line."""
             try:
-                yield from self._generate_stream(params)
-            except UserError as error:
-                yield _error_chunk(f"Bad request: {error}", ErrorCode.PARAM_OUT_OF_RANGE)
-            except Exception as error:
-                yield _error_chunk(f"The model failed on this request: {error}", ErrorCode.INTERNAL_ERROR)
-
-        def generate_gate(self, params):
-            for chunk in self.generate_stream_gate(params):
-                pass
-            return json.loads(chunk[:-1])
+                return super().count_token(params)
+            except (UnicodeError, KeyError, TypeError):
+                return {"count": 0, "error_code": 0}
 
         def _read_params(self, params):
-            """(prompt, max_new_tokens, stop strings, stop token ids, Sampling) from FastChat's request."""
+            """(prompt, its token ids, max_new_tokens, stop strings, stop token ids, Sampling) from FastChat's
+            request; UserError for a value out of range or a prompt that leaves no room for max_tokens."""
             prompt = params.get("prompt")
             if not isinstance(prompt, str) or not prompt.strip():
                 raise UserError("the prompt is empty; send some text")
@@ -174,26 +192,49 @@ def _make_worker_class():
                 sampling = Sampling(float(params.get("temperature", 1.0)), float(params.get("top_p", 1.0)),
                                     int(params.get("top_k") or -1), float(params.get("presence_penalty") or 0.0),
                                     float(params.get("frequency_penalty") or 0.0))
-            except (TypeError, ValueError) as error:
+            except (TypeError, ValueError, OverflowError) as error:
                 raise UserError(f"a parameter has the wrong type ({error})") from None
-            if not 1 <= max_new_tokens <= self.context_len:
-                raise UserError(f"max_tokens must be between 1 and {self.context_len}, not {max_new_tokens}")
-            for name in ("presence_penalty", "frequency_penalty"):
-                if not -2.0 <= getattr(sampling, name) <= 2.0:
-                    raise UserError(f"{name} must be between -2 and 2, as in OpenAI's API, not {getattr(sampling, name)}")
-            return prompt, max_new_tokens, stops, stop_ids, sampling
+            problem = max_tokens_problem(max_new_tokens, self.context_len) or sampling_problem(
+                temperature=sampling.temperature, top_p=sampling.top_p, presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty)
+            if problem:
+                raise UserError(problem)
+            try:
+                prompt_ids = self.tokenizer(prompt).input_ids
+            except UnicodeError:
+                raise UserError("the prompt is not valid Unicode text") from None
+            if len(prompt_ids) + max_new_tokens > self.context_len:
+                raise UserError(f"the prompt's {len(prompt_ids)} tokens and max_tokens {max_new_tokens} are more than the "
+                                f"model's context of {self.context_len} tokens; shorten the prompt or lower max_tokens")
+            return prompt, prompt_ids, max_new_tokens, stops, stop_ids, sampling
 
-        def _generate_stream(self, params):
-            prompt, max_new_tokens, stops, stop_ids, sampling = self._read_params(params)
-            prompt_ids = self.tokenizer(prompt).input_ids
-            request = self.scheduler.submit(prompt_ids, max_new_tokens, sampling)
+        async def stream(self, params):
+            """FastChat's stream: the text so far as JSON chunks ending in b"\\0", the last with finish_reason or
+            an error_code. Cancelled (its client gone), it cancels its request before the next step."""
+            try:
+                prompt, prompt_ids, max_new_tokens, stops, stop_ids, sampling = self._read_params(params)
+                tokens = Tokens()
+                request = self.scheduler.submit(prompt_ids, max_new_tokens, sampling, tokens)
+            except UserError as error:
+                yield _error_chunk(f"Bad request: {error}", ErrorCode.PARAM_OUT_OF_RANGE)
+                return
+            except Overloaded as error:
+                yield _error_chunk(str(error), ErrorCode.ENGINE_OVERLOADED, retry_after_s=error.retry_after_s)
+                return
+            except SchedulerStopped as error:
+                yield _error_chunk(f"The worker cannot answer: {error}", ErrorCode.INTERNAL_ERROR)
+                return
             echo = prompt if params.get("echo") else ""
             answer = AnswerText(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), stops, stop_ids)
-            try:
+            try:  # a cancelled reader (its client gone) gets CancelledError or GeneratorExit at a yield or await
                 while answer.finish is None:
-                    for token in _arrived(request):  # several when this reader fell behind: one chunk for all
+                    for token in await tokens.arrived():  # several when this reader fell behind: one chunk for all
+                        if isinstance(token, Overloaded):
+                            yield _error_chunk(str(token), ErrorCode.ENGINE_OVERLOADED, retry_after_s=token.retry_after_s)
+                            return
                         if isinstance(token, Exception):
-                            raise token
+                            yield _error_chunk(f"The model failed on this request: {token}", ErrorCode.INTERNAL_ERROR)
+                            return
                         if token is None:
                             answer.finish = "length"
                         else:
@@ -202,9 +243,18 @@ def _make_worker_class():
                             break
                     else:
                         yield self._chunk(echo + answer.visible, prompt_ids, answer.tokens)
+            except Exception as error:  # in the text of this answer: this request's failure, not the worker's
+                yield _error_chunk(f"The worker failed on this request: {error}", ErrorCode.INTERNAL_ERROR)
+                return
             finally:
-                request.cancel()
+                self.scheduler.cancel(request)
             yield self._chunk(echo + answer.text, prompt_ids, answer.tokens, answer.finish)
+
+        async def answer(self, params):
+            """The stream's last chunk, as a dict: the whole answer, or the error."""
+            async for chunk in self.stream(params):
+                pass
+            return json.loads(chunk[:-1])
 
         def _chunk(self, text, prompt_ids, generated, finish=None):
             usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(generated),
@@ -214,18 +264,64 @@ def _make_worker_class():
     return RwkvWorker
 
 
+def install_routes(app, worker):
+    """The worker's routes in place of FastChat's generate routes (which queue behind a semaphore, without
+    bound, and keep decoding for a gone client), and /health; FastChat's embeddings route is removed."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    from helpers.serving.http import StreamWhileClientListens, unless_client_goes
+
+    replaced = {"/worker_generate_stream", "/worker_generate", "/worker_get_embeddings", "/health"}
+    app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) not in replaced]
+
+    async def params_of(request):
+        try:
+            params = await request.json()
+        except ValueError:
+            params = None
+        return params if isinstance(params, dict) else {}  # no prompt: refused with one line
+
+    @app.post("/worker_generate_stream")
+    async def generate_stream(request: Request):
+        return StreamWhileClientListens(worker.stream(await params_of(request)))
+
+    @app.post("/worker_generate")
+    async def generate(request: Request):
+        answered, answer = await unless_client_goes(request, worker.answer(await params_of(request)))
+        return JSONResponse(answer if answered else {"text": "the client went", "error_code": 0})
+
+    @app.get("/health")
+    async def health():
+        status = worker.scheduler.status()
+        if status["healthy"]:
+            return {"status": "ok"}
+        return JSONResponse({"status": "error", "error": {"message": f"the model thread stopped: {status['error']}",
+                                                          "type": "unavailable_error", "code": 503}}, status_code=503)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--controller-address", default="http://127.0.0.1:21001")
-    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to take requests from other hosts")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="the address to listen on: this host's address on a private network for other hosts")
     parser.add_argument("--port", type=int, default=21002)
     parser.add_argument("--worker-address", help="how the controller reaches this worker (default: http://HOST:PORT)")
     parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the model trained here)")
     parser.add_argument("--model-name", help="the name clients ask for (default: the model folder's name)")
     parser.add_argument("--low-bit", default="sym_int4")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    parser.add_argument("--max-queue", type=int, help="requests waiting for a place at most (default: --max-batch); "
+                        "more are refused (the API answers 429)")
+    parser.add_argument("--queue-timeout-s", type=float, default=30.0,
+                        help="a request that waited this long for a place is refused (FastChat's API server waits 100 s)")
     parser.add_argument("--cpus", help="cores to run on, as taskset -c takes them (0-7)")
     args = parser.parse_args(argv)
+    if args.host in WILDCARDS:
+        parser.exit(2, f"Error: --host {args.host!r} listens on every network, public ones too, and a worker takes "
+                       "raw generate calls: name this host's address on a private network (see the README).\n")
+    if args.max_batch < 1 or (args.max_queue is not None and args.max_queue < 0) or args.queue_timeout_s <= 0:
+        parser.exit(2, "Error: --max-batch must be at least 1, --max-queue at least 0 and --queue-timeout-s above 0.\n")
     os.environ.setdefault("LOGDIR", "")  # FastChat logs to stdout only, not into files in the current folder
     try:
         if args.cpus:
@@ -239,15 +335,12 @@ def main(argv=None):
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         source = resolve_model(args.model)
         worker = _make_worker_class()(
-            source, args.model_name or source.name.split("--")[-1], args.low_bit, args.max_batch,
-            controller_addr=args.controller_address, worker_addr=args.worker_address or f"http://{args.host}:{args.port}")
+            source, args.model_name or source.name.split("--")[-1], args.low_bit, args.max_batch, args.max_queue,
+            args.queue_timeout_s, controller_addr=args.controller_address, worker_addr=args.worker_address or f"http://{args.host}:{args.port}")
     except UserError as error:
         sys.exit(f"Error: {error}")
+    install_routes(base_model_worker.app, worker)
     threading.Thread(target=_register_when_listening, args=(worker, args.host, args.port), daemon=True).start()
-    # FastChat runs each non-streamed request in the event loop's default thread pool, min(32, cores + 4)
-    # threads: on a small machine fewer requests than the batch holds. One thread per request it admits:
-    base_model_worker.app.router.on_startup.append(lambda: asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(worker.limit_worker_concurrency)))
     uvicorn.run(base_model_worker.app, host=args.host, port=args.port, log_level="warning")
 
 
