@@ -47,10 +47,13 @@ playground: $(STAMP) $(CHECKPOINT)
 # SERVE_HOST other hosts can reach. (The recipe is not echoed: it holds the keys.)
 PORT ?= 8000
 WORKERS ?= 1
+MAX_BATCH ?= 16
+MAX_QUEUE ?= $(MAX_BATCH)
 SERVE_HOST ?= 127.0.0.1
 API_KEYS ?= $(RWKV_API_KEYS)
 serve: $(STAMP) $(CHECKPOINT)
-	@RWKV_API_KEYS="$(API_KEYS)" $(PY) -m helpers.serving --host $(SERVE_HOST) --port $(PORT) --workers $(WORKERS)
+	@RWKV_API_KEYS="$(API_KEYS)" $(PY) -m helpers.serving --host $(SERVE_HOST) --port $(PORT) --workers $(WORKERS) \
+		--max-batch $(MAX_BATCH) --max-queue $(MAX_QUEUE)
 
 clean:
 	rm -rf $(VENV) data/models build

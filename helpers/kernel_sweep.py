@@ -80,6 +80,7 @@ def compile_kernel(folder, description):
     native = ctypes.CDLL(str(library))
     native.rwkv4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                     ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    native.rwkv4_matmul.restype = ctypes.c_int  # -1: its buffers could not be allocated
     return native
 
 
@@ -124,8 +125,9 @@ def sweep(shape, thread_counts):
 
         def one_token(threads):
             for weights, rows, cols in matrices:
-                native.rwkv4_matmul(weights.data_ptr(), SYM_INT4, rows, cols, inputs[cols].data_ptr(), 1,
-                                    outputs[rows].data_ptr(), threads)
+                if native.rwkv4_matmul(weights.data_ptr(), SYM_INT4, rows, cols, inputs[cols].data_ptr(), 1,
+                                       outputs[rows].data_ptr(), threads):
+                    raise MemoryError("the kernel could not allocate its buffers")
 
         records = []
         for threads in thread_counts:

@@ -52,7 +52,8 @@ def test_kernel_matches_bigdls_matmul(kernel, low_bit):
         expected = ggml_matmul_src1_x_src0_t(weight, x, torch.Size([rows, cols]), qtype)
         for threads in (1, 2):
             y = torch.empty(max(tokens, (tokens + 7) // 8 * 8), rows)  # room for the kernel's padding tokens
-            native.rwkv4_matmul(weight.data_ptr(), format_index, rows, cols, x.data_ptr(), tokens, y.data_ptr(), threads)
+            assert native.rwkv4_matmul(weight.data_ptr(), format_index, rows, cols, x.data_ptr(), tokens, y.data_ptr(),
+                                       threads) == 0
             assert torch.allclose(y[:tokens], expected, rtol=1e-4, atol=2e-3 * expected.abs().max().item()), low_bit
 
 

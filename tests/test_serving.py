@@ -221,6 +221,16 @@ def test_a_worker_checks_a_request_sent_straight_to_it(stack):
         assert answer["error_code"] == 40302 and expected in answer["text"] and "\n" not in answer["text"]
 
 
+def test_a_worker_stream_sends_only_the_text_each_chunk_adds(stack):
+    body = {"prompt": LONG_STREAM_PROMPT, "max_new_tokens": 200, "temperature": 0}
+    whole = requests.post(stack.workers[0].url + "/worker_generate", json=body, timeout=60).json()["text"]
+    with requests.post(stack.workers[0].url + "/worker_generate_stream", json=body, stream=True, timeout=60) as response:
+        chunks = [json.loads(chunk) for chunk in response.iter_lines(delimiter=b"\0") if chunk]
+    assert len(chunks) > 10 and chunks[-1]["finish_reason"] == "length"
+    # the pieces add up to the answer once: what is sent grows with the answer, not with its square
+    assert "".join(chunk["text"] for chunk in chunks) == whole and len(whole) > 100
+
+
 def one_line_or_success(response):
     """A response that is not a server error: a success, or a 4xx whose message is one line."""
     assert response.status_code < 500, (response.status_code, response.text[:300])
@@ -302,7 +312,7 @@ def test_keys_are_asked_for_and_a_full_worker_answers_429_with_retry_after(tiny_
         for key in ("wrong", None):
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             response = requests.get(stack.url + "/v1/models", headers=headers, timeout=10)
-            assert response.status_code == 401 and "needs an API key" in response.json()["message"]
+            assert response.status_code == 401 and "needs a valid API key" in response.json()["message"]
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=stack.url + "/v1", api_key="wrong", max_retries=0).models.list()
         assert requests.get(stack.url + "/health", timeout=10).status_code == 200  # no key needed
@@ -326,14 +336,18 @@ def test_keys_are_asked_for_and_a_full_worker_answers_429_with_retry_after(tiny_
         waiting.result(timeout=60).close()
 
 
-def test_the_api_server_refuses_to_listen_for_other_hosts_without_keys():
+@pytest.mark.parametrize("module, how, code", [
+    ("helpers.serving.api_server", "--api-keys (or set RWKV_API_KEYS)", 2),
+    ("helpers.serving", "API_KEYS=... to make serve (--api-keys, or RWKV_API_KEYS)", 1),  # make serve: before loading
+])
+def test_the_api_server_refuses_to_listen_for_other_hosts_without_keys(module, how, code):
     environment = {name: value for name, value in os.environ.items() if name != "RWKV_API_KEYS"}
-    result = subprocess.run([sys.executable, "-m", "helpers.serving.api_server", "--host", "0.0.0.0", "--port", str(free_port())],
-                            capture_output=True, text=True, timeout=120, env=environment)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", module, "--host", "0.0.0.0", "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=60, env=environment)
+    assert result.returncode == code and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "Error: refusing to listen on 0.0.0.0 without API keys: anyone who reaches it could use the model. "
-        "Pass --api-keys (or set RWKV_API_KEYS), or listen on 127.0.0.1."]
+        f"Pass {how}, or listen on 127.0.0.1."]
 
 
 def test_a_worker_refuses_to_listen_on_every_network():

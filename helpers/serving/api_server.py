@@ -18,6 +18,8 @@ temperature or top_p out of range: 400 with one line), plus:
   routes to the others;
 - a worker that stops answering mid-stream ends that stream with an error event, not a cut connection (with
   OpenAI's "error" object, which the openai client raises as an APIError);
+- a worker's stream carries only the text each chunk adds (helpers.serving.worker); FastChat's handlers get
+  the text so far, as from FastChat's own workers;
 - a client that goes stops its work at once, streamed or not (helpers.serving.http);
 - a blank line inside a chat message becomes a line break (in the World format it ends a turn);
 - a completion (a prompt, not a chat) stops only where the request says, as OpenAI's completions do:
@@ -28,7 +30,6 @@ FastChat's handlers look up create_error_response, check_model, get_worker_addre
 generate_completion_stream in their module when called; this module puts its own versions there.
 """
 import argparse
-import ipaddress
 import json
 import os
 import sys
@@ -48,13 +49,13 @@ from fastchat.protocol.openai_api_protocol import EmbeddingsRequest, ErrorRespon
 from fastchat.serve import openai_api_server as fastchat_api  # noqa: E402
 
 from helpers.prompt import chat_message  # noqa: E402
-from helpers.serving.http import StreamWhileClientListens, closes_with_response, open_streams, unless_client_goes  # noqa: E402
-from helpers.serving.limits import MAX_CHOICES, max_tokens_problem, sampling_problem  # noqa: E402
+from helpers.serving.http import (CLIENT_GONE, StreamWhileClientListens, closes_with_response, open_streams,  # noqa: E402
+                                  remove_routes, unavailable, unless_client_goes)
+from helpers.serving.limits import MAX_CHOICES, max_tokens_problem, no_keys_problem, sampling_problem  # noqa: E402
 
 MAX_TOKENS = 4096  # the context length of every RWKV-4 World model (config.json's context_length)
 STATUS_TIMEOUT_S = 2.0
 WORKER_CHOICES = 4  # the controller's choices of worker tried for one request
-CLIENT_GONE = 499  # the status of a response no one reads (nginx's "client closed request")
 HEALTH_CACHE_S = 1.0  # /health asks no key: its answer is reused this long, so calling it costs the workers little
 app = fastchat_api.app
 
@@ -112,10 +113,10 @@ def _chat_problem(request):
         return "every message needs its text as \"content\""
     if any(_not_unicode(m["content"]) for m in messages):
         return "a message is not valid Unicode text"
-    users = [m.get("content") for m in messages if m.get("role") == "user"]
+    users = [m["content"] for m in messages if m["role"] == "user"]
     if not users:
         return "messages has no user message: send at least one {\"role\": \"user\", \"content\": ...}"
-    if not isinstance(users[-1], str) or not users[-1].strip():
+    if not users[-1].strip():
         return "the last user message is empty: send some text"
     return _limits_problem(request)
 
@@ -132,8 +133,7 @@ def _world_turns(request):
     """A blank line ends a turn in the World format: inside a chat message it becomes a line break."""
     if not isinstance(request.messages, str):
         for message in request.messages:
-            if isinstance(message.get("content"), str):
-                message["content"] = chat_message(message["content"])
+            message["content"] = chat_message(message["content"])
 
 
 def _null_means_default(request):
@@ -143,7 +143,7 @@ def _null_means_default(request):
             setattr(request, name, model_field.default)
 
 
-async def _answer(request, http, problem_of, prepare, fastchat_handler):
+async def _answer(request, connection, problem_of, prepare, fastchat_handler):
     _null_means_default(request)
     problem = problem_of(request)
     if problem:
@@ -151,19 +151,23 @@ async def _answer(request, http, problem_of, prepare, fastchat_handler):
     prepare(request)
     try:
         if request.stream:
-            return await _stream(fastchat_handler(request), http)
-        answered, response = await unless_client_goes(http, fastchat_handler(request))
+            return await _stream(fastchat_handler(request), connection)
+        answered, response = await unless_client_goes(connection, fastchat_handler(request))
         return response if answered else Response(status_code=CLIENT_GONE)
     except NoWorker as error:
         return _error(str(error), status=503, code=ErrorCode.CONTROLLER_NO_WORKER)
     except WorkersFull as error:
         return _overloaded(str(error), error.retry_after_s)
     except aiohttp.ClientError:
-        return _error(f"the controller at {fastchat_api.app_settings.controller_address} does not answer; retry later",
-                      status=503, code=ErrorCode.CONTROLLER_NO_WORKER)
+        return _error(_controller_silent(), status=503, code=ErrorCode.CONTROLLER_NO_WORKER)
 
 
-async def _stream(handled, http):
+def _controller_silent():
+    return (f"the controller at {fastchat_api.app_settings.controller_address} does not answer; start it "
+            "(make serve does) or give the API server its address (--controller-address)")
+
+
+async def _stream(handled, connection):
     """FastChat's streamed answer, once its first event from a worker has come: a worker's refusal then (its
     queue full, a value it refuses) is answered with its status, 429 or 400, not a stream of one error event."""
     streams = open_streams()  # the worker streams opened for this answer: closed with it (helpers.serving.http)
@@ -171,10 +175,11 @@ async def _stream(handled, http):
     if not isinstance(response, StreamingResponse):
         return response
     body = response.body_iterator
-    answered, opening = await unless_client_goes(http, _opening(body))
+    streams.insert(0, body)  # FastChat's stream, closed with the worker streams it opened
+    answered, opening = await unless_client_goes(connection, _opening(body))
     error = _event(opening[-1]) if answered and opening else {}
     if not answered or error.get("error_code"):
-        for stream in [body, *reversed(streams)]:
+        for stream in reversed(streams):
             await stream.aclose()
         if not answered:
             return Response(status_code=CLIENT_GONE)
@@ -215,21 +220,14 @@ def _overloaded(message, retry_after_s):
     return _error(message, status=429, code=ErrorCode.ENGINE_OVERLOADED, headers={"Retry-After": str(retry_after_s)})
 
 
-def _remove_routes(*paths):
-    removed = [route for route in app.router.routes if getattr(route, "path", None) in paths]
-    for route in removed:
-        app.router.routes.remove(route)
-    return removed
-
-
 def _checked_route(path, problem_of, prepare=lambda request: None):
     """Put a route that checks (then prepares) the request first in place of FastChat's route for path (the
     module's name for a FastChat endpoint may be another route's: it defines create_chat_completion twice)."""
-    (route,) = _remove_routes(path)
+    (route,) = remove_routes(app, path)
     request_type = route.endpoint.__annotations__["request"]
 
-    async def checked(request: request_type, http: Request):
-        return await _answer(request, http, problem_of, prepare, route.endpoint)
+    async def checked(request: request_type, connection: Request):
+        return await _answer(request, connection, problem_of, prepare, route.endpoint)
 
     app.post(path, dependencies=[Depends(fastchat_api.check_api_key)])(checked)
 
@@ -238,7 +236,7 @@ _checked_route("/v1/completions", _completion_problem)
 _checked_route("/v1/chat/completions", _chat_problem, prepare=_world_turns)
 # FastChat's own API (no checks, a 500 for an unknown model) and its embeddings, which call the worker's
 # get_embeddings: this worker has none.
-_remove_routes("/api/v1/chat/completions", "/api/v1/token_check", "/v1/embeddings", "/v1/engines/{model_name}/embeddings")
+remove_routes(app, "/api/v1/chat/completions", "/api/v1/token_check", "/v1/embeddings", "/v1/engines/{model_name}/embeddings")
 
 
 @app.post("/v1/embeddings", dependencies=[Depends(fastchat_api.check_api_key)])
@@ -265,22 +263,19 @@ async def _check_health():
     controller = fastchat_api.app_settings.controller_address
     try:
         models = await fastchat_api.fetch_remote(controller + "/list_models", None, "models")
+        busy = []
         for model in models:
-            await get_worker_address(model)
-    except WorkersFull as error:  # busy, and answering
-        return {"status": "ok", "models": models, "note": str(error)}
+            try:
+                await get_worker_address(model)
+            except WorkersFull as error:  # busy, and answering
+                busy.append(str(error))
     except NoWorker as error:
-        return _unavailable(str(error))
-    except (aiohttp.ClientError, ValueError, TypeError) as error:
-        return _unavailable(f"the controller at {controller} does not answer ({type(error).__name__})")
+        return unavailable(str(error))
+    except (aiohttp.ClientError, ValueError, TypeError):
+        return unavailable(_controller_silent())
     if not models:
-        return _unavailable("no worker has registered with the controller yet")
-    return {"status": "ok", "models": models}
-
-
-def _unavailable(message):
-    return JSONResponse({"status": "error", "error": {"message": message, "type": "unavailable_error", "code": 503}},
-                        status_code=503)
+        return unavailable("no worker has registered with the controller yet; start one (python -m helpers.serving.worker)")
+    return {"status": "ok", "models": models, **({"note": "; ".join(busy)} if busy else {})}
 
 
 @app.exception_handler(RequestValidationError)
@@ -296,7 +291,7 @@ async def malformed_body(request, exc):
 async def no_key(request, exc):
     """FastChat's 401 has an empty message: say what to send."""
     if exc.status_code == 401:
-        return _error("this server needs an API key: send the header Authorization: Bearer KEY "
+        return _error("this server needs a valid API key: send the header Authorization: Bearer KEY "
                       "(openai.OpenAI(api_key=KEY))", status=401, code=ErrorCode.INVALID_AUTH_KEY)
     return await http_exception_handler(request, exc)
 
@@ -315,7 +310,7 @@ async def get_worker_address(model_name):
     not answer makes the controller drop the workers it cannot reach; a full or unhealthy one is passed over
     (the controller's next choice is another worker). NoWorker, or WorkersFull when all that answer are full."""
     controller = fastchat_api.app_settings.controller_address
-    full = []
+    retry_after_s = []  # of each full worker
     for _ in range(WORKER_CHOICES):
         address = await fastchat_api.fetch_remote(controller + "/get_worker_address", {"model": model_name}, "address")
         status = await _worker_status(address) if address else None
@@ -324,9 +319,9 @@ async def get_worker_address(model_name):
         elif status.get("healthy") and status["room"] > 0:
             return address
         elif status.get("healthy"):
-            full.append(status["retry_after_s"])
-    if full:
-        raise WorkersFull(model_name, min(full))
+            retry_after_s.append(status["retry_after_s"])
+    if retry_after_s:
+        raise WorkersFull(model_name, min(retry_after_s))
     raise NoWorker(model_name)
 
 
@@ -337,14 +332,16 @@ def _error_event(text, code, retry_after_s=None):
 
 
 async def generate_completion_stream(payload, worker_addr):
-    """FastChat's stream from a worker, ending with an error event if the worker goes away mid-answer."""
-    from_worker = closes_with_response(fastchat_stream(payload, worker_addr))
+    """FastChat's stream from a worker, with the text so far in each chunk as FastChat's handlers expect (the
+    worker sends only what is new), ending with an error event if the worker goes away mid-answer."""
+    from_worker, text = closes_with_response(fastchat_stream(payload, worker_addr)), ""
     try:
         async for content in from_worker:
             if content.get("error_code"):
                 yield _error_event(content["text"], content["error_code"], content.get("retry_after_s"))
             else:
-                yield content
+                text += content["text"]
+                yield {**content, "text": text}
     except httpx.HTTPError as error:
         fastchat_api.logger.error(f"{worker_addr} stopped mid-answer: {error!r}")
         yield _error_event("the worker stopped mid-answer; send the request again", ErrorCode.INTERNAL_ERROR)
@@ -377,13 +374,6 @@ fastchat_api.get_worker_address = get_worker_address
 fastchat_api.generate_completion_stream = generate_completion_stream
 
 
-def _loopback(host):
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to any address
-        return False
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--controller-address", default="http://127.0.0.1:21001")
@@ -393,9 +383,9 @@ def main(argv=None):
                         help="keys a client must send, separated by commas (env: RWKV_API_KEYS)")
     args = parser.parse_args(argv)
     keys = [key.strip() for key in (args.api_keys or "").split(",") if key.strip()]
-    if not keys and not _loopback(args.host):
-        print(f"Error: refusing to listen on {args.host} without API keys: anyone who reaches it could use the model. "
-              "Pass --api-keys (or set RWKV_API_KEYS), or listen on 127.0.0.1.", file=sys.__stderr__)  # not FastChat's log
+    problem = no_keys_problem(args.host, keys, "--api-keys (or set RWKV_API_KEYS)")
+    if problem:
+        print(f"Error: {problem}", file=sys.__stderr__)  # not into FastChat's log, which prefixes every line
         sys.exit(2)
     fastchat_api.app_settings.controller_address = args.controller_address
     fastchat_api.app_settings.api_keys = keys or None

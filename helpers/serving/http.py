@@ -10,9 +10,24 @@ import asyncio
 import contextvars
 
 import anyio
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
 _open_streams = contextvars.ContextVar("open_streams", default=None)
+CLIENT_GONE = 499  # the status of a response no one reads (nginx's "client closed request")
+
+
+def remove_routes(app, *paths):
+    """Take the routes for these paths out of a FastAPI app (FastChat's, to put checked ones in their place)."""
+    removed = [route for route in app.router.routes if getattr(route, "path", None) in paths]
+    for route in removed:
+        app.router.routes.remove(route)
+    return removed
+
+
+def unavailable(message):
+    """503 with OpenAI's error object: the answer of /health when the server cannot answer."""
+    return JSONResponse({"status": "error", "error": {"message": message, "type": "unavailable_error", "code": 503}},
+                        status_code=503)
 
 
 async def client_gone(receive):

@@ -228,8 +228,9 @@ def soak_table(settings, result):
     queue = settings["max_queue"] if settings["max_queue"] is not None else settings["max_batch"]
     return "\n".join([
         provenance.caption(settings["provenance"]) + f" {settings['model']}, one worker (--max-batch "
-        f"{settings['max_batch']}, --max-queue {queue}); cancelled requests decoded at most "
-        f"{result.worker['most_steps_after_cancel']} step(s) after their client went.", "",
+        f"{settings['max_batch']}, --max-queue {queue}). A cancelled request was decoded at most "
+        f"{result.worker['most_steps_after_cancel']} step(s) after the worker saw its client go; \"cancelled\" counts "
+        "the clients that closed their stream early (the worker's own count leaves out those already answered).", "",
         "| " + " | ".join(SOAK_HEADERS) + " |", "|" + "---|" * len(SOAK_HEADERS),
         "| " + " | ".join(map(str, row)) + " |"])
 

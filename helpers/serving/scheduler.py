@@ -22,6 +22,8 @@ import torch
 from helpers.runtime.batching import decode_step, read_prompt
 from helpers.runtime.sampling import Sampling
 
+QUEUE_TIMEOUT_S = 30.0  # a request that waited this long for a place is refused (FastChat's API server waits 100 s)
+
 
 class Overloaded(Exception):
     """No place for a request now; retry_after_s: when one should be free."""
@@ -61,12 +63,12 @@ class _Running:
 class Scheduler:
     """Runs the model in one thread for every request; submit() and cancel() from any thread."""
 
-    def __init__(self, model, max_batch=16, max_queue=None, queue_timeout_s=30.0):
+    def __init__(self, model, max_batch=16, max_queue=None, queue_timeout_s=QUEUE_TIMEOUT_S):
         self.model, self.max_batch, self.queue_timeout_s = model, max_batch, queue_timeout_s
         self.max_queue = max_batch if max_queue is None else max_queue
         self.lock = threading.Condition()
         self.waiting, self.joining, self.running = deque(), [], []  # joining: prompts being read
-        self.closed, self.failure = False, None
+        self.closed, self.stopped = False, None  # stopped: what every request gets once the model thread failed
         self.steps = 0  # decoding steps run, each for every running request
         self.admitted = 0  # requests whose prompt was read
         self.cancelled = 0  # requests ended by their reader before their last token (or before their first)
@@ -82,8 +84,8 @@ class Scheduler:
         if tokens is not None:
             request.tokens = tokens
         with self.lock:
-            if self.failure is not None:
-                raise SchedulerStopped(f"the model thread stopped ({self.failure!r}); restart the worker")
+            if self.stopped is not None:
+                raise self.stopped
             if self.closed:
                 raise SchedulerStopped("the scheduler is closed")
             if self._room() <= 0:
@@ -118,7 +120,7 @@ class Scheduler:
 
     def status(self):
         with self.lock:
-            return {"healthy": self.failure is None, "error": None if self.failure is None else repr(self.failure),
+            return {"healthy": self.stopped is None, "error": None if self.stopped is None else str(self.stopped),
                     "running": len(self.running), "waiting": len(self.waiting), "room": self._room(),
                     "max_batch": self.max_batch, "max_queue": self.max_queue, "requests_admitted": self.admitted, "steps": self.steps,
                     "cancelled": self.cancelled, "most_steps_after_cancel": self.most_steps_after_cancel,
@@ -135,10 +137,9 @@ class Scheduler:
 
     def _fail(self, error):
         with self.lock:
-            self.failure = error
-            stopped = SchedulerStopped(f"the model thread stopped ({error!r}); restart the worker")
+            self.stopped = SchedulerStopped(f"the model thread stopped ({error!r}); restart the worker (make serve does)")
             for request in [run.request for run in self.running] + self.joining + list(self.waiting):
-                request.tokens.put(stopped)
+                request.tokens.put(self.stopped)
             self.running.clear()
             self.joining.clear()
             self.waiting.clear()

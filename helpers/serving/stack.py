@@ -23,6 +23,7 @@ import requests
 
 from helpers.runtime.errors import UserError
 from helpers.runtime.paths import REPO_ROOT
+from helpers.serving.limits import no_keys_problem
 
 LOG_DIR = REPO_ROOT / "build" / "serving"
 HOST = "127.0.0.1"
@@ -239,6 +240,9 @@ def main(argv=None):
     parser.add_argument("--api-keys", default=os.environ.get("RWKV_API_KEYS"),
                         help="keys a client must send, separated by commas (env: RWKV_API_KEYS)")
     args = parser.parse_args(argv)
+    problem = no_keys_problem(args.host, (args.api_keys or "").strip(), "API_KEYS=... to make serve (--api-keys, or RWKV_API_KEYS)")
+    if problem:
+        sys.exit(f"Error: {problem}")  # before minutes of loading a model
     for stop_signal in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill: stop the stack, however started
         signal.signal(stop_signal, signal.default_int_handler)
     stack = None

@@ -31,6 +31,7 @@ from helpers.runtime.errors import UserError
 from helpers.serving.limits import max_tokens_problem, sampling_problem
 
 MAX_CHAR_TOKENS = 4  # a UTF-8 character has at most 4 bytes, so it is split over at most 4 tokens
+UNHEALTHY_QUEUE = 10**9  # the queue length a worker whose model thread failed reports to the controller
 # A request waiting for a place in the batch, or for prompts read ahead of it, sends its unchanged text this
 # often, so that the API server's read timeout (FastChat's WORKER_API_TIMEOUT, 100 s) does not take the
 # worker for dead (FastChat's API server sends no event for it).
@@ -51,6 +52,10 @@ def parse_cpus(text):
     if unknown or not cpus:
         raise UserError(f"--cpus {text}: this machine lets the worker use cores {sorted(os.sched_getaffinity(0))} only.")
     return cpus
+
+
+def _one_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _error_chunk(text, code, **fields):
@@ -140,7 +145,7 @@ def _make_worker_class():
 
     from helpers.runtime.loading import load_model, load_tokenizer
     from helpers.runtime.sampling import Sampling
-    from helpers.serving.scheduler import Overloaded, Scheduler, SchedulerStopped
+    from helpers.serving.scheduler import QUEUE_TIMEOUT_S, Overloaded, Scheduler, SchedulerStopped
 
     # The World chat format, "System\n\nUser: ...\n\nAssistant:" (the system part only when one is sent),
     # is what FastChat's FALCON_CHAT style writes with these roles and separator.
@@ -150,7 +155,8 @@ def _make_worker_class():
     )
 
     class RwkvWorker(BaseModelWorker):
-        def __init__(self, source, model_name, low_bit, max_batch, max_queue=None, queue_timeout_s=30.0, **addresses):
+        def __init__(self, source, model_name, low_bit, max_batch, max_queue=None, queue_timeout_s=QUEUE_TIMEOUT_S,
+                     **addresses):
             super().__init__(model_path=source.location, model_names=[model_name], conv_template=None,
                              limit_worker_concurrency=max_batch, worker_id=uuid.uuid4().hex[:8], **addresses)
             self.tokenizer = load_tokenizer(source)
@@ -162,9 +168,10 @@ def _make_worker_class():
             return world_chat.copy()
 
         def get_queue_length(self):
-            """What the controller's heartbeats carry, to send new requests to the shortest queue."""
+            """What the controller's heartbeats carry, to send new requests to the shortest queue: endless once
+            the model thread has failed, so that requests go to the other workers."""
             status = self.scheduler.status()
-            return status["running"] + status["waiting"]
+            return status["running"] + status["waiting"] if status["healthy"] else UNHEALTHY_QUEUE
 
         def get_status(self):
             """FastChat's status (what the controller reads) and the scheduler's: health, room, counts."""
@@ -209,8 +216,10 @@ def _make_worker_class():
             return prompt, prompt_ids, max_new_tokens, stops, stop_ids, sampling
 
         async def stream(self, params):
-            """FastChat's stream: the text so far as JSON chunks ending in b"\\0", the last with finish_reason or
-            an error_code. Cancelled (its client gone), it cancels its request before the next step."""
+            """FastChat's stream of JSON chunks ending in b"\\0", the last with finish_reason or an error_code, but
+            each with only the text added since the one before (FastChat's worker sends the whole text again each
+            time, bytes that grow with the square of the answer; helpers.serving.api_server joins the pieces).
+            Cancelled (its client gone), it cancels its request before the next step."""
             try:
                 prompt, prompt_ids, max_new_tokens, stops, stop_ids, sampling = self._read_params(params)
                 tokens = Tokens()
@@ -226,6 +235,13 @@ def _make_worker_class():
                 return
             echo = prompt if params.get("echo") else ""
             answer = AnswerText(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), stops, stop_ids)
+            sent = 0  # characters of echo + text sent so far
+
+            def new(text):
+                nonlocal sent
+                text, sent = text[sent:], len(text)
+                return text
+
             try:  # a cancelled reader (its client gone) gets CancelledError or GeneratorExit at a yield or await
                 while answer.finish is None:
                     for token in await tokens.arrived():  # several when this reader fell behind: one chunk for all
@@ -233,7 +249,8 @@ def _make_worker_class():
                             yield _error_chunk(str(token), ErrorCode.ENGINE_OVERLOADED, retry_after_s=token.retry_after_s)
                             return
                         if isinstance(token, Exception):
-                            yield _error_chunk(f"The model failed on this request: {token}", ErrorCode.INTERNAL_ERROR)
+                            yield _error_chunk(f"The model failed on this request: {_one_line(token)}; send it again",
+                                               ErrorCode.INTERNAL_ERROR)
                             return
                         if token is None:
                             answer.finish = "length"
@@ -242,19 +259,22 @@ def _make_worker_class():
                         if answer.finish:
                             break
                     else:
-                        yield self._chunk(echo + answer.visible, prompt_ids, answer.tokens)
+                        yield self._chunk(new(echo + answer.visible), prompt_ids, answer.tokens)
             except Exception as error:  # in the text of this answer: this request's failure, not the worker's
-                yield _error_chunk(f"The worker failed on this request: {error}", ErrorCode.INTERNAL_ERROR)
+                yield _error_chunk(f"The worker failed on this request: {_one_line(error)}; send it again",
+                                   ErrorCode.INTERNAL_ERROR)
                 return
             finally:
                 self.scheduler.cancel(request)
-            yield self._chunk(echo + answer.text, prompt_ids, answer.tokens, answer.finish)
+            yield self._chunk(new(echo + answer.text), prompt_ids, answer.tokens, answer.finish)
 
         async def answer(self, params):
-            """The stream's last chunk, as a dict: the whole answer, or the error."""
+            """The whole answer as FastChat's last chunk (the stream's texts joined), or the error."""
+            text = ""
             async for chunk in self.stream(params):
-                pass
-            return json.loads(chunk[:-1])
+                content = json.loads(chunk[:-1])
+                text += content["text"]
+            return content if content["error_code"] else {**content, "text": text}
 
         def _chunk(self, text, prompt_ids, generated, finish=None):
             usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(generated),
@@ -267,13 +287,11 @@ def _make_worker_class():
 def install_routes(app, worker):
     """The worker's routes in place of FastChat's generate routes (which queue behind a semaphore, without
     bound, and keep decoding for a gone client), and /health; FastChat's embeddings route is removed."""
-    from fastapi import Request
-    from fastapi.responses import JSONResponse
+    from fastapi import Request, Response
 
-    from helpers.serving.http import StreamWhileClientListens, unless_client_goes
+    from helpers.serving.http import CLIENT_GONE, StreamWhileClientListens, remove_routes, unavailable, unless_client_goes
 
-    replaced = {"/worker_generate_stream", "/worker_generate", "/worker_get_embeddings", "/health"}
-    app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) not in replaced]
+    remove_routes(app, "/worker_generate_stream", "/worker_generate", "/worker_get_embeddings", "/health")
 
     async def params_of(request):
         try:
@@ -289,15 +307,12 @@ def install_routes(app, worker):
     @app.post("/worker_generate")
     async def generate(request: Request):
         answered, answer = await unless_client_goes(request, worker.answer(await params_of(request)))
-        return JSONResponse(answer if answered else {"text": "the client went", "error_code": 0})
+        return answer if answered else Response(status_code=CLIENT_GONE)
 
     @app.get("/health")
     async def health():
         status = worker.scheduler.status()
-        if status["healthy"]:
-            return {"status": "ok"}
-        return JSONResponse({"status": "error", "error": {"message": f"the model thread stopped: {status['error']}",
-                                                          "type": "unavailable_error", "code": 503}}, status_code=503)
+        return {"status": "ok"} if status["healthy"] else unavailable(status["error"])
 
 
 def main(argv=None):
@@ -313,14 +328,14 @@ def main(argv=None):
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     parser.add_argument("--max-queue", type=int, help="requests waiting for a place at most (default: --max-batch); "
                         "more are refused (the API answers 429)")
-    parser.add_argument("--queue-timeout-s", type=float, default=30.0,
-                        help="a request that waited this long for a place is refused (FastChat's API server waits 100 s)")
+    parser.add_argument("--queue-timeout-s", type=float,
+                        help="a request that waited this long for a place is refused (default: the scheduler's 30 s)")
     parser.add_argument("--cpus", help="cores to run on, as taskset -c takes them (0-7)")
     args = parser.parse_args(argv)
     if args.host in WILDCARDS:
         parser.exit(2, f"Error: --host {args.host!r} listens on every network, public ones too, and a worker takes "
                        "raw generate calls: name this host's address on a private network (see the README).\n")
-    if args.max_batch < 1 or (args.max_queue is not None and args.max_queue < 0) or args.queue_timeout_s <= 0:
+    if args.max_batch < 1 or (args.max_queue or 0) < 0 or (args.queue_timeout_s is not None and args.queue_timeout_s <= 0):
         parser.exit(2, "Error: --max-batch must be at least 1, --max-queue at least 0 and --queue-timeout-s above 0.\n")
     os.environ.setdefault("LOGDIR", "")  # FastChat logs to stdout only, not into files in the current folder
     try:
@@ -336,7 +351,7 @@ def main(argv=None):
         source = resolve_model(args.model)
         worker = _make_worker_class()(
             source, args.model_name or source.name.split("--")[-1], args.low_bit, args.max_batch, args.max_queue,
-            args.queue_timeout_s, controller_addr=args.controller_address, worker_addr=args.worker_address or f"http://{args.host}:{args.port}")
+            **({"queue_timeout_s": args.queue_timeout_s} if args.queue_timeout_s else {}), controller_addr=args.controller_address, worker_addr=args.worker_address or f"http://{args.host}:{args.port}")
     except UserError as error:
         sys.exit(f"Error: {error}")
     install_routes(base_model_worker.app, worker)
