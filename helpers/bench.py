@@ -398,11 +398,16 @@ RENDERED = re.compile(r"(<!-- rendered: (\S+) (\S+) -->\n)((?:(?!<!-- rendered:)
 
 
 def render(name, kind):
-    """The table KIND (a RENDERERS key, or "soak") of the committed run data/bench/NAME.json."""
-    if kind == "soak":  # a serving run
-        from helpers.serving.load_test import load_run as load_serving_run, soak_table
+    """The table KIND (a RENDERERS key, or a serving run's "soak", "serving" or "prompts") of the committed run
+    data/bench/NAME.json."""
+    if kind in ("soak", "serving"):  # a serving run
+        from helpers.serving.load_test import load_run as load_serving_run, serving_markdown, soak_table
 
-        return soak_table(*load_serving_run(name))
+        return {"soak": soak_table, "serving": serving_markdown}[kind](*load_serving_run(name))
+    if kind == "prompts":
+        from helpers.serving.prompt_bench import load_run as load_prompts_run, prompts_markdown
+
+        return prompts_markdown(*load_prompts_run(name))
     return RENDERERS[kind](load_run(name))
 
 

@@ -125,7 +125,29 @@ def plot_load(results):
             latency.plot(clients, values, style, alpha=alpha, label=f"{until} token, p{round(share * 100)}")
     latency.set(xlabel="concurrent clients", ylabel="ms from sending", title="Latency", ylim=(0, None))
     latency.legend()
-    for ax in (throughput, latency):
-        ax.set_xticks(clients)
+    _show(fig, clients)
+
+
+def plot_served_chat(turns):
+    """A chat over the API turn by turn (helpers.serving.prompt_bench.ChatTurn): the first token's ms with the
+    state cache, without it, and for the new message alone; and the prompt tokens against those read."""
+    numbers = [turn.turn for turn in turns]
+    fig, (latency, tokens) = plt.subplots(1, 2, figsize=(10, 3.2))
+    for label, field, style in (("without the cache", "uncached_ms", "s-"), ("state cache", "cached_ms", "o-"),
+                                ("new message alone", "alone_ms", "^:")):
+        latency.plot(numbers, [statistics.median(getattr(turn, field)) for turn in turns], style, label=label)
+    latency.set(xlabel="turn", ylabel="ms to the first token", title="A chat over the API", ylim=(0, None))
+    latency.legend()
+    tokens.plot(numbers, [turn.prompt_tokens for turn in turns], "s-", label="in the prompt")
+    tokens.plot(numbers, [statistics.median(turn.cached_read) for turn in turns], "o-", label="read, state cache")
+    tokens.set(xlabel="turn", ylabel="tokens", title="Prompt tokens each turn", ylim=(0, None))
+    tokens.legend()
+    _show(fig, numbers)
+
+
+def _show(fig, ticks):
+    """Show a figure whose axes share the x values `ticks`, each of them marked."""
+    for ax in fig.axes:
+        ax.set_xticks(ticks)
     fig.tight_layout()
     plt.show()

@@ -20,7 +20,7 @@ DECODING_CODE = ["helpers/runtime/rwkv4_decode.c", "helpers/runtime/fused_decode
 CODE = {
     "kernel": ["helpers/runtime/rwkv4_decode.c"],  # helpers/kernel_sweep.py times the kernel alone
     "decoding": DECODING_CODE,
-    "serving": DECODING_CODE + ["helpers/serving/scheduler.py", "helpers/serving/worker.py",
+    "serving": DECODING_CODE + ["helpers/serving/scheduler.py", "helpers/serving/state_cache.py", "helpers/serving/worker.py",
                                 "helpers/serving/api_server.py", "helpers/serving/http.py"],
 }
 ISA = [("AVX-512 VNNI", {"avx512_vnni", *AVX512}), ("AVX-512", AVX512), ("AVX-VNNI", {"avx_vnni"}),

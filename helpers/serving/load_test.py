@@ -3,12 +3,14 @@ completions, a fixed number of clients at a time; it stops by itself. Or a soak:
 kinds, to see that every one is answered or refused with a line and that the worker's memory holds.
 
     python -m helpers.serving.load_test [--model PATH_OR_ID] [--clients 1,4,16] [--requests 16] [--max-tokens 64]
-                                        [--rounds 3] [--json data/bench/serving-NAME.json]
+                                        [--rounds 3] [--step] [--json data/bench/serving-NAME.json]
     python -m helpers.serving.load_test --soak 2000 [--clients 16] [--max-batch 8 --max-queue 4]
                                         [--json data/bench/soak-NAME.json]
 
 The command starts the serving stack (one worker) on the model, runs the client counts in turn, `--rounds`
-times over (or the soak), and prints a table (the notebook 07 shows the committed runs).
+times over (or the soak), and prints a table (the notebook 07 shows the committed runs). `--step` also
+times the batched decoding step alone (helpers.bench's, as many sequences as the most clients) after each
+round, in this process while the worker idles: the server's ceiling, measured side by side.
 """
 import argparse
 import json
@@ -58,29 +60,40 @@ def percentile(values, share):
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))] if ordered else float("nan")
 
 
-def _stream(url, body):
-    """(text, ms to the first text or None, ms to the end, error or None) of one streamed completion."""
-    started, text, first_ms, finished = time.monotonic(), "", None, False
+def timed_stream(url, body, chat=False, until=None):
+    """(text, [time.monotonic() when each piece of text arrived], the time it was sent, error or None) of one
+    streamed completion to url (a chat completion when chat); `until`: an Event that ends it early (the client
+    closes its stream)."""
+    started, text, times, finished = time.monotonic(), "", [], False
     try:
         with requests.post(url, json=body, stream=True, timeout=STALLED_S) as response:
             if response.status_code != 200:
-                return text, None, None, f"HTTP {response.status_code}: {response.text}"
+                return text, times, started, f"HTTP {response.status_code}: {response.text}"
             for line in response.iter_lines(decode_unicode=True):
+                if until is not None and until.is_set():
+                    return text, times, started, None
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[len("data: "):])
                 if "error_code" in event:
-                    return text, None, None, event["text"]
+                    return text, times, started, event["text"]
                 choice = event["choices"][0]
-                if choice["text"] and first_ms is None:
-                    first_ms = (time.monotonic() - started) * 1000
-                text += choice["text"]
+                piece = (choice["delta"].get("content") if chat else choice["text"]) or ""
+                if piece:
+                    times.append(time.monotonic())
+                text += piece
                 finished = finished or choice["finish_reason"] is not None
     except requests.RequestException as error:
-        return text, None, None, str(error)
-    if not finished:
-        return text, None, None, "the stream ended without a finish_reason"
-    return text, first_ms, (time.monotonic() - started) * 1000, None
+        return text, times, started, str(error)
+    return text, times, started, None if finished else "the stream ended without a finish_reason"
+
+
+def _stream(url, body):
+    """(text, ms to the first text or None, ms to the end, error or None) of one streamed completion."""
+    text, times, started, error = timed_stream(url, body)
+    if error:
+        return text, None, None, error
+    return text, (times[0] - started) * 1000 if times else None, (time.monotonic() - started) * 1000, None
 
 
 def load_test(url, model, clients, requests_count, max_tokens, count_tokens, prompts=PROMPTS, time_limit_s=120):
@@ -120,6 +133,16 @@ def by_clients(results):
 def latencies_ms(rounds, until):
     """Milliseconds from sending to the "first" or the "last" token, of every complete answer of the rounds."""
     return [ms for result in rounds for ms in getattr(result, f"{until}_ms")]
+
+
+def step_line(settings, results):
+    """The most clients' tokens/s against the batched step's own, each measured in every round of one run."""
+    most = by_clients(results)[max(r.clients for r in results)]
+    ratios = [result.tokens_per_s / step for result, step in zip(most, settings["step_tokens_per_s"])]
+    return (f"{most[0].clients} clients: {statistics.median(r.tokens_per_s for r in most):.0f} tokens/s, "
+            f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} to {max(ratios):.2f}) the batched step alone "
+            f"({statistics.median(settings['step_tokens_per_s']):.0f} tokens/s, {most[0].clients} sequences, measured "
+            f"after each round; target at least 0.85x: {'met' if round(statistics.median(ratios), 2) >= 0.85 else 'missed'})")
 
 
 def load_rows(results):
@@ -235,6 +258,15 @@ def soak_table(settings, result):
         "| " + " | ".join(map(str, row)) + " |"])
 
 
+def serving_markdown(settings, results):
+    """A committed load test as markdown: its provenance and settings, the table, and the batched step's line."""
+    lines = [f"{settings['model']}: {settings['requests']} requests of {settings['max_tokens']} tokens per client count, "
+             f"{settings['rounds']} rounds (tokens/s: median and range). " + provenance.caption(settings["provenance"]), "",
+             "| " + " | ".join(LOAD_HEADERS) + " |", "|" + "---|" * len(LOAD_HEADERS),
+             *["| " + " | ".join(map(str, row)) + " |" for row in load_rows(results)]]
+    return "\n".join(lines + (["", step_line(settings, results)] if settings.get("step_tokens_per_s") else []))
+
+
 def load_run(name):
     """A committed run, data/bench/NAME.json: (its settings, [LoadResult]), or a soak's (settings, SoakResult);
     StaleResults when it was measured with other kernel, loader or serving code than this checkout's."""
@@ -246,6 +278,15 @@ def load_run(name):
     return {key: value for key, value in run.items() if key != "results"}, [LoadResult(**r) for r in run["results"]]
 
 
+def step_tokens_per_s(model, batch, steps=16):
+    """Tokens/s of the batched decoding step alone: `batch` sequences (helpers.bench's prompts), the median step."""
+    from helpers.bench import batch_prompts
+    from helpers.streaming import batched_greedy
+
+    _, step_ms = batched_greedy(model, batch_prompts(model.config.vocab_size, batch), steps)
+    return batch * 1000 / statistics.median(step_ms)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the model trained here)")
@@ -253,6 +294,7 @@ def main(argv=None):
     parser.add_argument("--requests", type=int, default=16, help="requests per client count and round")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--step", action="store_true", help="time the batched step alone after each round")
     parser.add_argument("--soak", type=int, metavar="REQUESTS", help="a soak of this many requests instead")
     parser.add_argument("--max-batch", type=int, default=16, help="the worker's --max-batch")
     parser.add_argument("--max-queue", type=int, help="the worker's --max-queue (default: --max-batch)")
@@ -260,7 +302,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from helpers.bench import read_bandwidth_gbs
     from helpers.models import resolve_model
-    from helpers.runtime.loading import load_tokenizer
+    from helpers.runtime.loading import load_model, load_tokenizer
     from helpers.serving.stack import Stack
 
     try:
@@ -281,9 +323,12 @@ def main(argv=None):
                 result = soak(stack.url, model, args.soak, clients[0], lambda: worker.memory_info().rss / 2**20)
                 result.worker = requests.post(stack.workers[0].url + "/worker_get_status", timeout=10).json()
             else:
-                results = [load_test(stack.url, model, count, args.requests, args.max_tokens,
-                                     lambda text: len(tokenizer(text).input_ids))
-                           for _ in range(args.rounds) for count in clients]
+                alone = load_model(source, report=lambda line: None) if args.step else None
+                results, steps = [], []
+                for _ in range(args.rounds):
+                    results += [load_test(stack.url, model, count, args.requests, args.max_tokens,
+                                          lambda text: len(tokenizer(text).input_ids)) for count in clients]
+                    steps += [step_tokens_per_s(alone, max(clients))] if args.step else []
         bandwidths.append(read_bandwidth_gbs(threads))
     except UserError as error:
         sys.exit(f"Error: {error}")
@@ -297,12 +342,14 @@ def main(argv=None):
             print("Lost:", *result.lost, sep="\n  ")
     else:
         run = {"model": model, "max_tokens": args.max_tokens, "requests": args.requests, "rounds": args.rounds,
-               "provenance": made, "results": [asdict(result) for result in results]}
+               "provenance": made, "results": [asdict(result) for result in results], "step_tokens_per_s": steps}
         from tabulate import tabulate
 
         print(f"{model}: {args.requests} requests of {args.max_tokens} tokens per count, {args.rounds} rounds. "
               + provenance.caption(made))
         print(tabulate(load_rows(results), LOAD_HEADERS, tablefmt="github", disable_numparse=True))
+        if steps:
+            print(step_line(run, results))
     if args.json:
         args.json.write_text(json.dumps(run, indent=1))
     return 0

@@ -1,14 +1,22 @@
 """Continuous batching for one model: requests join and leave between decoding steps, and each step reads
 one token of every running request with the weights read once for all of them.
 
-A request's prompt is read alone when it joins (helpers.runtime.batching.read_prompt); then it decodes in
-the shared step (decode_step) until it has max_new_tokens or its reader cancels it (a stop string, a
-client gone), which takes effect before the next step. Greedy requests get the tokens they would get
-alone: a sequence's logits do not depend on the batch it is in.
+Between two steps the scheduler reads a chunk of the prompts waiting to join (several prompts in one
+native call where their chunks have the same length), at most about as long as a step takes while requests
+are decoding, so that a long prompt slows running streams to about half their pace instead of stopping them.
+A prompt that begins with a prefix whose state is cached (helpers.serving.state_cache: chat turns, a shared
+system prompt) is read from there; the scheduler keeps the states at the prompt's turn boundaries, at its
+end, and at the end of each answer. A prompt that shares a turn with one being read waits until that turn's
+state is cached, so that a system prompt sent by many clients at once is read once.
+
+A request then decodes in the shared step (decode_step) until it has max_new_tokens or its reader cancels it
+(a stop string, a client gone), which takes effect before the next step. Greedy requests get the tokens
+they would get alone: a sequence's logits depend neither on the batch it is in nor on how its prompt was
+split into chunks (on the fused path; the torch path can differ in the last bits).
 
 The waiting list is bounded: past `max_queue` requests waiting for a place in the batch, submit() raises
-Overloaded, and a request that waited `queue_timeout_s` for a place gets Overloaded too. If the model thread itself fails, every
-request gets SchedulerStopped at once, and so does every later submit().
+Overloaded, and a request that waited `queue_timeout_s` for a place gets Overloaded too. If the model thread
+itself fails, every request gets SchedulerStopped at once, and so does every later submit().
 """
 import math
 import queue
@@ -19,10 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from helpers.runtime.batching import decode_step, read_prompt
+from helpers.runtime.batching import decode_step
 from helpers.runtime.sampling import Sampling
+from helpers.serving.state_cache import STATE_CACHE_MB, StateCache
 
 QUEUE_TIMEOUT_S = 30.0  # a request that waited this long for a place is refused (FastChat's API server waits 100 s)
+MIN_CHUNK, MAX_CHUNK = 8, 512  # prompt tokens read between two steps (MAX_CHUNK while none decodes)
+CHUNK_GROWTH = 1.25  # the chunk grows by this while it takes under half a step, shrinks while it takes over one
 
 
 class Overloaded(Exception):
@@ -37,50 +48,94 @@ class SchedulerStopped(Exception):
     """The model thread has failed: no request can be answered until the worker is restarted."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """What a reader holds: tokens arrive in `tokens` (anything with put(): a queue.Queue unless the reader
-    gives its own) as ints, then None (done) or an Exception."""
+    gives its own) as ints, then None (done) or an Exception. boundaries: prompt lengths after which the
+    state is worth keeping (the end of each chat turn)."""
 
     prompt_ids: list
     max_new_tokens: int
     sampling: Sampling
+    boundaries: tuple = ()
     tokens: object = field(default_factory=queue.Queue)
     submitted_s: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancelled_at_step: int = None
 
 
-@dataclass
+@dataclass(eq=False)
+class _Reading:
+    request: Request
+    waits_for: list  # [(a request read ahead of this one, the prompt length up to which they are the same)]
+    state: list = None  # None until its first chunk
+    read: int = 0  # prompt tokens in the state
+    started: int = 0  # prompt tokens in the state it started from (a cached prefix's)
+
+    def next_stop(self):
+        """Where the next chunk must end at the latest: the next turn boundary whose state is kept, or the end.
+        A boundary fewer than MIN_CHUNK tokens past the state it started from is not kept: that state is nearly
+        as good, and ending a chunk there costs another read of the weights."""
+        return next((b for b in self.request.boundaries if b > self.read and b >= self.started + MIN_CHUNK),
+                    len(self.request.prompt_ids))
+
+
+@dataclass(eq=False)
 class _Running:
     request: Request
     state: list
     token: int
+    read_ids: list  # the tokens the state has read: the prompt, then every token of the answer but the last
     count: int = 1
     counts: dict = field(default_factory=dict)  # {token id: times in the answer}, for the penalties
+
+
+def start_state(config):
+    """The state before any token, as transformers starts it: zeros, and a running maximum of -1e30."""
+    state = [torch.zeros(1, config.hidden_size, config.num_hidden_layers) for _ in range(5)]
+    state[4] -= 1e30
+    return state
+
+
+def read_tokens(model, ids, states):
+    """Logits [sequences, vocab] of the last of the token ids [sequences, tokens], row i continuing states[i]
+    (updated in place): one call for a chunk of several prompts."""
+    stacked = [torch.cat([state[k] for state in states]) for k in range(5)]
+    with torch.no_grad():
+        output = model(ids, state=stacked, use_cache=True, last_logits_only=True)
+    for row, state in enumerate(states):
+        for k in range(5):
+            state[k].copy_(output.state[k][row:row + 1])
+    return output.logits[:, -1]
 
 
 class Scheduler:
     """Runs the model in one thread for every request; submit() and cancel() from any thread."""
 
-    def __init__(self, model, max_batch=16, max_queue=None, queue_timeout_s=QUEUE_TIMEOUT_S):
+    def __init__(self, model, max_batch=16, max_queue=None, queue_timeout_s=QUEUE_TIMEOUT_S,
+                 state_cache_mb=STATE_CACHE_MB):
         self.model, self.max_batch, self.queue_timeout_s = model, max_batch, queue_timeout_s
         self.max_queue = max_batch if max_queue is None else max_queue
+        self.cache = StateCache(state_cache_mb * 2**20) if state_cache_mb > 0 else None
         self.lock = threading.Condition()
-        self.waiting, self.joining, self.running = deque(), [], []  # joining: prompts being read
+        self.waiting, self.reading, self.running = deque(), [], []  # reading: prompts being read, oldest first
         self.closed, self.stopped = False, None  # stopped: what every request gets once the model thread failed
         self.steps = 0  # decoding steps run, each for every running request
         self.admitted = 0  # requests whose prompt was read
+        self.prompt_tokens_read = 0  # prompt tokens the model read (not those whose state came from the cache)
         self.cancelled = 0  # requests ended by their reader before their last token (or before their first)
         self.most_steps_after_cancel = 0  # steps a cancelled request was still decoded in, at most
         self.step_s = 0.0  # a recent decoding step's seconds
+        self.chunk_tokens = MIN_CHUNK  # prompt tokens read between two steps while requests decode
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
 
-    def submit(self, prompt_ids, max_new_tokens, sampling=None, tokens=None):
+    def submit(self, prompt_ids, max_new_tokens, sampling=None, tokens=None, boundaries=()):
         """A Request, waiting for a place in the batch. Overloaded when max_queue requests wait already,
         SchedulerStopped when the model thread has failed."""
-        request = Request(list(prompt_ids), max_new_tokens, sampling or Sampling())
+        if not prompt_ids:
+            raise ValueError("a request needs a prompt of at least one token")
+        request = Request(list(prompt_ids), max_new_tokens, sampling or Sampling(), _spaced(boundaries, len(prompt_ids)))
         if tokens is not None:
             request.tokens = tokens
         with self.lock:
@@ -110,7 +165,7 @@ class Scheduler:
 
     def _room(self):
         """Requests that can be submitted now: the places free in the batch and in the queue (lock held)."""
-        free = max(0, self.max_batch - len(self.running) - len(self.joining))
+        free = max(0, self.max_batch - len(self.running) - len(self.reading))
         return free + self.max_queue - len(self.waiting)
 
     def retry_after_s(self):
@@ -121,15 +176,18 @@ class Scheduler:
     def status(self):
         with self.lock:
             return {"healthy": self.stopped is None, "error": None if self.stopped is None else str(self.stopped),
-                    "running": len(self.running), "waiting": len(self.waiting), "room": self._room(),
-                    "max_batch": self.max_batch, "max_queue": self.max_queue, "requests_admitted": self.admitted, "steps": self.steps,
+                    "running": len(self.running), "reading": len(self.reading), "waiting": len(self.waiting),
+                    "room": self._room(), "max_batch": self.max_batch, "max_queue": self.max_queue,
+                    "requests_admitted": self.admitted, "steps": self.steps, "prompt_tokens_read": self.prompt_tokens_read,
                     "cancelled": self.cancelled, "most_steps_after_cancel": self.most_steps_after_cancel,
-                    "retry_after_s": self.retry_after_s()}
+                    "retry_after_s": self.retry_after_s(), **(self.cache.status() if self.cache else {})}
 
     def _loop(self):
         try:
-            while self._admit():
+            while self._take_waiting():
                 self._retire()
+                if self.reading:
+                    self._read_chunk()
                 if self.running:
                     self._step()
         except BaseException as error:  # a bug in this loop: fail every request now, not never
@@ -138,15 +196,16 @@ class Scheduler:
     def _fail(self, error):
         with self.lock:
             self.stopped = SchedulerStopped(f"the model thread stopped ({error!r}); restart the worker (make serve does)")
-            for request in [run.request for run in self.running] + self.joining + list(self.waiting):
+            for request in [item.request for item in self.running + self.reading] + list(self.waiting):
                 request.tokens.put(self.stopped)
             self.running.clear()
-            self.joining.clear()
+            self.reading.clear()
             self.waiting.clear()
 
     def _take_waiting(self):
-        """The waiting requests that fit into the batch, once cancelled ones are dropped and those that
-        waited too long are refused; waits when there is nothing to do. None once closed and done."""
+        """Move the waiting requests that fit into the batch to the prompts being read, once cancelled ones are
+        dropped and those that waited too long are refused; waits when there is nothing to do. False once
+        closed and done."""
         with self.lock:
             while True:
                 now = time.monotonic()
@@ -157,46 +216,100 @@ class Scheduler:
                     else:
                         request.tokens.put(Overloaded(f"no place in the batch within {self.queue_timeout_s:g} s; "
                                                       "retry later", self.retry_after_s()))
-                if self.running or self.waiting:
+                for item in [item for item in self.reading if item.request.cancelled.is_set()]:
+                    self.reading.remove(item)
+                    self.cancelled += 1
+                if self.running or self.waiting or self.reading:
                     break
                 if self.closed:
-                    return None
+                    return False
                 self.lock.wait()
-            self.joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
-            return list(self.joining)
+            while self.waiting and len(self.running) + len(self.reading) < self.max_batch:
+                request = self.waiting.popleft()
+                self.reading.append(_Reading(request, [(item, shared) for item in self.reading
+                                                       if (shared := _shared_turns(item.request, request))]))
+            return True
 
-    def _admit(self):
-        """Read the prompts of the waiting requests that fit; False once closed and done."""
-        joining = self._take_waiting()
-        if joining is None:
-            return False
-        for request in joining:
-            try:
-                state, logits = read_prompt(self.model, torch.tensor([request.prompt_ids]))
-                token = request.sampling.pick(logits)
-            except Exception as error:  # reported to the request's reader, the others go on
-                with self.lock:
-                    self.joining.remove(request)
-                request.tokens.put(error)
+    def _read_chunk(self):
+        """Read the next chunk of the oldest prompts; a prompt read to its end gets its first token and runs."""
+        group, length = self._chunk()
+        ids = torch.tensor([item.request.prompt_ids[item.read:item.read + length] for item in group])
+        started, budget = time.monotonic(), self._budget()
+        try:
+            logits = read_tokens(self.model, ids, [item.state for item in group])
+        except Exception as error:  # reported to these requests' readers, the others go on
+            self._end_reading(group, error)
+            return
+        if budget < MAX_CHUNK and ids.numel() >= budget:  # a whole chunk between steps: fit the next one to a step
+            elapsed = time.monotonic() - started
+            if elapsed < 0.5 * self.step_s:
+                self.chunk_tokens = min(MAX_CHUNK, int(self.chunk_tokens * CHUNK_GROWTH) + 1)
+            elif elapsed > self.step_s:
+                self.chunk_tokens = max(MIN_CHUNK, int(self.chunk_tokens / CHUNK_GROWTH))
+        self.prompt_tokens_read += ids.numel()
+        for item, row in zip(group, logits):
+            request, item.read = item.request, item.read + length
+            if self.cache and (item.read in request.boundaries or item.read == len(request.prompt_ids)):
+                self.cache.put(request.prompt_ids[:item.read], item.state)
+            if item.read < len(request.prompt_ids):
                 continue
-            run = _Running(request, state, token)
+            try:
+                token = request.sampling.pick(row)
+            except Exception as error:
+                self._end_reading([item], error)
+                continue
+            run = _Running(request, item.state, token, list(request.prompt_ids))
             request.sampling.count(run.counts, token)
             with self.lock:
                 self.running.append(run)
-                self.joining.remove(request)
+                self.reading.remove(item)
                 self.admitted += 1
             request.tokens.put(token)
-        return True
+
+    def _chunk(self):
+        """(the prompts read now, tokens of each): the oldest prompt that can start, up to its next stop and the
+        budget, and the next ones that have as many tokens left before their own stop, within the budget. A
+        prompt starts from the longest cached prefix of it once the prompts read ahead of it that share a turn
+        with it have read past that turn."""
+        startable = []
+        for item in self.reading:
+            if item.state is None:
+                if any(other in self.reading and other.read < shared for other, shared in item.waits_for):
+                    continue
+                item.read, item.state = self.cache.longest_prefix(item.request.prompt_ids) if self.cache else (0, None)
+                item.state, item.started = item.state or start_state(self.model.config), item.read
+            startable.append(item)
+        budget = self._budget()
+        length = min(startable[0].next_stop() - startable[0].read, budget)
+        group = [item for item in startable if item.next_stop() - item.read >= length]
+        return group[:max(1, budget // length)], length
+
+    def _budget(self):
+        """Prompt tokens to read before the next step: while as many requests decode as prompts wait, as many as
+        take half a step to one (MIN_CHUNK at least); else MAX_CHUNK, so that
+        requests that arrive together join the batch together (the few running wait for the many joining)."""
+        return self.chunk_tokens if len(self.running) >= len(self.reading) else MAX_CHUNK
+
+    def _end_reading(self, items, error):
+        with self.lock:
+            for item in items:
+                self.reading.remove(item)
+        for item in items:
+            item.request.tokens.put(error)
 
     def _retire(self):
         with self.lock:
-            for run in [run for run in self.running if run.request.cancelled.is_set() or run.count >= run.request.max_new_tokens]:
+            ended = [run for run in self.running if run.request.cancelled.is_set() or run.count >= run.request.max_new_tokens]
+            for run in ended:
                 if run.request.cancelled.is_set() and run.count < run.request.max_new_tokens:
                     self.cancelled += 1
                     self.most_steps_after_cancel = max(self.most_steps_after_cancel,
                                                        self.steps - run.request.cancelled_at_step)
                 run.request.tokens.put(None)
                 self.running.remove(run)
+        for run in ended:  # the next turn of a chat begins with this prompt and answer
+            if self.cache:
+                self.cache.put(run.read_ids, run.state)
 
     def _step(self):
         """One token of every running request. An error (in the model, or sampling from NaN logits) ends
@@ -214,6 +327,7 @@ class Scheduler:
             self.steps += 1
             self.step_s = time.monotonic() - started
         for run, row in zip(list(self.running), logits):
+            run.read_ids.append(run.token)
             try:
                 run.token = run.request.sampling.pick(row, run.counts)
             except Exception as error:
@@ -224,3 +338,18 @@ class Scheduler:
             run.request.sampling.count(run.counts, run.token)
             run.count += 1
             run.request.tokens.put(run.token)
+
+
+def _spaced(boundaries, length):
+    """The boundaries inside a prompt of `length` tokens at least MIN_CHUNK tokens after the one before (or the
+    start): a state kept a few tokens after another is hardly worth its memory and the weight read it costs."""
+    kept = []
+    for boundary in sorted(set(boundaries)):
+        if boundary - (kept[-1] if kept else 0) >= MIN_CHUNK and boundary < length:
+            kept.append(boundary)
+    return tuple(kept)
+
+
+def _shared_turns(earlier, later):
+    """The longest prompt prefix of `later` up to one of its turn boundaries that `earlier` begins with too, or 0."""
+    return max((b for b in later.boundaries if earlier.prompt_ids[:b] == later.prompt_ids[:b]), default=0)

@@ -1,6 +1,7 @@
 """The serving stack on one machine: FastChat's controller, RWKV workers, the OpenAI-compatible API server.
 
     python -m helpers.serving [--port 8000] [--workers 2] [--model PATH_OR_ID] [--max-batch 16] [--max-queue 16]
+                              [--state-cache-mb 256]
                               [--host 127.0.0.1] [--api-keys KEY1,KEY2]           (what `make serve` runs)
 
 The controller and workers listen on 127.0.0.1 and take free ports; the API server listens on --host
@@ -132,8 +133,9 @@ class Process:
 class Stack:
     """with Stack(workers=2) as stack: requests to stack.url; stack.workers[i].popen to stop one."""
 
-    def __init__(self, port=None, workers=1, model=None, max_batch=16, max_queue=None, host=HOST, api_keys=None):
-        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+    def __init__(self, port=None, workers=1, model=None, max_batch=16, max_queue=None, host=HOST, api_keys=None,
+                 state_cache_mb=None):
+        self.model, self.max_batch, self.max_queue, self.state_cache_mb = model, max_batch, max_queue, state_cache_mb
         self.controller = Process("controller", "fastchat.serve.controller")
         # the keys travel in the environment, not on a command line other users can read
         self.api_server = Process("api_server", "helpers.serving.api_server", ["--controller-address", self.controller.url],
@@ -146,6 +148,7 @@ class Stack:
         controller has registered it: what a worker on another host does with the controller's address."""
         arguments = ["--controller-address", self.controller.url, "--max-batch", str(self.max_batch)]
         arguments += ["--max-queue", str(self.max_queue)] if self.max_queue is not None else []
+        arguments += ["--state-cache-mb", str(self.state_cache_mb)] if self.state_cache_mb is not None else []
         arguments += ["--model", self.model] if self.model else []
         arguments += ["--cpus", cores] if cores else []
         worker = Process(f"worker-{len(self.workers) + 1}", "helpers.serving.worker", arguments)
@@ -236,6 +239,8 @@ def main(argv=None):
     parser.add_argument("--max-batch", type=int, default=16, help="requests each worker decodes together at most")
     parser.add_argument("--max-queue", type=int, help="requests waiting in each worker at most (default: --max-batch); "
                         "beyond, the API answers 429")
+    parser.add_argument("--state-cache-mb", type=int, help="each worker's memory for the states of recent prompts' "
+                        "prefixes (default: the worker's 256)")
     parser.add_argument("--host", default=HOST, help="the API server's address (another than loopback needs keys)")
     parser.add_argument("--api-keys", default=os.environ.get("RWKV_API_KEYS"),
                         help="keys a client must send, separated by commas (env: RWKV_API_KEYS)")
@@ -247,7 +252,8 @@ def main(argv=None):
         signal.signal(stop_signal, signal.default_int_handler)
     stack = None
     try:
-        stack = Stack(args.port, args.workers, args.model, args.max_batch, args.max_queue, args.host, args.api_keys)
+        stack = Stack(args.port, args.workers, args.model, args.max_batch, args.max_queue, args.host, args.api_keys,
+                      args.state_cache_mb)
         print(f"Starting the controller, {args.workers} worker(s) and the API server; logs in {LOG_DIR} ...", flush=True)
         stack.start()
         model = requests.get(stack.url + "/health", timeout=10).json()["models"][0]

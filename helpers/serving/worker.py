@@ -1,12 +1,13 @@
 """A FastChat model worker for RWKV-4 in low bits on the CPU.
 
     python -m helpers.serving.worker --controller-address http://127.0.0.1:21001 --port 21002 [--model PATH_OR_ID]
-        [--cpus 0-7] [--max-batch 16] [--max-queue 16] [--queue-timeout-s 30]
+        [--cpus 0-7] [--max-batch 16] [--max-queue 16] [--queue-timeout-s 30] [--state-cache-mb 256]
         [--host 10.0.0.2 --worker-address http://10.0.0.2:21002]      (another host, on a private network)
 
 It loads the model as the notebooks do (helpers.runtime: the low-bit cache, the CPU repair, the fused
-decoding step), batches the requests it is sent (helpers.serving.scheduler), streams text with stop
-strings, and registers with the controller once it can answer. `--cpus` pins it to those cores (one
+decoding step), batches the requests it is sent (helpers.serving.scheduler: prompts read in chunks
+between steps, from the state of a cached prefix where one begins them), streams text with stop strings,
+and registers with the controller once it can answer. `--cpus` pins it to those cores (one
 worker per socket or NUMA node on a server).
 
 It checks every request itself (a worker's port takes raw generate calls): the prompt, max_tokens and the
@@ -17,6 +18,7 @@ thread has failed.
 """
 import argparse
 import asyncio
+import ctypes
 import json
 import os
 import socket
@@ -29,6 +31,7 @@ import requests
 
 from helpers.runtime.errors import UserError
 from helpers.serving.limits import max_tokens_problem, sampling_problem
+from helpers.serving.state_cache import STATE_CACHE_MB
 
 MAX_CHAR_TOKENS = 4  # a UTF-8 character has at most 4 bytes, so it is split over at most 4 tokens
 UNHEALTHY_QUEUE = 10**9  # the queue length a worker whose model thread failed reports to the controller
@@ -37,6 +40,14 @@ UNHEALTHY_QUEUE = 10**9  # the queue length a worker whose model thread failed r
 # worker for dead (FastChat's API server sends no event for it).
 KEEPALIVE_S = 10
 WILDCARDS = ("0.0.0.0", "::", "")
+M_MMAP_THRESHOLD, MMAP_FROM_BYTES = -3, 128 * 1024  # glibc's mallopt parameter, and its default value
+TURN_END = "\n\n"  # the World chat format's separator: a state after it is where a next turn can begin
+
+
+def turn_boundaries(tokens):
+    """The prompt lengths after each token that ends a chat turn, from the tokenizer's token strings (or bytes)."""
+    return [index + 1 for index, token in enumerate(tokens)
+            if token.endswith(TURN_END.encode() if isinstance(token, bytes) else TURN_END)]
 
 
 def parse_cpus(text):
@@ -156,13 +167,13 @@ def _make_worker_class():
 
     class RwkvWorker(BaseModelWorker):
         def __init__(self, source, model_name, low_bit, max_batch, max_queue=None, queue_timeout_s=QUEUE_TIMEOUT_S,
-                     **addresses):
+                     state_cache_mb=STATE_CACHE_MB, **addresses):
             super().__init__(model_path=source.location, model_names=[model_name], conv_template=None,
                              limit_worker_concurrency=max_batch, worker_id=uuid.uuid4().hex[:8], **addresses)
             self.tokenizer = load_tokenizer(source)
             self.model = load_model(source, low_bit, report=print)
             self.context_len = self.model.config.context_length
-            self.scheduler = Scheduler(self.model, max_batch, max_queue, queue_timeout_s)
+            self.scheduler = Scheduler(self.model, max_batch, max_queue, queue_timeout_s, state_cache_mb)
 
         def make_conv_template(self, conv_template=None, model_path=None):
             return world_chat.copy()
@@ -223,7 +234,8 @@ def _make_worker_class():
             try:
                 prompt, prompt_ids, max_new_tokens, stops, stop_ids, sampling = self._read_params(params)
                 tokens = Tokens()
-                request = self.scheduler.submit(prompt_ids, max_new_tokens, sampling, tokens)
+                request = self.scheduler.submit(prompt_ids, max_new_tokens, sampling, tokens,
+                                                turn_boundaries(self.tokenizer.convert_ids_to_tokens(prompt_ids)))
             except UserError as error:
                 yield _error_chunk(f"Bad request: {error}", ErrorCode.PARAM_OUT_OF_RANGE)
                 return
@@ -330,14 +342,23 @@ def main(argv=None):
                         "more are refused (the API answers 429)")
     parser.add_argument("--queue-timeout-s", type=float,
                         help="a request that waited this long for a place is refused (default: the scheduler's 30 s)")
+    parser.add_argument("--state-cache-mb", type=int, default=STATE_CACHE_MB,
+                        help="memory for the states of recent prompts' prefixes, reused by the requests that begin "
+                             "with them (0: none)")
     parser.add_argument("--cpus", help="cores to run on, as taskset -c takes them (0-7)")
     args = parser.parse_args(argv)
     if args.host in WILDCARDS:
         parser.exit(2, f"Error: --host {args.host!r} listens on every network, public ones too, and a worker takes "
                        "raw generate calls: name this host's address on a private network (see the README).\n")
-    if args.max_batch < 1 or (args.max_queue or 0) < 0 or (args.queue_timeout_s is not None and args.queue_timeout_s <= 0):
-        parser.exit(2, "Error: --max-batch must be at least 1, --max-queue at least 0 and --queue-timeout-s above 0.\n")
+    if (args.max_batch < 1 or (args.max_queue or 0) < 0 or args.state_cache_mb < 0
+            or (args.queue_timeout_s is not None and args.queue_timeout_s <= 0)):
+        parser.exit(2, "Error: --max-batch must be at least 1, --max-queue and --state-cache-mb at least 0 and "
+                       "--queue-timeout-s above 0.\n")
     os.environ.setdefault("LOGDIR", "")  # FastChat logs to stdout only, not into files in the current folder
+    # Every allocation of 128 KiB or more gets pages of its own, returned on free: glibc otherwise raises that
+    # bound after the first frees, and the kernel's buffers (megabytes each call) come from the heap, where the
+    # small states the cache keeps end up between them and the heap only grows (+254% RSS over a soak).
+    ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_FROM_BYTES)
     try:
         if args.cpus:
             os.sched_setaffinity(0, parse_cpus(args.cpus))  # before torch starts its threads
@@ -351,7 +372,8 @@ def main(argv=None):
         source = resolve_model(args.model)
         worker = _make_worker_class()(
             source, args.model_name or source.name.split("--")[-1], args.low_bit, args.max_batch, args.max_queue,
-            **({"queue_timeout_s": args.queue_timeout_s} if args.queue_timeout_s else {}), controller_addr=args.controller_address, worker_addr=args.worker_address or f"http://{args.host}:{args.port}")
+            **({"queue_timeout_s": args.queue_timeout_s} if args.queue_timeout_s else {}),
+            state_cache_mb=args.state_cache_mb, controller_addr=args.controller_address, worker_addr=args.worker_address or f"http://{args.host}:{args.port}")
     except UserError as error:
         sys.exit(f"Error: {error}")
     install_routes(base_model_worker.app, worker)
