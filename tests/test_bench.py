@@ -6,7 +6,7 @@ from conftest import run_cli
 from helpers import bench, provenance
 from helpers.runtime import fused_decode
 from helpers.runtime.paths import DATA_DIR, REPO_ROOT
-from helpers.serving import load_test
+from helpers.serving import load_test, prompt_bench
 
 KEYS = {"option", "load_s", "peak_load_rss_gib", "steady_rss_gib", "prefill_ms", "decode_ms", "bound_ms", "best_bound_ms",
         "weight_bytes"}
@@ -92,8 +92,9 @@ def committed_runs():
 
 @pytest.mark.parametrize("name", committed_runs())
 def test_every_committed_run_was_measured_with_this_code(name):
-    """A kernel or loader change (a serving change, for a load test) makes this fail until the run is redone."""
-    run = load_test.load_run(name)[0] if name.startswith(("serving-", "soak-")) else bench.load_run(name)
+    """A kernel or loader change (a serving change, for a serving run) makes this fail until the run is redone."""
+    loader = {"serving": load_test.load_run, "soak": load_test.load_run, "prompts": prompt_bench.load_run}.get(name.split("-")[0])
+    run = loader(name)[0] if loader else bench.load_run(name)
     assert provenance.is_current(run["provenance"])
 
 
