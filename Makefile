@@ -16,13 +16,13 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 install: $(STAMP)
 
-$(CHECKPOINT): data/trained/rwkv-4-world-shakespeare.safetensors | $(STAMP)
-	$(PY) -m helpers.checkpoint --trained
+$(CHECKPOINT): data/trained/rwkv-4-world-shakespeare.safetensors helpers/runtime/tokenization_rwkv_world.py | $(STAMP)
+	$(PY) -m helpers.tools.checkpoint --trained
 
 checkpoint: $(CHECKPOINT)
 
 demo: $(STAMP) $(CHECKPOINT)
-	$(PY) -m helpers.generate
+	$(PY) -m helpers.tools.generate
 
 # The torch path of a CPU without AVX-512 and without a C compiler: bigdl-llm's avx2 kernels, no fused
 # step (with a compiler, such a CPU runs the fused step's avx2 build, whose logits equal the avx512
@@ -33,6 +33,7 @@ AVX2_PATH_TESTS := tests/test_low_bit.py tests/test_batching.py notebooks/02_int
 	notebooks/03_generate.ipynb notebooks/06_chat.ipynb
 
 test: $(STAMP) $(CHECKPOINT)
+	$(VENV)/bin/ruff check helpers tests examples
 	$(PY) -m pytest
 	$(AVX2_PATH) $(PY) -m pytest $(AVX2_PATH_TESTS)
 

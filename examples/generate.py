@@ -14,7 +14,7 @@ project. It is bigdl-llm's own RWKV-4 example for PyTorch models, made to run on
 
     python examples/generate.py [--repo-id-or-model-path RWKV/rwkv-4-world-7b] [--prompt "What is AI?"] [--n-predict 32]
 
-What this costs against `python -m helpers.generate` (notebooks 02 and 03): the whole 16-bit model is held
+What this costs against `python -m helpers.tools.generate` (notebooks 02 and 03): the whole 16-bit model is held
 while it converts (about 2X GB for an X-billion model), each token runs transformers' forwards (many small
 tensor operations a layer) instead of one native call, and on a CPU whose vendor is not Intel
 bigdl-llm picks its plain AVX kernels (set LLAMA_CPP_LIB to a faster build from bigdl/llm/libs, or

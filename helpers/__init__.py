@@ -1,9 +1,15 @@
-"""What the notebooks share: plumbing (tables, measuring, plots, widgets) and the CLIs, over helpers.runtime
-(kernel choice, CPU repair, fused decoding step, loaders, low-bit cache), which the lessons call by name.
+"""The code the notebooks share, in layers that import only downward:
 
-Importing helpers first chooses bigdl-llm's native kernel library for this CPU (see helpers.runtime.cpu),
-which has to happen before bigdl.llm is imported.
+- runtime/: what the lessons call by name: settings, CPU facts and the native library's choice (startup),
+  model resolution, the prompt format, the tokenizer, the loaders, the CPU repair, the fused decoding step;
+- serving/: the OpenAI-compatible API over the runtime, with FastChat;
+- measure/: measuring code the tools and the lessons share: timed decoding, read bandwidth, provenance,
+  measurements in processes of their own;
+- tools/: the command-line tools (generate, checkpoint, train, perplexity, bench, kernel sweep, load test,
+  prompt benchmark) and the code only they use;
+- lessons/: the notebooks' plumbing: tables, plots, widgets, tuning, the environment report.
+
+Importing a module does no work: the notebooks' setup() and every tool call helpers.runtime.startup.start()
+first, which chooses bigdl-llm's native library before bigdl.llm is imported. tests/test_layers.py holds the
+order.
 """
-from helpers.runtime.cpu import select_native_library
-
-NATIVE_LIBRARY = select_native_library()

@@ -1,12 +1,12 @@
 """Which model to load: the model trained here (the default), a local folder, or a Hugging Face hub id."""
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.checkpoint import ensure_trained_checkpoint
+from helpers.runtime import settings
 from helpers.runtime.errors import UserError
+from helpers.runtime.paths import TRAINED_MODEL_DIR
 from helpers.runtime.tensor_loading import checkpoint_files
 
 # The real RWKV-4 World models on the Hugging Face hub, with their fp16 download size in GB.
@@ -74,10 +74,14 @@ def _hub_snapshot(repo_id):
 
 
 def resolve_model(name_or_path=None):
-    """A ModelSource for a local folder, a hub id, or (None / empty) the model trained here."""
-    name_or_path = (name_or_path or os.environ.get("RWKV_MODEL") or "").strip()
+    """A ModelSource for a local folder, a hub id, or (None / empty: RWKV_MODEL's, else) the model trained here.
+    Builds nothing: the trained model's checkpoint is made by `make checkpoint`."""
+    name_or_path = (name_or_path or settings.read().model or "").strip()
     if not name_or_path:
-        return _folder_source(ensure_trained_checkpoint())
+        if not (TRAINED_MODEL_DIR / "config.json").exists():
+            raise UserError(f"The model trained here has no checkpoint in {TRAINED_MODEL_DIR} yet: run `make checkpoint` "
+                            "(or `python -m helpers.tools.checkpoint --trained`), or pass a model.")
+        return _folder_source(TRAINED_MODEL_DIR)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _folder_source(path)

@@ -5,11 +5,13 @@ import sys
 
 import pytest
 
-import helpers  # noqa: F401  (chooses the native library before bigdl.llm is imported)
-from helpers.checkpoint import ensure_checkpoint
-from helpers.models import resolve_model
-from helpers.runtime.loading import load_hf_model, load_tokenizer
-from helpers.runtime.paths import DATA_DIR
+from helpers.runtime.startup import start
+
+start()  # before anything imports bigdl.llm: chooses its native library for this CPU
+from helpers.runtime.loading import load_hf_model, load_tokenizer  # noqa: E402
+from helpers.models import resolve_model  # noqa: E402
+from helpers.runtime.paths import DATA_DIR  # noqa: E402
+from helpers.tools.checkpoint import ensure_checkpoint  # noqa: E402
 
 SAMPLE_TEXTS = json.loads((DATA_DIR / "sample_texts.json").read_text(encoding="utf-8"))
 

@@ -89,7 +89,8 @@ def token():
 def jupyterlab(token, tmp_path_factory):
     port = free_port()
     server = Server([str(BIN / "jupyter"), "lab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-                     f"--IdentityProvider.token={token}", "--ServerApp.port_retries=0", "--ServerApp.allow_root=True", f"--ServerApp.root_dir={REPO_ROOT}"],
+                     f"--IdentityProvider.token={token}", "--ServerApp.port_retries=0", "--ServerApp.allow_root=True",
+                     f"--ServerApp.root_dir={REPO_ROOT}"],
                     f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK}?token={token}",
                     tmp_path_factory.mktemp("lab") / "jupyterlab.log")
     try:
@@ -172,7 +173,7 @@ def test_playground_in_jupyterlab(jupyterlab, page, screenshots):
 def test_playground_as_a_voila_page(voila, page, screenshots):
     page.goto(voila.url)
     textarea(page, "prompt").wait_for(timeout=90_000)
-    assert page.get_by_text("from helpers.playground import Playground").count() == 0  # no code shown
+    assert page.get_by_text("from helpers.lessons.playground import Playground").count() == 0  # no code shown
     use_the_playground(page, screenshots / "playground-voila.png")
 
 

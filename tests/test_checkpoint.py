@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import checkpoint
+from helpers.tools import checkpoint
 from helpers.runtime.memory import parameter_counts
 
 

@@ -84,16 +84,16 @@ def test_missing_avx2_says_what_to_do():
 
 def test_the_chosen_library_is_the_one_loaded():
     chosen, loaded = run_python(
-        "import helpers, bigdl.llm.transformers.low_bit_linear\n"
-        "print(helpers.NATIVE_LIBRARY.build, helpers.runtime.cpu.loaded_native_library())"
+        "from helpers.runtime import cpu, startup\nchoice = startup.start()\nimport bigdl.llm.transformers.low_bit_linear\n"
+        "print(choice.build, cpu.loaded_native_library())"
     ).split()
     assert loaded == f"libllama_{chosen}.so"
 
 
 def test_a_wanted_build_is_the_one_loaded():
     build, loaded = run_python(
-        "import helpers, bigdl.llm.transformers.low_bit_linear\n"
-        "print(helpers.NATIVE_LIBRARY.build, helpers.runtime.cpu.loaded_native_library())",
+        "from helpers.runtime import cpu, startup\nchoice = startup.start()\nimport bigdl.llm.transformers.low_bit_linear\n"
+        "print(choice.build, cpu.loaded_native_library())",
         env={"RWKV_NATIVE_BUILD": "avx2", "LLAMA_CPP_LIB": None},  # as this process's own choice is inherited
     ).split()
     assert (build, loaded) == ("avx2", "libllama_avx2.so")
@@ -102,8 +102,8 @@ def test_a_wanted_build_is_the_one_loaded():
 def test_user_setting_wins():
     avx2 = cpu.bigdl_libs_dir() / "libllama_avx2.so"
     reason, loaded = run_python(
-        "import helpers, bigdl.llm.transformers.low_bit_linear\n"
-        "print(helpers.NATIVE_LIBRARY.reason.replace(' ', '_'), helpers.runtime.cpu.loaded_native_library())",
+        "from helpers.runtime import cpu, startup\nchoice = startup.start()\nimport bigdl.llm.transformers.low_bit_linear\n"
+        "print(choice.reason.replace(' ', '_'), cpu.loaded_native_library())",
         env={"LLAMA_CPP_LIB": str(avx2), "RWKV_NATIVE_BUILD": None},
     ).split()
     assert reason == "set_by_you_in_LLAMA_CPP_LIB" and loaded == "libllama_avx2.so"

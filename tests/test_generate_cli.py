@@ -5,8 +5,8 @@ import shutil
 import pytest
 
 from conftest import run_cli
-from helpers import generate
-from helpers.checkpoint import make_config
+from helpers.tools import generate
+from helpers.tools.checkpoint import make_config
 from helpers.prompt import DRAGON_PROMPT, PROMPT_FORMAT
 from helpers.runtime.cpu import CpuInfo
 
@@ -14,7 +14,7 @@ SEPARATORS = ["-------------------- Prompt --------------------", "-------------
 
 
 def test_defaults_print_the_upstream_layout(tokenizer):
-    result = run_cli("helpers.generate")
+    result = run_cli("helpers.tools.generate")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("Inference time: ") and lines[0].endswith(" s")
@@ -42,7 +42,7 @@ def write_config(folder, **overrides):
     (["--repo-id-or-model-path", "RWKV/rwkv-4-world-7b"], "huggingface-cli download RWKV/rwkv-4-world-7b"),
 ])
 def test_bad_input_gets_one_clear_line(args, message):
-    result = run_cli("helpers.generate", *args, env={"HF_HUB_OFFLINE": "1"})
+    result = run_cli("helpers.tools.generate", *args, env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert result.stdout == "" and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
@@ -51,20 +51,20 @@ def test_bad_input_gets_one_clear_line(args, message):
 
 def test_folder_without_weights(tmp_path):
     folder = write_config(tmp_path / "empty")
-    result = run_cli("helpers.generate", "--repo-id-or-model-path", str(folder))
+    result = run_cli("helpers.tools.generate", "--repo-id-or-model-path", str(folder))
     assert result.returncode == 2 and "has a config.json but no weights" in result.stderr
 
 
 def test_not_an_rwkv_checkpoint(tmp_path):
     folder = write_config(tmp_path / "llama", model_type="llama")
-    result = run_cli("helpers.generate", "--repo-id-or-model-path", str(folder))
+    result = run_cli("helpers.tools.generate", "--repo-id-or-model-path", str(folder))
     assert result.returncode == 2 and "'llama' model, not RWKV-4" in result.stderr
 
 
 def test_model_too_large_for_ram_is_refused_before_loading(tmp_path):
     folder = write_config(tmp_path / "huge", hidden_size=32768, num_hidden_layers=64, intermediate_size=131072)
     (folder / "model.safetensors").write_bytes(b"")  # the refusal must come before any weight is read
-    result = run_cli("helpers.generate", "--repo-id-or-model-path", str(folder))
+    result = run_cli("helpers.tools.generate", "--repo-id-or-model-path", str(folder))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "GiB of RAM, but only" in result.stderr
 
@@ -81,7 +81,7 @@ def test_a_hub_id_loads_from_the_hugging_face_cache(hub_source, tmp_path):
     shutil.copytree(hub_source.location, repo / "snapshots" / "0123abcd")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
-    result = run_cli("helpers.generate", "--repo-id-or-model-path", "RWKV/rwkv-4-world-tiny", "--n-predict", "3",
+    result = run_cli("helpers.tools.generate", "--repo-id-or-model-path", "RWKV/rwkv-4-world-tiny", "--n-predict", "3",
                      env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "RWKV_LOW_BIT_CACHE": "0"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(SEPARATORS[1]) == 1

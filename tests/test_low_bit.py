@@ -10,7 +10,7 @@ from conftest import SAMPLE_TEXTS, run_cli
 from helpers.runtime.loading import (LOW_BIT_FORMATS, load_cached_low_bit_model, load_low_bit_model, load_model,
                                     load_tokenizer)
 from helpers.models import resolve_model
-from helpers.quality import agreement, logits_for
+from helpers.lessons.quality import agreement, logits_for
 from helpers.runtime.low_bit_cache import cache_dir
 
 
@@ -160,7 +160,7 @@ def test_the_cache_can_be_turned_off(tiny_source, cache_here, monkeypatch):
 
 def test_a_saved_low_bit_folder_loads_as_a_model(tiny_source, cache_here):
     load_cached_low_bit_model(tiny_source, "sym_int8")
-    result = run_cli("helpers.generate", "--repo-id-or-model-path", str(cache_dir(tiny_source, "sym_int8")),
+    result = run_cli("helpers.tools.generate", "--repo-id-or-model-path", str(cache_dir(tiny_source, "sym_int8")),
                      "--n-predict", "5")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("-------------------- Output --------------------") == 1
@@ -180,7 +180,7 @@ def test_no_fp16_view_of_the_checkpoint_remains(tiny_source):
 
 
 def greedy_output(threads):
-    result = run_cli("helpers.generate", "--n-predict", "24", env={"OMP_NUM_THREADS": str(threads)})
+    result = run_cli("helpers.tools.generate", "--n-predict", "24", env={"OMP_NUM_THREADS": str(threads)})
     assert result.returncode == 0, result.stderr
     return result.stdout.split("-------------------- Output --------------------\n")[1]
 

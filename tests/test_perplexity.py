@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from helpers import perplexity
-from helpers.corpus import HELD_OUT_TEXT
+from helpers.tools import perplexity
+from helpers.tools.corpus import HELD_OUT_TEXT
 from helpers.runtime.loading import load_hf_model, load_tokenizer
 from conftest import run_cli
 
@@ -63,17 +63,17 @@ def test_the_trained_model_beats_the_unigram_model(rows):
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
 ])
 def test_bad_input_gets_one_line(args, message):
-    result = run_cli("helpers.perplexity", *args)
+    result = run_cli("helpers.tools.perplexity", *args)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1
 
 def test_an_empty_text_gets_one_line(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    result = run_cli("helpers.perplexity", "--text", str(tmp_path / "empty.txt"))
+    result = run_cli("helpers.tools.perplexity", "--text", str(tmp_path / "empty.txt"))
     assert result.returncode == 2 and "perplexity needs a text of at least two tokens" in result.stderr
 
 def test_the_json_has_the_documented_rows(tmp_path):
     out = tmp_path / "rows.json"
-    result = run_cli("helpers.perplexity", "--formats", "fp32,sym_int8", "--paths", "fused", "--max-tokens", "40",
+    result = run_cli("helpers.tools.perplexity", "--formats", "fp32,sym_int8", "--paths", "fused", "--max-tokens", "40",
                      "--json", str(out))
     assert result.returncode == 0, result.stderr
 

@@ -1,4 +1,4 @@
-from helpers.playground import Playground
+from helpers.lessons.playground import Playground
 
 
 def test_generate_with_a_bad_model_path_shows_the_error_and_starts_nothing():

@@ -22,9 +22,9 @@ from helpers.prompt import chat_message
 from helpers.runtime.batching import decode_step, read_prompt
 from helpers.runtime.loading import load_model, load_tokenizer
 from helpers.runtime.sampling import Sampling
-from helpers.serving.load_test import soak
+from helpers.tools.load_test import soak
 from helpers.serving.scheduler import Overloaded, Scheduler, SchedulerStopped
-from helpers.streaming import batched_greedy
+from helpers.measure.timing import batched_greedy
 from helpers.serving.stack import Stack, core_groups, free_port
 from helpers.serving.worker import AnswerText, parse_cpus
 from helpers.runtime.errors import UserError
@@ -333,7 +333,8 @@ def test_keys_are_asked_for_and_a_full_worker_answers_429_with_retry_after(tiny_
                 keyed.completions.create(**{**request, "stream": stream, "max_tokens": 8})
             response = raised.value.response
             assert response.status_code == 429 and 1 <= int(response.headers["Retry-After"]) <= 60
-            assert "every worker serving rwkv-4-world-tiny is full; retry later (Retry-After says when)" == raised.value.body["message"]
+            full = "every worker serving rwkv-4-world-tiny is full; retry later (Retry-After says when)"
+            assert full == raised.value.body["message"]
         running.close()  # its place goes to the waiting one, whose stream then opens
         waiting.result(timeout=60).close()
 
@@ -530,7 +531,10 @@ def test_penalties_by_hand():
 
 def test_answer_text_holds_back_a_possible_stop_and_cuts_at_a_stop():
     pieces = {1: "Answer", 2: ": yes", 3: "\n", 4: "\nUser", 5: "\xe2", 6: "\x82\xac"}
-    decode = lambda ids: "".join(pieces[i] for i in ids).encode("latin-1").decode("utf-8", errors="replace")
+
+    def decode(ids):
+        return "".join(pieces[i] for i in ids).encode("latin-1").decode("utf-8", errors="replace")
+
     answer = AnswerText(decode, ["\n\n"], {0})
     for token in (1, 2, 3):
         answer.add(token)
@@ -568,7 +572,8 @@ def test_only_chats_stop_at_the_templates_blank_line(monkeypatch, messages, stop
     from fastchat.serve import openai_api_server as fastchat_api
 
     template = {"name": "rwkv-world", "system_template": "{system_message}", "system_message": "",
-                "roles": ["User", "Assistant"], "messages": [], "offset": 0, "sep_style": SeparatorStyle.FALCON_CHAT.value, "sep": "\n\n",
+                "roles": ["User", "Assistant"], "messages": [], "offset": 0,
+                "sep_style": SeparatorStyle.FALCON_CHAT.value, "sep": "\n\n",
                 "sep2": None, "stop_str": "\n\n", "stop_token_ids": [0]}
 
     async def get_conv(model_name, worker_addr):

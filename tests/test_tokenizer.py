@@ -5,7 +5,7 @@ import rwkv
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
 from conftest import SAMPLE_TEXTS
-from helpers.tokenization_rwkv_world import VOCAB_FILE
+from helpers.runtime.tokenization_rwkv_world import VOCAB_FILE
 
 
 @pytest.fixture(scope="module")

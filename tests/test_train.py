@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from helpers import corpus, train
-from helpers.checkpoint import build_trained_checkpoint, trained_token_counts
+from helpers.tools import corpus, train
+from helpers.tools.checkpoint import build_trained_checkpoint, trained_token_counts
 from helpers.models import resolve_model
 from helpers.runtime.loading import load_hf_model
 

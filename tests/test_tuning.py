@@ -2,7 +2,7 @@
 commands from the winners, for this machine or for one described."""
 import pytest
 
-from helpers import tuning
+from helpers.lessons import tuning
 from helpers.runtime.cpu import CpuInfo
 
 TWO_SOCKETS = CpuInfo("AuthenticAMD", "test", 16, 2, frozenset({"avx2"}))
@@ -41,19 +41,19 @@ def test_drift_rows_compare_the_reference_across_sections():
 def test_commands_follow_the_choices():
     client, server, notes = tuning.recommended_commands(16, "Intel OpenMP, jemalloc", "taskset -c 0-15",
                                                         info=TWO_SOCKETS, numactl=False)
-    assert client == "source bigdl-llm-init -j\nOMP_NUM_THREADS=16 taskset -c 0-15 python -m helpers.generate"
+    assert client == "source bigdl-llm-init -j\nOMP_NUM_THREADS=16 taskset -c 0-15 python -m helpers.tools.generate"
     assert server.splitlines() == ["source bigdl-llm-init -j",
-                                   "OMP_NUM_THREADS=8 taskset -c 0-7 python -m helpers.generate &",
-                                   "OMP_NUM_THREADS=8 taskset -c 8-15 python -m helpers.generate &"]
+                                   "OMP_NUM_THREADS=8 taskset -c 0-7 python -m helpers.tools.generate &",
+                                   "OMP_NUM_THREADS=8 taskset -c 8-15 python -m helpers.tools.generate &"]
     assert notes == ["numactl is not installed (`apt install numactl`): pinning uses taskset, which cannot place memory"]
     _, server, notes = tuning.recommended_commands(8, info=TWO_SOCKETS, numactl=True)
-    assert "OMP_NUM_THREADS=8 numactl -C 8-15 -m 1 python -m helpers.generate &" in server and notes == []
+    assert "OMP_NUM_THREADS=8 numactl -C 8-15 -m 1 python -m helpers.tools.generate &" in server and notes == []
 
 
 def test_one_socket_says_why_client_and_server_are_the_same():
     client, server, notes = tuning.recommended_commands(2, info=CpuInfo("GenuineIntel", "test", 2, 1, frozenset()),
                                                         numactl=True)
-    assert client == server == "OMP_NUM_THREADS=2 python -m helpers.generate"
+    assert client == server == "OMP_NUM_THREADS=2 python -m helpers.tools.generate"
     assert any("one socket" in note and "the same" in note for note in notes)
 
 

@@ -4,7 +4,7 @@ bigdl-llm ships one build of its kernels per instruction set (``libllama_avx.so`
 ``libllama_amx.so``) and a dispatcher that picks one by CPU *vendor*: a non-Intel CPU gets the
 plain AVX build even when it has AVX-512, which is several times slower. We choose by the CPU's
 actual flags instead and point ``LLAMA_CPP_LIB`` at the build, which must happen before
-``bigdl.llm`` is first imported (``helpers/__init__.py`` does it). ``RWKV_NATIVE_BUILD=avx2`` (or
+``bigdl.llm`` is first imported (``helpers.runtime.startup.start()`` does it). ``RWKV_NATIVE_BUILD=avx2`` (or
 another build's name) picks a slower build this CPU can run, to test or measure the path of an older CPU.
 """
 import importlib.util
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.runtime.errors import UserError
+from helpers.runtime.settings import use_native_library
 
 AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
@@ -123,20 +124,19 @@ def choose_native_library(info=None, libs_dir=None, wanted=None):
     raise UserError(f"No bigdl-llm kernel build in {libs_dir} runs on this CPU (flags lack AVX).")
 
 
-def select_native_library():
-    """Point LLAMA_CPP_LIB at the best build (or RWKV_NATIVE_BUILD's), unless the user set LLAMA_CPP_LIB.
-    Returns the NativeChoice."""
-    choice = choose_native_library(wanted=os.environ.get("RWKV_NATIVE_BUILD") or None)
-    preset = os.environ.get("LLAMA_CPP_LIB")
+def select_native_library(wanted=None, preset=None):
+    """Point LLAMA_CPP_LIB at the best build (or the build `wanted`), unless the user set it (`preset`, a
+    path). Returns the NativeChoice."""
+    choice = choose_native_library(wanted=wanted)
     if preset and Path(preset).resolve() != Path(choice.path).resolve():
         build = Path(preset).stem.replace("libllama_", "").replace("libllama-", "")
         return NativeChoice(build, preset, "set by you in LLAMA_CPP_LIB")
     if "bigdl.llm.ggml.model.llama.llama_cpp" in sys.modules:
         loaded = loaded_native_library()
         if loaded != Path(choice.path).name:
-            return NativeChoice(loaded or "unknown", "", "bigdl.llm loaded its kernels before helpers was "
-                                "imported: restart and import helpers first")
-    os.environ["LLAMA_CPP_LIB"] = choice.path  # also inherited by the processes this one starts
+            return NativeChoice(loaded or "unknown", "", "bigdl.llm loaded its kernels before helpers chose them: "
+                                "restart, and call setup() (or helpers.runtime.startup.start()) first")
+    use_native_library(choice.path)  # also inherited by the processes this one starts
     return choice
 
 

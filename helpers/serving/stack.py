@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 import requests
 
 from helpers.runtime.errors import UserError
+from helpers.runtime import settings
 from helpers.runtime.paths import REPO_ROOT
+from helpers.runtime.settings import child_environment
+from helpers.runtime.versions import version_problems
 from helpers.serving.limits import no_keys_problem
 
 LOG_DIR = REPO_ROOT / "build" / "serving"
@@ -95,7 +98,7 @@ class Process:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         with open(self.log, "a" if self.restarts else "w") as log:
             self.popen = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                          env={**HEARTBEATS, **os.environ, "LOGDIR": "", **self.env},
+                                          env=child_environment(**HEARTBEATS, LOGDIR="", **self.env),
                                           start_new_session=True, preexec_fn=_die_with_parent)
         self.started_s = time.monotonic()
 
@@ -235,29 +238,31 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8000, help="the API server's port")
     parser.add_argument("--workers", type=int, default=1, help="workers on this machine, each on its own cores")
-    parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the model trained here)")
     parser.add_argument("--max-batch", type=int, default=16, help="requests each worker decodes together at most")
     parser.add_argument("--max-queue", type=int, help="requests waiting in each worker at most (default: --max-batch); "
                         "beyond, the API answers 429")
     parser.add_argument("--state-cache-mb", type=int, help="each worker's memory for the states of recent prompts' "
                         "prefixes (default: the worker's 256)")
     parser.add_argument("--host", default=HOST, help="the API server's address (another than loopback needs keys)")
-    parser.add_argument("--api-keys", default=os.environ.get("RWKV_API_KEYS"),
-                        help="keys a client must send, separated by commas (env: RWKV_API_KEYS)")
+    settings.add_flags(parser, "model", "api_keys", "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
     args = parser.parse_args(argv)
-    problem = no_keys_problem(args.host, (args.api_keys or "").strip(), "API_KEYS=... to make serve (--api-keys, or RWKV_API_KEYS)")
+    chosen = settings.from_flags(args)
+    settings.export(chosen)  # the workers inherit them
+    for line in version_problems(["fschat"]):
+        print(line, file=sys.stderr)
+    problem = no_keys_problem(args.host, (chosen.api_keys or "").strip(), "API_KEYS=... to make serve (--api-keys, or RWKV_API_KEYS)")
     if problem:
         sys.exit(f"Error: {problem}")  # before minutes of loading a model
     for stop_signal in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill: stop the stack, however started
         signal.signal(stop_signal, signal.default_int_handler)
     stack = None
     try:
-        stack = Stack(args.port, args.workers, args.model, args.max_batch, args.max_queue, args.host, args.api_keys,
+        stack = Stack(args.port, args.workers, chosen.model, args.max_batch, args.max_queue, args.host, chosen.api_keys,
                       args.state_cache_mb)
         print(f"Starting the controller, {args.workers} worker(s) and the API server; logs in {LOG_DIR} ...", flush=True)
         stack.start()
         model = requests.get(stack.url + "/health", timeout=10).json()["models"][0]
-        key = " -H 'Authorization: Bearer YOUR_KEY'" if args.api_keys else ""
+        key = " -H 'Authorization: Bearer YOUR_KEY'" if chosen.api_keys else ""
         print(f"Serving {model} at {stack.url}/v1 (OpenAI API). Try:\n"
               f"  curl {stack.url}/v1/completions{key} -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{model}\", \"prompt\": \"Question: What is AI?\\n\\nAnswer:\", \"max_tokens\": 40}}'\n"

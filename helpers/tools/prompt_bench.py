@@ -3,7 +3,7 @@ cache, against the same messages that cannot use it, against the new turn alone)
 many clients send at once (shared, against a different one for each), and running streams while a long
 prompt is read (their gaps between tokens before and during it).
 
-    python -m helpers.serving.prompt_bench [--model PATH_OR_ID] [--turns 8] [--clients 16] [--system-tokens 1000]
+    python -m helpers.tools.prompt_bench [--model PATH_OR_ID] [--turns 8] [--clients 16] [--system-tokens 1000]
                                            [--long-tokens 4000] [--streams 8] [--rounds 2]
                                            [--json data/bench/prompts-NAME.json]
 
@@ -24,10 +24,12 @@ from pathlib import Path
 import psutil
 import requests
 
-from helpers import provenance
+from helpers.measure import provenance
+from helpers.runtime import startup
+from helpers.runtime.settings import add_flags, from_flags
 from helpers.runtime.errors import UserError
 from helpers.runtime.paths import DATA_DIR
-from helpers.serving.load_test import percentile, timed_stream
+from helpers.tools.load_test import percentile, timed_stream
 
 QUESTIONS = ["Who is Prospero?", "Where does the play take place?", "Who is Ariel?", "What does Caliban want?",
              "Who is Miranda's father?", "What happens to the ship?", "Who is Ferdinand?", "How does the play end?",
@@ -219,7 +221,7 @@ def load_run(name):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the model trained here)")
+    add_flags(parser, "model")
     parser.add_argument("--turns", type=int, default=8, help="questions in each conversation")
     parser.add_argument("--clients", type=int, default=16, help="clients sending the system prompt at once")
     parser.add_argument("--system-tokens", type=int, default=1000)
@@ -228,7 +230,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the run here")
     args = parser.parse_args(argv)
-    from helpers.bench import read_bandwidth_gbs
+    startup.start(from_flags(args))
+    from helpers.measure.bandwidth import read_bandwidth_gbs
     from helpers.models import resolve_model
     from helpers.runtime.loading import load_tokenizer
     from helpers.serving.stack import Stack
@@ -251,7 +254,7 @@ def main(argv=None):
         bandwidths.append(read_bandwidth_gbs(threads))
     except (UserError, RuntimeError) as error:
         sys.exit(f"Error: {error}")
-    command = " ".join(["python -m helpers.serving.prompt_bench", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m helpers.tools.prompt_bench", *(argv if argv is not None else sys.argv[1:])])
     settings = {"model": client.model, "turns": args.turns, "clients": args.clients, "system_tokens": args.system_tokens,
                 "streams": args.streams, "rounds": args.rounds,
                 "provenance": provenance.stamp("serving", command, threads, bandwidths)}

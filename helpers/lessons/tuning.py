@@ -1,7 +1,7 @@
 """What notebook 04 measures: decode speed against threads, decoding kernels, OpenMP and allocators, pinning.
 
 Each configuration runs in a process of its own (threads, LD_PRELOAD and the kernel build are fixed when
-a process starts):  python -m helpers.tuning --worker  loads the measured model (measured_source), then
+a process starts):  python -m helpers.lessons.tuning --worker  loads the measured model (measured_source), then
 prints one JSON line with its decode speed for each line it reads. Each configuration is measured in
 ROUNDS rounds, taking turns within a round, beside the REFERENCE configuration (all physical cores, the
 defaults), which runs in every section's rounds so that the machine's drift shows. A configuration wins
@@ -9,20 +9,20 @@ only where its slowest round beats every other's fastest and its lead is larger 
 range over the same rounds.
 """
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
-from helpers import NATIVE_LIBRARY, provenance
-from helpers.environment import bigdl_llm_init_settings
+from helpers.lessons.environment import bigdl_llm_init_settings
+from helpers.measure import provenance
+from helpers.measure.worker_process import WorkerProcess
 from helpers.runtime import fused_decode
+from helpers.runtime.settings import read as read_settings
 from helpers.runtime.cpu import CpuInfo, cpu_info
 from helpers.runtime.paths import DATA_DIR
+from helpers.runtime import startup
 
 PROMPT_TOKENS, DECODE_TOKENS = 16, 48
 ROUNDS = 3
@@ -41,45 +41,27 @@ RUNTIMES = {  # name: bigdl-llm-init options
 }
 
 
-class _Configuration:
+class _Configuration(WorkerProcess):
     """A process that loads the notebooks' model (RWKV_MODEL or the model trained here) in one configuration,
     then measures its decode speed each time it is asked."""
 
     def __init__(self, threads, env=None, prefix=()):
-        self.command = [*prefix, sys.executable, "-m", "helpers.tuning", "--worker"]
-        self.errors = tempfile.TemporaryFile("w+")
-        self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
-                                        text=True, env={**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads)})
-
-    def _read(self):
-        line = self.process.stdout.readline()
-        if not line:
-            self.errors.seek(0)
-            raise RuntimeError(f"{' '.join(self.command)} failed:\n{self.errors.read()[-2000:]}")
-        return json.loads(line)
+        super().__init__("helpers.lessons.tuning", ["--worker"], threads, env, prefix)
 
     def wait_until_loaded(self):
-        assert self._read() == {"loaded": True}
+        assert self.read() == {"loaded": True}
 
     def tokens_per_s(self):
         time.sleep(SETTLE_S)
-        self.process.stdin.write("measure\n")
-        self.process.stdin.flush()
-        return self._read()["tokens_per_s"]
-
-    def close(self):
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait()
-        self.errors.close()
+        return self.ask()["tokens_per_s"]
 
 
 def measured_source():
     """The model notebook 04 measures: RWKV_MODEL's, else the MEASURED_SHAPE checkpoint (built on first use)."""
-    from helpers.checkpoint import ensure_checkpoint
+    from helpers.tools.checkpoint import ensure_checkpoint
     from helpers.models import resolve_model
 
-    return resolve_model(None if os.environ.get("RWKV_MODEL") else str(ensure_checkpoint(MEASURED_SHAPE, layout="hub")))
+    return resolve_model(None if read_settings().model else str(ensure_checkpoint(MEASURED_SHAPE, layout="hub")))
 
 
 def thread_counts():
@@ -125,7 +107,7 @@ def headers(title):
 
 
 def batch_rows(measured):
-    """Table rows of helpers.streaming.measure_batches' results: a server's step against a client's."""
+    """Table rows of helpers.measure.timing.measure_batches' results: a server's step against a client's."""
     single = measured[min(measured)].aggregate_tokens_per_s
     return [(batch, f"{m.aggregate_tokens_per_s:.1f}", f"{m.aggregate_tokens_per_s / single:.2f}x",
              f"{statistics.median(m.step_ms):.1f} ms", f"{min(m.step_ms):.1f} to {max(m.step_ms):.1f}",
@@ -188,14 +170,15 @@ def decoding_kernels():
     the torch path on the bigdl-llm build helpers chose (notebook 01), as on a machine without a compiler."""
     kernels = {f"fused step, {kernel} build": {"RWKV_FUSED_KERNEL": kernel}
                for kernel in fused_decode.runnable_kernels()} if fused_decode.library() is not None else {}
-    kernels[f"torch path, bigdl {NATIVE_LIBRARY.build}"] = {"RWKV_FUSED_DECODE": "0"}
+    kernels[f"torch path, bigdl {startup.start().build}"] = {"RWKV_FUSED_DECODE": "0"}
     return kernels
 
 
 def runtime_env(options):
     """The environment `source bigdl-llm-init OPTIONS` would give a program started after it."""
     settings = bigdl_llm_init_settings(options, shorten=False)
-    return {"LD_PRELOAD": settings.get("LD_PRELOAD", ""), **({"MALLOC_CONF": settings["MALLOC_CONF"]} if "MALLOC_CONF" in settings else {})}
+    return {"LD_PRELOAD": settings.get("LD_PRELOAD", ""),
+            **({"MALLOC_CONF": settings["MALLOC_CONF"]} if "MALLOC_CONF" in settings else {})}
 
 
 def pinnings(threads):
@@ -208,7 +191,7 @@ def pinnings(threads):
 
 
 def kernel_sweeps():
-    """The committed runs of helpers/kernel_sweep.py on a bigger machine (data/sweeps/), smallest shape first,
+    """The committed runs of helpers/tools/kernel_sweep.py on a bigger machine (data/sweeps/), smallest shape first,
     each with "current": whether the kernel source it timed is this checkout's."""
     sweeps = [json.loads(path.read_text()) for path in sorted(SWEEPS_DIR.glob("fused-kernel-*.json"))]
     return [{**sweep, "current": provenance.is_current(sweep["provenance"])} for sweep in sweeps]
@@ -247,13 +230,13 @@ def recommended_commands(threads, runtime=None, pinning=None, info=None, numactl
     numactl = bool(shutil.which("numactl")) if numactl is None else numactl
     init = [f"source bigdl-llm-init {RUNTIMES[runtime]}".rstrip()] if runtime else []
     pin = pinnings(threads)[pinning] if pinning else ()
-    client = "\n".join([*init, " ".join([f"OMP_NUM_THREADS={threads}", *pin, "python -m helpers.generate"])])
+    client = "\n".join([*init, " ".join([f"OMP_NUM_THREADS={threads}", *pin, "python -m helpers.tools.generate"])])
     per_socket = max(1, info.physical_cores // info.sockets)
     server = list(init) if info.sockets > 1 else [client]  # one socket: one process, as measured
     for socket in range(info.sockets if info.sockets > 1 else 0):
         cores = f"{socket * per_socket}-{(socket + 1) * per_socket - 1}"
         place = f"numactl -C {cores} -m {socket}" if numactl else f"taskset -c {cores}"
-        server.append(f"OMP_NUM_THREADS={per_socket} {place} python -m helpers.generate &")
+        server.append(f"OMP_NUM_THREADS={per_socket} {place} python -m helpers.tools.generate &")
     notes = [note for note, applies in (
         ("numactl is not installed (`apt install numactl`): pinning uses taskset, which cannot place memory",
          not numactl),
@@ -266,11 +249,11 @@ def recommended_commands(threads, runtime=None, pinning=None, info=None, numactl
 def worker():
     import torch
 
-    import helpers  # noqa: F401
+    startup.start()
+    from helpers.measure.timing import timed_greedy_decode
     from helpers.runtime.loading import load_model
-    from helpers.streaming import timed_greedy_decode
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.set_num_threads(read_settings().omp_threads)
     model = load_model(measured_source(), "sym_int4", report=lambda line: print(line, file=sys.stderr))
     prompt = torch.arange(1, PROMPT_TOKENS + 1).unsqueeze(0)
     timed_greedy_decode(model, prompt, DECODE_TOKENS)  # warm up: every round then measures a warm process

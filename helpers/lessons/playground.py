@@ -4,7 +4,6 @@ The kernel stays responsive because generation runs in a background thread; Stop
 generate() checks after each token; a second Generate while one runs is refused, not queued.
 """
 import html
-import os
 import threading
 import time
 
@@ -13,8 +12,8 @@ import ipywidgets as widgets
 from helpers.models import resolve_model
 from helpers.prompt import check_n_predict, format_prompt
 from helpers.runtime.errors import UserError
-from helpers.runtime.loading import load_model, load_tokenizer
-from helpers.streaming import stream_generate
+from helpers.runtime.settings import read as read_settings
+from helpers.lessons.streaming import stream_generate
 
 DEFAULT_MODEL = "the model trained here (Shakespeare)"
 
@@ -79,6 +78,8 @@ class Playground:
         """Load the model named in the picker (empty or DEFAULT_MODEL: RWKV_MODEL, else the model trained here)."""
         if self.running:
             return self._say("Wait for the generation to end, or press Stop, before loading a model.", error=True)
+        from helpers.runtime.loading import load_model, load_tokenizer  # imports bigdl.llm, after setup()
+
         name = "" if self.model_path.value in ("", DEFAULT_MODEL) else self.model_path.value
         try:
             self._say("Loading...")
@@ -166,7 +167,7 @@ def _text_after(playground, length, timeout=120):
 
 
 def served_by_voila():
-    return "VOILA_BASE_URL" in os.environ
+    return read_settings().voila_base_url is not None
 
 
 def self_test(shown):

@@ -1,8 +1,8 @@
 """Generate text with RWKV-4 in bigdl-llm low-bit on the CPU, in the layout of the upstream example.
 
-    python -m helpers.generate [--repo-id-or-model-path PATH_OR_ID] [--prompt TEXT] [--n-predict N] [--low-bit FMT]
+    python -m helpers.tools.generate [--repo-id-or-model-path PATH_OR_ID] [--prompt TEXT] [--n-predict N] [--low-bit FMT]
 
-Without a model it uses the small model trained here on Shakespeare (helpers.train), not the 7B. The first run
+Without a model it uses the small model trained here on Shakespeare (helpers.tools.train), not the 7B. The first run
 converts the model into a low-bit cache, later runs load that (RWKV_LOW_BIT_CACHE=0: convert every time);
 a line on stderr says which happened.
 """
@@ -11,11 +11,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-import helpers  # noqa: F401  (chooses the native kernel library before bigdl.llm is imported)
-from helpers.models import resolve_model
 from helpers.prompt import DEFAULT_N_PREDICT, DRAGON_PROMPT, check_n_predict, format_prompt
+from helpers.runtime import settings, startup
 from helpers.runtime.errors import UserError
-from helpers.runtime.loading import LOW_BIT_FORMATS, load_model, load_tokenizer
+from helpers.runtime.formats import LOW_BIT_FORMATS
+from helpers.models import resolve_model
 
 
 @dataclass
@@ -53,11 +53,12 @@ def generate(model, tokenizer, prompt, n_predict=DEFAULT_N_PREDICT, **generate_k
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Predict tokens with generate() for an RWKV-4 model in low-bit.")
-    parser.add_argument("--repo-id-or-model-path", default=None,
-                        help="hub id (e.g. RWKV/rwkv-4-world-7b) or local folder; default: the model trained here")
+    parser.add_argument("--repo-id-or-model-path", "--model", dest="model", default=None,
+                        help=f"{settings.SETTINGS['model'].help} (env RWKV_MODEL)")
     parser.add_argument("--prompt", default=DRAGON_PROMPT, help="prompt to infer")
     parser.add_argument("--n-predict", type=int, default=DEFAULT_N_PREDICT, help="max tokens to predict")
     parser.add_argument("--low-bit", default="sym_int4", choices=LOW_BIT_FORMATS, help="weight format")
+    settings.add_flags(parser, "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
     return parser.parse_args(argv)
 
 
@@ -65,7 +66,11 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         format_prompt(args.prompt)  # refuse bad input before anything slow
-        source = resolve_model(args.repo_id_or_model_path)
+        chosen = settings.from_flags(args)
+        startup.start(chosen)
+        from helpers.runtime.loading import load_model, load_tokenizer  # after start(): it imports bigdl.llm
+
+        source = resolve_model(chosen.model)
         check_n_predict(args.n_predict, source.config["context_length"])
         model = load_model(source, args.low_bit, report=lambda line: print(line, file=sys.stderr))
         print(f"Model: {source.producer()}", file=sys.stderr)

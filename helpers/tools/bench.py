@@ -1,8 +1,8 @@
 """Benchmark RWKV-4 on this CPU: HF fp32 / bf16 against bigdl-llm low-bit, side by side in one run.
 
-    python -m helpers.bench [--shape 1b5] [--layout hub] [--threads N] [--json PATH] [--plot PATH] [--options a,b]
+    python -m helpers.tools.bench [--shape 1b5] [--layout hub] [--threads N] [--json PATH] [--plot PATH] [--options a,b]
                             [--batch 1,4,8,16] [--kernel auto,avx512,avxvnni,avx2]
-    python -m helpers.bench --refresh README.md data/bench/README.md    # their tables, from the committed runs
+    python -m helpers.tools.bench --refresh README.md data/bench/README.md    # their tables, from the committed runs
 
 Each option runs in its own fresh process, one after another, on the same checkpoint and prompt, in the
 offline checkpoint's safetensors layout or in the layout the hub ships (`--layout hub`: one
@@ -27,16 +27,14 @@ BATCH_STEPS steps in each of BATCH_ROUNDS rounds, the sizes taking turns; the ta
 step, its range over the rounds, the aggregate tokens/s, and whether every sequence got the greedy
 tokens it gets decoded alone.
 
-`--json` writes the records with their provenance (helpers.provenance: machine, date, threads, read bandwidth,
+`--json` writes the records with their provenance (helpers.measure.provenance: machine, date, threads, read bandwidth,
 and a fingerprint of the kernel and loaders); a table is only rendered from a file of this code.
 """
 import argparse
 import json
-import os
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,11 +42,15 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from helpers import provenance
-from helpers.checkpoint import LAYOUTS, SHAPES
+from helpers.measure import provenance
+from helpers.measure.bandwidth import read_bandwidth_gbs
+from helpers.measure.worker_process import WorkerProcess
+from helpers.runtime.shapes import SHAPES
+from helpers.tools.checkpoint import LAYOUTS
 from helpers.runtime.fused_decode import KERNELS
 from helpers.runtime.memory import GIB, model_weight_bytes
 from helpers.runtime.paths import DATA_DIR
+from helpers.runtime import startup
 
 OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained", "asym_int4", "sym_int5",
            "sym_int8", "sym_int4_cache"]
@@ -58,23 +60,6 @@ PROMPT_TOKENS = 32
 DECODE_TOKENS = 64
 BANDWIDTH_EVERY = 8  # decoded tokens between two bandwidth samples
 BATCH_STEPS, BATCH_ROUNDS = 16, 3
-
-
-def read_bandwidth_gbs(threads, size_bytes=GIB, repeats=10):
-    """Read bandwidth in GB/s: the best of a sum and of an fp32 matrix-vector product over 1 GiB."""
-    import torch
-
-    torch.set_num_threads(threads)
-    matrix = torch.ones(size_bytes // 4 // 4096, 4096)
-    vector = torch.ones(4096)
-    best = min(min(_timed(matrix.sum), _timed(lambda: torch.mv(matrix, vector))) for _ in range(repeats))
-    return size_bytes / best / 1e9
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def linear_weight_bytes(model):
@@ -116,7 +101,7 @@ def batch_prompts(vocab_size, count):
 
 
 def measure_batched(model, vocab_size, batches, bound_ms):
-    from helpers.streaming import measure_batches
+    from helpers.measure.timing import measure_batches
 
     measured = measure_batches(model, batch_prompts(vocab_size, max(batches)), batches, BATCH_STEPS, BATCH_ROUNDS)
     return [{"batch": m.batch, "step_ms": statistics.median(m.step_ms), "step_ms_range": [min(m.step_ms), max(m.step_ms)],
@@ -128,15 +113,15 @@ def measure(option, shape, threads, layout="safetensors", batches=()):
     """One option, in this process: a dict of the numbers the table shows."""
     import torch
 
-    import helpers  # noqa: F401
-    from helpers.checkpoint import ensure_checkpoint
+    startup.start()
+    from helpers.measure.timing import timed_greedy_decode
+    from helpers.runtime.fused_decode import kernel_name
     from helpers.runtime.low_bit_cache import cache_dir, cache_problem
     from helpers.models import resolve_model
-    from helpers.streaming import timed_greedy_decode
+    from helpers.tools.checkpoint import ensure_checkpoint
 
     torch.set_num_threads(threads)
     source = resolve_model(str(ensure_checkpoint(shape, layout=layout)))
-    from helpers.runtime.fused_decode import kernel_name
 
     if option.endswith("_cache") and cache_problem(source, cache_dir(source, option.removesuffix("_cache"))):
         load_option(option, source)  # write the cache in a run of its own; time the second load
@@ -181,17 +166,11 @@ def measure(option, shape, threads, layout="safetensors", batches=()):
 def run_worker(option, shape, threads, layout="safetensors", batches=(), kernel="auto"):
     """Measure one option in a fresh process (with the fused build `kernel`); None when that run only
     wrote the low-bit cache."""
-    command = [sys.executable, "-m", "helpers.bench", "--worker", option, "--shape", shape, "--threads", str(threads),
-               "--layout", layout, "--batch", ",".join(map(str, batches))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if option.endswith(UNFUSED):
-        env["RWKV_FUSED_DECODE"] = "0"
-    elif kernel != "auto":
-        env["RWKV_FUSED_KERNEL"] = kernel
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{option} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    args = ["--worker", option, "--shape", shape, "--threads", str(threads), "--layout", layout,
+            "--batch", ",".join(map(str, batches))]
+    env = {"RWKV_FUSED_DECODE": "0"} if option.endswith(UNFUSED) else {"RWKV_FUSED_KERNEL": kernel} if kernel != "auto" else {}
+    with WorkerProcess("helpers.tools.bench", args, threads, env) as worker:
+        return worker.read()["record"]
 
 
 def builds_to_run(option, kernels):
@@ -203,8 +182,8 @@ def builds_to_run(option, kernels):
 
 
 def run_benchmark(shape="1b5", threads=None, options=OPTIONS, layout="safetensors", batches=(), kernels=("auto",),
-                  command="python -m helpers.bench"):
-    from helpers.checkpoint import ensure_checkpoint
+                  command="python -m helpers.tools.bench"):
+    from helpers.tools.checkpoint import ensure_checkpoint
 
     threads = threads or psutil.cpu_count(logical=False) or 1
     ensure_checkpoint(shape, layout=layout)  # here, so that building it counts in no worker's peak memory
@@ -401,11 +380,11 @@ def render(name, kind):
     """The table KIND (a RENDERERS key, or a serving run's "soak", "serving" or "prompts") of the committed run
     data/bench/NAME.json."""
     if kind in ("soak", "serving"):  # a serving run
-        from helpers.serving.load_test import load_run as load_serving_run, serving_markdown, soak_table
+        from helpers.tools.load_test import load_run as load_serving_run, serving_markdown, soak_table
 
         return {"soak": soak_table, "serving": serving_markdown}[kind](*load_serving_run(name))
     if kind == "prompts":
-        from helpers.serving.prompt_bench import load_run as load_prompts_run, prompts_markdown
+        from helpers.tools.prompt_bench import load_run as load_prompts_run, prompts_markdown
 
         return prompts_markdown(*load_prompts_run(name))
     return RENDERERS[kind](load_run(name))
@@ -483,9 +462,9 @@ def main(argv=None):
     if unknown_kernels:
         parser.error(f"unknown kernel {', '.join(sorted(unknown_kernels))}; choose from auto, {', '.join(KERNELS)}")
     if args.worker:
-        print(json.dumps(measure(args.worker, args.shape, args.threads, args.layout, batches)))
+        print(json.dumps({"record": measure(args.worker, args.shape, args.threads, args.layout, batches)}))
         return 0
-    command = " ".join(["python -m helpers.bench", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m helpers.tools.bench", *(argv if argv is not None else sys.argv[1:])])
     result = run_benchmark(args.shape, args.threads, args.options.split(","), args.layout, batches, kernels, command)
     print(markdown_table(result))
     print()

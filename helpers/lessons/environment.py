@@ -6,13 +6,14 @@ import subprocess
 import sys
 from importlib import metadata
 
-from helpers import provenance
-from helpers.bench import load_results, results_file
-from helpers.checkpoint import make_config
+from helpers.measure import provenance
+from helpers.tools.bench import load_results, results_file
+from helpers.tools.checkpoint import make_config
 from helpers.runtime import fused_decode
 from helpers.runtime.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
 from helpers.runtime.low_bit_cache import planned_loader
 from helpers.runtime.memory import GIB, available_bytes, estimate_load_bytes
+from helpers.runtime.settings import child_environment
 
 PACKAGES = ["torch", "transformers", "bigdl-llm", "rwkv", "safetensors", "jupyterlab", "ipywidgets", "nbval"]
 # The seed's rule of thumb for an X-billion model saved in 16-bit, and the real parameter counts.
@@ -66,7 +67,7 @@ def fused_decode_status():
 
 
 def measured(shape, option):
-    """The committed `helpers.bench --layout hub` record of one shape and option, or None."""
+    """The committed `helpers.tools.bench --layout hub` record of one shape and option, or None."""
     if not results_file(shape, "hub").exists():
         return None
     return next((record for record in load_results(shape, "hub")["records"] if record["option"] == option), None)
@@ -112,7 +113,7 @@ def bigdl_llm_init_settings(options="", shorten=True):
     if script is None:
         return {}
     command = f"source '{script}' {options} >/dev/null 2>&1; env -0"
-    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # its python3 must see bigdl
+    path = os.path.dirname(sys.executable) + os.pathsep + child_environment().get("PATH", "")  # its python3: bigdl
     output = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env={"PATH": path}).stdout
     settings = dict(line.split("=", 1) for line in output.split("\0") if "=" in line)
     prefix = os.path.dirname(os.path.dirname(sys.executable))

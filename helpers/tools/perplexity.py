@@ -1,7 +1,7 @@
 """What a low-bit format costs in quality, measured as the field measures it: perplexity on held-out text,
 and how far each format's next-token distribution moves from FP32's.
 
-    python -m helpers.perplexity [--model M] [--formats fp32,sym_int4,...] [--text FILE] [--max-tokens N] [--json OUT]
+    python -m helpers.tools.perplexity [--model M] [--formats fp32,sym_int4,...] [--text FILE] [--max-tokens N] [--json OUT]
 
 For each format and decoding path (the fused step, and bigdl-llm's torch path) it reports perplexity, the
 KL divergence from FP32's next-token distribution (mean and 99th percentile over positions) and the share
@@ -9,7 +9,7 @@ of positions where its most likely next token is FP32's. The text streams throug
 that carry the state, RWKV's way, so memory stays flat however long the text. Every format reads the same
 tokens. The "unigram" row is the add-one unigram model of the trained model's training tokens, the
 baseline any language model must beat. FP32 is skipped with one line where it does not fit in memory
-(then there is no KL or agreement). The default model is the one trained here (helpers.train), the
+(then there is no KL or agreement). The default model is the one trained here (helpers.tools.train), the
 default text its held-out split (The Tempest).
 """
 import argparse
@@ -19,22 +19,22 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import helpers  # noqa: F401  (chooses the native kernel library before bigdl.llm is imported)
 import torch
 from tqdm import tqdm
 
-from helpers.checkpoint import trained_token_counts
-from helpers.corpus import HELD_OUT_TEXT, unigram_perplexity
-from helpers.models import resolve_model
+from helpers.runtime import settings, startup
 from helpers.runtime.errors import UserError
+from helpers.runtime.formats import LOW_BIT_FORMATS
 from helpers.runtime.fused_decode import torch_path
-from helpers.runtime.loading import LOW_BIT_FORMATS, load_hf_model, load_model, load_tokenizer
 from helpers.runtime.memory import available_bytes, weight_bytes
+from helpers.models import resolve_model
 from helpers.runtime.paths import DATA_DIR
 from helpers.runtime.rwkv_cpu import repair_for_cpu
+from helpers.tools.checkpoint import trained_token_counts
+from helpers.tools.corpus import HELD_OUT_TEXT, unigram_perplexity
 
 FORMATS = ("fp32",) + LOW_BIT_FORMATS
-QUALITY_DIR = DATA_DIR / "quality"  # committed runs: python -m helpers.perplexity --json data/quality/NAME.json
+QUALITY_DIR = DATA_DIR / "quality"  # committed runs: python -m helpers.tools.perplexity --json data/quality/NAME.json
 PATHS = ("fused", "torch")
 CHUNK = 256  # tokens read per call; the state carries the rest
 
@@ -109,6 +109,8 @@ def check_formats(formats):
 def load_fp32(source, report):
     """FP32 as transformers loads it, on the CPU forwards (the same maths), or None where it does not fit."""
     try:
+        from helpers.runtime.loading import load_hf_model  # after startup.start(): it imports bigdl.llm
+
         return repair_for_cpu(load_hf_model(source))
     except UserError as error:
         report(f"FP32 skipped: {error}")
@@ -118,6 +120,8 @@ def load_fp32(source, report):
 def measure(source, ids, formats=FORMATS, paths=PATHS, report=print, progress=True):
     """Rows for every format and path asked for, all reading ids beside FP32. The low-bit models are loaded
     together where they fit in memory beside each other (FP32 then runs once), else one at a time."""
+    from helpers.runtime.loading import load_model  # after startup.start(): it imports bigdl.llm
+
     check_formats(formats)
     fp32 = load_fp32(source, report)
     fp32_row = fp32 is not None and "fp32" in formats
@@ -165,7 +169,7 @@ def _run(streams, fp32, ids, label, progress, fp32_row):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the model trained here)")
+    settings.add_flags(parser, "model", "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, from {', '.join(FORMATS)}")
     parser.add_argument("--paths", default=",".join(PATHS), help="fused, torch or both (low-bit formats only)")
     parser.add_argument("--text", type=Path, default=HELD_OUT_TEXT, help="UTF-8 text (default: the held-out split)")
@@ -173,13 +177,17 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args(argv)
     try:
+        chosen = settings.from_flags(args)
+        startup.start(chosen)
+        from helpers.runtime.loading import load_tokenizer
+
         formats, paths = args.formats.split(","), args.paths.split(",")
         check_formats(formats)
         if not set(paths) <= set(PATHS) or not paths:
             raise UserError(f"Unknown path in {args.paths!r}; choose fused, torch or fused,torch.")
         if args.max_tokens is not None and args.max_tokens < 1:
             raise UserError("--max-tokens must be at least 1.")
-        source = resolve_model(args.model)
+        source = resolve_model(chosen.model)
         tokenizer = load_tokenizer(source)
         ids = read_text_ids(tokenizer, args.text, args.max_tokens)
         report = lambda line: print(line, file=sys.stderr)  # noqa: E731

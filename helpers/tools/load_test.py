@@ -2,14 +2,14 @@
 completions, a fixed number of clients at a time; it stops by itself. Or a soak: many requests of mixed
 kinds, to see that every one is answered or refused with a line and that the worker's memory holds.
 
-    python -m helpers.serving.load_test [--model PATH_OR_ID] [--clients 1,4,16] [--requests 16] [--max-tokens 64]
+    python -m helpers.tools.load_test [--model PATH_OR_ID] [--clients 1,4,16] [--requests 16] [--max-tokens 64]
                                         [--rounds 3] [--step] [--json data/bench/serving-NAME.json]
-    python -m helpers.serving.load_test --soak 2000 [--clients 16] [--max-batch 8 --max-queue 4]
+    python -m helpers.tools.load_test --soak 2000 [--clients 16] [--max-batch 8 --max-queue 4]
                                         [--json data/bench/soak-NAME.json]
 
 The command starts the serving stack (one worker) on the model, runs the client counts in turn, `--rounds`
 times over (or the soak), and prints a table (the notebook 07 shows the committed runs). `--step` also
-times the batched decoding step alone (helpers.bench's, as many sequences as the most clients) after each
+times the batched decoding step alone (helpers.tools.bench's, as many sequences as the most clients) after each
 round, in this process while the worker idles: the server's ceiling, measured side by side.
 """
 import argparse
@@ -25,7 +25,9 @@ from pathlib import Path
 import psutil
 import requests
 
-from helpers import provenance
+from helpers.measure import provenance
+from helpers.runtime import startup
+from helpers.runtime.settings import add_flags, from_flags
 from helpers.runtime.errors import UserError
 from helpers.runtime.paths import DATA_DIR
 
@@ -203,13 +205,15 @@ def soak_request(url, model, index, headers=None):
             body, expected = MALFORMED[index // 20 % len(MALFORMED)]
             data = body.replace("MODEL", model) if isinstance(body, str) else json.dumps({"model": model, **body})
             response = requests.post(url + "/v1/completions", data=data, headers=headers, timeout=STALLED_S)
-            return ("refused", "") if _one_line_refusal(response, expected) else ("lost", f"HTTP {response.status_code}: {response.text[:200]}")
+            lost = ("lost", f"HTTP {response.status_code}: {response.text[:200]}")
+            return ("refused", "") if _one_line_refusal(response, expected) else lost
         body = {"model": model, "prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": 1 + index * 37 % 64,
                 "temperature": 0 if index % 3 else 0.8, "stream": index % 10 == 3 or index % 2 == 1}
         with requests.post(url + "/v1/completions", json=body, headers=headers, stream=body["stream"], timeout=STALLED_S) as response:
             if response.status_code != 200:
                 ok = _one_line_refusal(response)
-                return ("refused", str(response.status_code)) if ok else ("lost", f"HTTP {response.status_code}: {response.text[:200]}")
+                lost = ("lost", f"HTTP {response.status_code}: {response.text[:200]}")
+                return ("refused", str(response.status_code)) if ok else lost
             if index % 10 == 3:
                 next(response.iter_lines())
                 return "cancelled", ""  # leaving the block closes the connection
@@ -279,9 +283,9 @@ def load_run(name):
 
 
 def step_tokens_per_s(model, batch, steps=16):
-    """Tokens/s of the batched decoding step alone: `batch` sequences (helpers.bench's prompts), the median step."""
-    from helpers.bench import batch_prompts
-    from helpers.streaming import batched_greedy
+    """Tokens/s of the batched decoding step alone: `batch` sequences (helpers.tools.bench's prompts), the median step."""
+    from helpers.tools.bench import batch_prompts
+    from helpers.measure.timing import batched_greedy
 
     _, step_ms = batched_greedy(model, batch_prompts(model.config.vocab_size, batch), steps)
     return batch * 1000 / statistics.median(step_ms)
@@ -289,7 +293,7 @@ def step_tokens_per_s(model, batch, steps=16):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the model trained here)")
+    add_flags(parser, "model")
     parser.add_argument("--clients", default="1,4,16", help="client counts (a soak: one count)")
     parser.add_argument("--requests", type=int, default=16, help="requests per client count and round")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -300,7 +304,8 @@ def main(argv=None):
     parser.add_argument("--max-queue", type=int, help="the worker's --max-queue (default: --max-batch)")
     parser.add_argument("--json", type=Path, help="write the run here")
     args = parser.parse_args(argv)
-    from helpers.bench import read_bandwidth_gbs
+    startup.start(from_flags(args))
+    from helpers.measure.bandwidth import read_bandwidth_gbs
     from helpers.models import resolve_model
     from helpers.runtime.loading import load_model, load_tokenizer
     from helpers.serving.stack import Stack
@@ -332,7 +337,7 @@ def main(argv=None):
         bandwidths.append(read_bandwidth_gbs(threads))
     except UserError as error:
         sys.exit(f"Error: {error}")
-    command = " ".join(["python -m helpers.serving.load_test", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m helpers.tools.load_test", *(argv if argv is not None else sys.argv[1:])])
     made = provenance.stamp("serving", command, threads, bandwidths)
     if args.soak:
         run = {"model": model, "max_batch": args.max_batch, "max_queue": args.max_queue, "provenance": made,

@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 
 
 def plot_long_run(run):
-    """Per-token latency and RSS over a long generation (helpers.streaming.long_run)."""
+    """Per-token latency and RSS over a long generation (helpers.lessons.streaming.long_run)."""
     tokens = range(1, len(run.latency_ms) + 1)
     fig, (latency, memory) = plt.subplots(1, 2, figsize=(10, 3.2))
     latency.plot(tokens, run.latency_ms, linewidth=0.6)
@@ -18,7 +18,7 @@ def plot_long_run(run):
 
 def plot_quality(rows):
     """Perplexity, and KL divergence from FP32, against bytes per weight: a point per low-bit format, on the
-    fused path where it ran (helpers.perplexity rows)."""
+    fused path where it ran (helpers.tools.perplexity rows)."""
     from helpers.runtime.memory import BYTES_PER_WEIGHT
 
     path = "fused" if any(row.path == "fused" for row in rows) else "torch"
@@ -42,7 +42,7 @@ def plot_quality(rows):
 
 
 def plot_threads(measured):
-    """Decode tokens/s against thread count, the median and the range of the rounds (helpers.tuning)."""
+    """Decode tokens/s against thread count, the median and the range of the rounds (helpers.lessons.tuning)."""
     measured = {int(label): m for label, m in measured.items() if label.isdigit()}  # the reference has its own row
     threads = list(measured)
     medians = [m.median for m in measured.values()]
@@ -56,7 +56,7 @@ def plot_threads(measured):
 
 
 def plot_kernel_sweeps(sweeps):
-    """The fused step's weight reading against threads, next to its bandwidth bound (helpers/kernel_sweep.py)."""
+    """The fused step's weight reading against threads, next to its bandwidth bound (helpers/tools/kernel_sweep.py)."""
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 3.2))
     for ax, sweep in zip([axes] if len(sweeps) == 1 else axes, sweeps):
         threads = [r["threads"] for r in sweep["records"]]
@@ -87,7 +87,7 @@ def plot_chat_turns(turns):
 
 
 def plot_batches(measured):
-    """A server's view of batched decoding (helpers.streaming.measure_batches): tokens/s of all sequences
+    """A server's view of batched decoding (helpers.measure.timing.measure_batches): tokens/s of all sequences
     together, and each sequence's time per token, against the batch size; batch 1 is one client alone."""
     batches = list(measured)
     fig, (throughput, latency) = plt.subplots(1, 2, figsize=(10, 3.2))
@@ -109,9 +109,9 @@ def plot_batches(measured):
 
 
 def plot_load(results):
-    """A load test (helpers.serving.load_test): tokens/s of all clients (median of the rounds), and the p50
+    """A load test (helpers.tools.load_test): tokens/s of all clients (median of the rounds), and the p50
     and p95 latency to the first and to the last token, against the number of clients."""
-    from helpers.serving.load_test import by_clients, latencies_ms, percentile
+    from helpers.tools.load_test import by_clients, latencies_ms, percentile
 
     grouped = by_clients(results)
     clients = list(grouped)
@@ -129,7 +129,7 @@ def plot_load(results):
 
 
 def plot_served_chat(turns):
-    """A chat over the API turn by turn (helpers.serving.prompt_bench.ChatTurn): the first token's ms with the
+    """A chat over the API turn by turn (helpers.tools.prompt_bench.ChatTurn): the first token's ms with the
     state cache, without it, and for the new message alone; and the prompt tokens against those read."""
     numbers = [turn.turn for turn in turns]
     fig, (latency, tokens) = plt.subplots(1, 2, figsize=(10, 3.2))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from helpers.quality import agreement, logits_for, stepwise_logits
+from helpers.lessons.quality import agreement, logits_for, stepwise_logits
 from helpers.runtime.errors import UserError
 from helpers.runtime.fused_decode import torch_path
 from helpers.runtime.memory import PeakRss, check_fits, model_weight_bytes, rss_bytes

@@ -1,0 +1,25 @@
+"""What a process does once, before it loads a model: chooses bigdl-llm's native kernel library for this
+CPU (which must happen before bigdl.llm is imported) and checks the versions of the libraries helpers
+patches. The notebooks' setup(), every tool and the serving stack call start() first; importing a module
+does neither.
+"""
+import sys
+
+from helpers.runtime import settings as settings_module
+from helpers.runtime.cpu import select_native_library
+from helpers.runtime.versions import version_problems
+
+_native_choice = None
+
+
+def start(settings=None):
+    """Choose the native library (once per process) by settings (default: the environment's), and warn on
+    stderr about versions other than the pinned ones. Returns the NativeChoice."""
+    global _native_choice
+    if _native_choice is None:
+        settings = settings or settings_module.read()
+        settings_module.export(settings)
+        _native_choice = select_native_library(settings.native_build, settings.native_library)
+        for line in version_problems(["transformers", "bigdl-llm"]):
+            print(line, file=sys.stderr)
+    return _native_choice

@@ -1,0 +1,87 @@
+"""The layout's rule: helpers' folders are layers, and a module imports only from its own layer or below.
+Also: importing a module does no work (no bigdl-llm, no native library chosen) unless it needs bigdl-llm."""
+import ast
+import os
+import subprocess
+import sys
+
+from helpers.runtime.paths import REPO_ROOT
+
+LAYERS = ["runtime", "serving", "measure", "tools", "lessons"]  # lowest first
+# Runtime modules still at the top of helpers/: the serving worker and API server import them by this name, and
+# those files are in the serving code's fingerprint (moving them means redoing the committed serving runs).
+TOP_LEVEL_RUNTIME = {"helpers.models", "helpers.prompt"}
+NEEDS_BIGDL = {"helpers.runtime.loading"}  # imports bigdl.llm at import; call helpers.runtime.startup.start() first
+
+
+def module_name(path):
+    return ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def layer(module):
+    if module in TOP_LEVEL_RUNTIME or module == "helpers":
+        return 0
+    return LAYERS.index(module.split(".")[1])
+
+
+def helpers_imports(source):
+    """Every helpers module a source imports, at its top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("helpers")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("helpers"):
+            for alias in node.names:  # `from helpers.runtime import settings` imports a module
+                candidate = f"{node.module}.{alias.name}"
+                found.add(candidate if (REPO_ROOT / (candidate.replace(".", "/") + ".py")).exists() else node.module)
+    return found
+
+
+def upward_imports(path):
+    importer = module_name(path)
+    return [f"{importer} imports {imported}" for imported in sorted(helpers_imports(path.read_text()))
+            if imported != "helpers" and layer(imported) > layer(importer)]
+
+
+MODULES = sorted((REPO_ROOT / "helpers").rglob("*.py"))
+
+
+def test_every_module_is_in_a_layer():
+    for path in MODULES:
+        name = module_name(path)
+        assert name == "helpers" or name in TOP_LEVEL_RUNTIME or name.split(".")[1] in LAYERS, name
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    assert [line for path in MODULES for line in upward_imports(path)] == []
+
+
+def test_the_check_sees_an_upward_import(tmp_path):
+    planted = REPO_ROOT / "helpers" / "runtime" / "planted_for_test.py"
+    planted.write_text("def f():\n    from helpers.lessons.plots import plot_load\n")
+    try:
+        assert upward_imports(planted) == ["helpers.runtime.planted_for_test imports helpers.lessons.plots"]
+    finally:
+        planted.unlink()
+
+
+def imported_after(modules, tmp_path):
+    """(the libraries of bigdl, fastchat that importing modules imported, whether a native library was chosen),
+    in a fresh process whose environment names none."""
+    answer = tmp_path / "imported.txt"
+    script = (f"import os, sys; import {', '.join(modules)}; "
+              f"open({str(answer)!r}, 'w').write(' '.join(sorted({{name.split('.')[0] for name in sys.modules}} & "
+              "{'bigdl', 'fastchat'})) + '|' + str('LLAMA_CPP_LIB' in os.environ))")
+    env = {key: value for key, value in os.environ.items() if key != "LLAMA_CPP_LIB"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    libraries, chosen = answer.read_text().split("|")
+    return libraries, chosen == "True"
+
+
+def test_importing_does_no_work(tmp_path):
+    """Every module but those that need bigdl-llm imports without it (so without an AVX CPU) and without
+    choosing a native library; only the API server imports FastChat."""
+    modules = sorted({module_name(path) for path in MODULES} - NEEDS_BIGDL - {"helpers.serving.api_server"})
+    assert imported_after([m for m in modules if not m.endswith("__main__")], tmp_path) == ("", False)
+    assert imported_after(["helpers.serving.api_server"], tmp_path) == ("fastchat", False)
