@@ -17,8 +17,8 @@ project. It is bigdl-llm's own RWKV-4 example for PyTorch models, made to run on
 What this costs against `python -m helpers.tools.generate` (notebooks 02 and 03): the whole 16-bit model is held
 while it converts (about 2X GB for an X-billion model), each token runs transformers' forwards (many small
 tensor operations a layer) instead of one native call, and on a CPU whose vendor is not Intel
-bigdl-llm picks its plain AVX kernels (set LLAMA_CPP_LIB to a faster build from bigdl/llm/libs, or
-`import helpers` first, to choose by the CPU's flags).
+bigdl-llm picks its plain AVX kernels (set LLAMA_CPP_LIB to a faster build from bigdl/llm/libs, or call
+`helpers.runtime.startup.start()` first, to choose by the CPU's flags).
 
 Without --repo-id-or-model-path it uses RWKV_MODEL, else the small model trained here on Shakespeare
 (`make checkpoint` builds it; it writes like a play, it does not answer questions).
