@@ -42,3 +42,8 @@ def test_token_zero_is_end_of_text(tokenizer):
     ids = tokenizer("Hello").input_ids
     assert tokenizer.decode(ids + [0], skip_special_tokens=True) == "Hello"
     assert len(tokenizer) == 65530
+
+
+def test_an_id_without_a_token_decodes_to_no_text(tokenizer):
+    hello = tokenizer("Hello").input_ids
+    assert tokenizer.decode(hello + [65534] + hello) == tokenizer.decode(hello + hello)

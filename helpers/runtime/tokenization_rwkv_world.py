@@ -79,7 +79,9 @@ class RWKVWorldTokenizer(PreTrainedTokenizer):
         return 0 if token == END_OF_TEXT else self.byte_to_id[token.encode("latin-1")]
 
     def _convert_id_to_token(self, index):
-        return END_OF_TEXT if index == 0 else self.id_to_byte[index].decode("latin-1")
+        # The model's head has 65536 rows, the vocabulary fewer tokens: an id without one (a random-weight
+        # model can sample it) is no text, not an error.
+        return END_OF_TEXT if index == 0 else self.id_to_byte.get(index, b"").decode("latin-1")
 
     def convert_tokens_to_string(self, tokens):
         return b"".join(token.encode("latin-1") for token in tokens).decode("utf-8", errors="replace")
