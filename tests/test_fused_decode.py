@@ -84,8 +84,8 @@ def test_every_build_computes_the_same_logits(tiny_source, input_ids, fp32_model
         reference = fp32_model(input_ids).logits[0, 8:]
     model = load_low_bit_model(tiny_source, low_bit)
     assert model.fused_forward is not None, fused_decode.unavailable_reason
-    results = []
-    for native in (fused_decode.load_library(kernel), fused_decode.load_library("avx2")):
+    results, build = [], fused_decode.load_library(kernel)
+    for native in (build, fused_decode.load_library("avx2")):
         fused = fused_decode.FusedForward(model, native, model.fused_forward.model.format)
         prompt_logits, state = fused(input_ids[:, :20])
         step_logits, _ = fused(input_ids[:, 20:21], [s.clone() for s in state])
@@ -93,7 +93,7 @@ def test_every_build_computes_the_same_logits(tiny_source, input_ids, fp32_model
         results.append((prompt_logits, step_logits, batch))
     for mine, plain_avx2 in zip(*results):
         assert torch.equal(mine, plain_avx2)
-    whole_prompt, _ = fused_decode.FusedForward(model, fused_decode.load_library(kernel), model.fused_forward.model.format)(input_ids)
+    whole_prompt, _ = fused_decode.FusedForward(model, build, model.fused_forward.model.format)(input_ids)
     assert agreement(reference, whole_prompt[0, 8:]).above_floor(low_bit)
 
 

@@ -10,6 +10,12 @@ from helpers.runtime.batching import decode_step, read_prompt
 from helpers.runtime.memory import rss_bytes
 
 
+def seconds(fn):
+    """The wall-clock seconds one call of fn takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
 def _forward(model, input_ids, state):
     """One forward exactly as generate() makes it (with the RNN state after the first)."""
     return model(**model.prepare_inputs_for_generation(input_ids, state=state), use_cache=True)

@@ -7,7 +7,7 @@ Nothing is read at import: `read()` reads the environment when a tool starts, an
 this one starts, and for the fused step and the low-bit cache, which read them there today.
 """
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -17,47 +17,42 @@ class Setting:
     help: str
 
 
-SETTINGS = {  # Settings attribute: Setting
-    "model": Setting("RWKV_MODEL", "--model", "the model: a local folder or the id of a hub model you have "
-                     "downloaded (default: the small model trained here)"),
-    "native_build": Setting("RWKV_NATIVE_BUILD", "--native-build", "bigdl-llm's native kernel build: avx512, "
-                            "avxvnni, avx2 or avx (default: the fastest this CPU runs)"),
-    "fused_decode": Setting("RWKV_FUSED_DECODE", "--no-fused-decode", "0: decode low-bit models through torch "
-                            "and bigdl-llm's kernels, not the fused native step (default: 1)"),
-    "fused_kernel": Setting("RWKV_FUSED_KERNEL", "--fused-kernel", "the fused step's build: auto, avx512, "
-                            "avxvnni or avx2 (default: auto, the fastest this CPU runs)"),
-    "low_bit_cache": Setting("RWKV_LOW_BIT_CACHE", "--no-low-bit-cache", "0: convert the checkpoint on every "
-                             "load instead of keeping a low-bit copy (default: 1)"),
-    "api_keys": Setting("RWKV_API_KEYS", "--api-keys", "comma-separated keys API clients must send (default: none, "
-                        "only for a loopback address)"),
-    "native_library": Setting("LLAMA_CPP_LIB", "", "bigdl-llm's: the path of the libllama build to load; set, it "
-                              "wins over RWKV_NATIVE_BUILD"),
-    "compiler": Setting("CC", "", "the C compiler the fused step and the kernel sweep are built with "
-                        "(default: cc, else gcc)"),
-    "omp_threads": Setting("OMP_NUM_THREADS", "", "OpenMP's: threads of the native kernels and torch"),
-    "voila_base_url": Setting("VOILA_BASE_URL", "", "Voila's: set when a notebook runs as a Voila page"),
-}
+def _setting(variable, flag, help, default=None):
+    return field(default=default, metadata={"setting": Setting(variable, flag, help)})
 
 
 @dataclass(frozen=True)
 class Settings:
-    model: str | None = None
-    native_build: str | None = None
-    fused_decode: bool = True
-    fused_kernel: str = "auto"
-    low_bit_cache: bool = True
-    api_keys: str | None = None
-    native_library: str | None = None
-    compiler: str | None = None
-    omp_threads: int | None = None
-    voila_base_url: str | None = None
+    model: str | None = _setting("RWKV_MODEL", "--model", "the model: a local folder or the id of a hub model you have "
+                                 "downloaded (default: the small model trained here)")
+    native_build: str | None = _setting("RWKV_NATIVE_BUILD", "--native-build", "bigdl-llm's native kernel build: "
+                                        "avx512, avxvnni, avx2 or avx (default: the fastest this CPU runs)")
+    fused_decode: bool = _setting("RWKV_FUSED_DECODE", "--no-fused-decode", "0: decode low-bit models through torch "
+                                  "and bigdl-llm's kernels, not the fused native step (default: 1)", True)
+    fused_kernel: str = _setting("RWKV_FUSED_KERNEL", "--fused-kernel", "the fused step's build: auto, avx512, "
+                                 "avxvnni or avx2 (default: auto, the fastest this CPU runs)", "auto")
+    low_bit_cache: bool = _setting("RWKV_LOW_BIT_CACHE", "--no-low-bit-cache", "0: convert the checkpoint on every "
+                                   "load instead of keeping a low-bit copy (default: 1)", True)
+    api_keys: str | None = _setting("RWKV_API_KEYS", "--api-keys", "comma-separated keys API clients must send "
+                                    "(default: none, only for a loopback address)")
+    native_library: str | None = _setting("LLAMA_CPP_LIB", "", "bigdl-llm's: the path of the libllama build to load; "
+                                          "set, it wins over RWKV_NATIVE_BUILD")
+    compiler: str | None = _setting("CC", "", "the C compiler the fused step and the kernel sweep are built with "
+                                    "(default: cc, else gcc)")
+    omp_threads: int | None = _setting("OMP_NUM_THREADS", "", "OpenMP's: threads of the native kernels and torch")
+    voila_base_url: str | None = _setting("VOILA_BASE_URL", "", "Voila's: set when a notebook runs as a Voila page")
+
+
+SETTINGS = {f.name: f.metadata["setting"] for f in fields(Settings)}  # Settings attribute: Setting
+DEFAULTS = Settings()
 
 
 def _parse(name, text):
-    default = Settings.__dataclass_fields__[name].default
+    default = getattr(DEFAULTS, name)
     if isinstance(default, bool):
         return text.strip() != "0"
-    if name == "omp_threads":
+    kind = Settings.__dataclass_fields__[name].type
+    if int in getattr(kind, "__args__", (kind,)):
         return int(text) if text.strip().isdigit() else None
     return text.strip() or default
 
@@ -65,25 +60,29 @@ def _parse(name, text):
 def read(environ=None):
     """The settings the environment (os.environ, or the mapping given) holds now."""
     environ = os.environ if environ is None else environ
-    found = {name: _parse(name, environ[SETTINGS[name].variable])
-             for name in SETTINGS if SETTINGS[name].variable in environ}
-    return Settings(**found)
+    return Settings(**{name: _parse(name, environ[setting.variable])
+                       for name, setting in SETTINGS.items() if setting.variable in environ})
+
+
+def flag_help(name):
+    """A setting's help, naming its variable (as every flag's help does)."""
+    setting = SETTINGS[name]
+    return f"{setting.help} (env {setting.variable}{'=0' if setting.flag.startswith('--no-') else ''})"
 
 
 def add_flags(parser, *names):
     """Add to an argparse parser the flags of the settings named, each naming its variable."""
     for name in names:
-        setting = SETTINGS[name]
-        if setting.flag.startswith("--no-"):
-            parser.add_argument(setting.flag, dest=name, action="store_const", const=False,
-                                help=f"{setting.help} (env {setting.variable}=0)")
+        flag = SETTINGS[name].flag
+        if flag.startswith("--no-"):
+            parser.add_argument(flag, dest=name, action="store_const", const=False, help=flag_help(name))
         else:
-            parser.add_argument(setting.flag, dest=name, help=f"{setting.help} (env {setting.variable})")
+            parser.add_argument(flag, dest=name, help=flag_help(name))
 
 
 def from_flags(args, environ=None):
     """The environment's settings with the flags given on the command line in their place."""
-    given = {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name, None) is not None}
+    given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name, None) is not None}
     return Settings(**{**read(environ).__dict__, **given})
 
 
@@ -91,15 +90,15 @@ def variables(settings):
     """{variable: text} of the RWKV_* settings that differ from their defaults, as a child's environment takes them."""
     found = {}
     for name, setting in SETTINGS.items():
-        value, default = getattr(settings, name), Settings.__dataclass_fields__[name].default
-        if setting.flag and value != default:
+        value = getattr(settings, name)
+        if setting.flag and value != getattr(DEFAULTS, name):
             found[setting.variable] = ("1" if value else "0") if isinstance(value, bool) else str(value)
     return found
 
 
 def export(settings):
     """Make this process's RWKV_* variables say what settings say (the processes it starts inherit them)."""
-    for name, setting in SETTINGS.items():
+    for setting in SETTINGS.values():
         if setting.flag:
             os.environ.pop(setting.variable, None)
     os.environ.update(variables(settings))
@@ -110,6 +109,6 @@ def use_native_library(path):
     os.environ[SETTINGS["native_library"].variable] = path
 
 
-def child_environment(**variables_):
-    """This process's environment with variables_ added: the environment of a process it starts."""
-    return {**os.environ, **{key: str(value) for key, value in variables_.items()}}
+def child_environment(**extra):
+    """This process's environment with extra added: the environment of a process it starts."""
+    return {**os.environ, **{key: str(value) for key, value in extra.items()}}

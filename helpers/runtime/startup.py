@@ -3,11 +3,9 @@ CPU (which must happen before bigdl.llm is imported) and checks the versions of 
 patches. The notebooks' setup(), every tool and the serving stack call start() first; importing a module
 does neither.
 """
-import sys
-
 from helpers.runtime import settings as settings_module
 from helpers.runtime.cpu import select_native_library
-from helpers.runtime.versions import version_problems
+from helpers.runtime.versions import warn_about_versions
 
 _native_choice = None
 
@@ -20,6 +18,5 @@ def start(settings=None):
         settings = settings or settings_module.read()
         settings_module.export(settings)
         _native_choice = select_native_library(settings.native_build, settings.native_library)
-        for line in version_problems(["transformers", "bigdl-llm"]):
-            print(line, file=sys.stderr)
+        warn_about_versions(["transformers", "bigdl-llm"])
     return _native_choice

@@ -1,5 +1,6 @@
 """The versions of the libraries whose internals helpers patches or calls, as pinned, and one check at
 start-up that names the pinned version and the one found when they differ, and what may break."""
+import sys
 from importlib import metadata
 
 PINNED = {  # distribution: (pinned version, what depends on its internals)
@@ -25,3 +26,9 @@ def version_problems(distributions):
             problems.append(f"warning: {name} {found} is installed, helpers is tested with {pinned}: {at_risk}; "
                             f"`pip install {name}=={pinned}` restores it.")
     return problems
+
+
+def warn_about_versions(distributions):
+    """Print version_problems(distributions) on stderr."""
+    for line in version_problems(distributions):
+        print(line, file=sys.stderr)

@@ -54,7 +54,7 @@ def generate(model, tokenizer, prompt, n_predict=DEFAULT_N_PREDICT, **generate_k
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Predict tokens with generate() for an RWKV-4 model in low-bit.")
     parser.add_argument("--repo-id-or-model-path", "--model", dest="model", default=None,
-                        help=f"{settings.SETTINGS['model'].help} (env RWKV_MODEL)")
+                        help=settings.flag_help("model"))
     parser.add_argument("--prompt", default=DRAGON_PROMPT, help="prompt to infer")
     parser.add_argument("--n-predict", type=int, default=DEFAULT_N_PREDICT, help="max tokens to predict")
     parser.add_argument("--low-bit", default="sym_int4", choices=LOW_BIT_FORMATS, help="weight format")

@@ -14,13 +14,13 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from helpers.measure import provenance
 from helpers.measure.bandwidth import read_bandwidth_gbs
+from helpers.measure.timing import seconds
 from helpers.runtime import settings
 from helpers.runtime.cpu import cpu_info
 from helpers.runtime.fused_decode import BLOCK, BLOCK_BYTES, load_library
@@ -44,12 +44,6 @@ def token_matrices(shape):
     return [(random_int4(rows, cols, generator), rows, cols) for rows, cols in per_layer * layers + [(VOCAB_SIZE, hidden)]]
 
 
-def _seconds(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def sweep(shape, thread_counts, kernel="auto", command="python -m helpers.tools.kernel_sweep"):
     try:
         native = load_library(kernel)
@@ -70,7 +64,7 @@ def sweep(shape, thread_counts, kernel="auto", command="python -m helpers.tools.
     for threads in thread_counts:
         bandwidth = read_bandwidth_gbs(threads)
         one_token(threads)  # warm-up
-        milliseconds = statistics.median(_seconds(lambda: one_token(threads)) for _ in range(7)) * 1000
+        milliseconds = statistics.median(seconds(lambda: one_token(threads)) for _ in range(7)) * 1000
         records.append({"threads": threads, "kernel_ms": milliseconds, "bandwidth_gbs": bandwidth,
                         "bound_ms": weight_bytes / (bandwidth * 1e9) * 1000})
         print(json.dumps(records[-1]), flush=True)
