@@ -14,14 +14,21 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+# The fused decoding step's builds for this CPU, compiled into ~/.cache/rwkv-int4-notebooks/kernels (or
+# RWKV_KERNEL_CACHE); KERNEL_CHECK=--werror (CI) compiles each with warnings as errors first.
+KERNELS_STAMP := $(VENV)/.kernels
+$(KERNELS_STAMP): helpers/runtime/rwkv4_decode.c helpers/runtime/fused_decode.py $(STAMP)
+	$(PY) -m helpers.tools.build_kernels $(KERNEL_CHECK)
+	touch $(KERNELS_STAMP)
+
+install: $(STAMP) $(KERNELS_STAMP)
 
 $(CHECKPOINT): data/trained/rwkv-4-world-shakespeare.safetensors helpers/runtime/tokenization_rwkv_world.py | $(STAMP)
 	$(PY) -m helpers.tools.checkpoint --trained
 
 checkpoint: $(CHECKPOINT)
 
-demo: $(STAMP) $(CHECKPOINT)
+demo: install $(CHECKPOINT)
 	$(PY) -m helpers.tools.generate
 
 # The torch path of a CPU without AVX-512 and without a C compiler: bigdl-llm's avx2 kernels, no fused
@@ -29,18 +36,18 @@ demo: $(STAMP) $(CHECKPOINT)
 # build's bit for bit: tests/test_fused_decode.py). The tests that decode, and notebooks 02, 03 and 06,
 # run again on it against the same committed outputs.
 AVX2_PATH := RWKV_FUSED_DECODE=0 RWKV_NATIVE_BUILD=avx2
-AVX2_PATH_TESTS := tests/test_low_bit.py tests/test_batching.py notebooks/02_int4_loading.ipynb \
+AVX2_PATH_TESTS := tests/test_low_bit.py tests/test_batching.py tests/test_chat.py notebooks/02_int4_loading.ipynb \
 	notebooks/03_generate.ipynb notebooks/06_chat.ipynb
 
-test: $(STAMP) $(CHECKPOINT)
+test: install $(CHECKPOINT)
 	$(VENV)/bin/ruff check helpers tests examples
 	$(PY) -m pytest
 	$(AVX2_PATH) $(PY) -m pytest $(AVX2_PATH_TESTS)
 
-lab: $(STAMP) $(CHECKPOINT)
+lab: install $(CHECKPOINT)
 	$(VENV)/bin/jupyter lab notebooks/
 
-playground: $(STAMP) $(CHECKPOINT)
+playground: install $(CHECKPOINT)
 	$(VENV)/bin/voila notebooks/05_prompt_playground.ipynb --no-browser --Voila.ip=127.0.0.1 --port=8866
 
 # The OpenAI-compatible API on $(SERVE_HOST):$(PORT): FastChat's controller, $(WORKERS) RWKV worker(s), the API
@@ -54,7 +61,7 @@ MAX_QUEUE ?= $(MAX_BATCH)
 STATE_CACHE_MB ?= 256
 SERVE_HOST ?= 127.0.0.1
 API_KEYS ?= $(RWKV_API_KEYS)
-serve: $(STAMP) $(CHECKPOINT)
+serve: install $(CHECKPOINT)
 	@RWKV_API_KEYS="$(API_KEYS)" $(PY) -m helpers.serving --host $(SERVE_HOST) --port $(PORT) --workers $(WORKERS) \
 		--max-batch $(MAX_BATCH) --max-queue $(MAX_QUEUE) --state-cache-mb $(STATE_CACHE_MB)
 

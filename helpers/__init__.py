@@ -5,11 +5,11 @@
 - serving/: the OpenAI-compatible API over the runtime, with FastChat;
 - measure/: measuring code the tools and the lessons share: timed decoding, read bandwidth, provenance,
   measurements in processes of their own;
-- tools/: the command-line tools (generate, checkpoint, train, perplexity, bench, kernel sweep, load test,
-  prompt benchmark) and the code only they use;
+- tools/: the command-line tools (generate, checkpoint, train, perplexity, bench, build kernels, kernel sweep,
+  load test, prompt benchmark) and the code only they use;
 - lessons/: the notebooks' plumbing: tables, plots, widgets, tuning, the environment report.
 
 Importing a module does no work: the notebooks' setup() and every tool call helpers.runtime.startup.start()
-first, which chooses bigdl-llm's native library before bigdl.llm is imported. tests/test_layers.py holds the
-order.
+first, which chooses bigdl-llm's native library before bigdl.llm is imported (the loaders call it too, and
+import bigdl.llm only then). tests/test_layers.py holds the order.
 """

@@ -9,7 +9,7 @@ from helpers.runtime.startup import start
 
 start()  # before anything imports bigdl.llm: chooses its native library for this CPU
 from helpers.runtime.loading import load_hf_model, load_tokenizer  # noqa: E402
-from helpers.models import resolve_model  # noqa: E402
+from helpers.runtime.models import resolve_model  # noqa: E402
 from helpers.runtime.paths import DATA_DIR  # noqa: E402
 from helpers.tools.checkpoint import ensure_checkpoint  # noqa: E402
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers.prompt import PROMPT_FORMAT
+from helpers.runtime.prompt import PROMPT_FORMAT
 from helpers.runtime.paths import REPO_ROOT
 
 SEPARATORS = ["-------------------- Prompt --------------------", "-------------------- Output --------------------"]

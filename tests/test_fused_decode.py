@@ -1,10 +1,13 @@
 """The native decoding step (helpers/runtime/rwkv4_decode.c) computes what the torch path computes."""
 import contextlib
+import ctypes
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -221,7 +224,7 @@ def test_a_failed_allocation_in_the_kernel_is_a_memory_error(tiny_source):
     # (about 13 kB a token here) cannot be allocated: it must return an error, not write through NULL.
     code = f"""
 import resource, torch
-from helpers.models import resolve_model
+from helpers.runtime.models import resolve_model
 from helpers.runtime.loading import load_low_bit_model
 model = load_low_bit_model(resolve_model({tiny_source.location!r}), "sym_int4")
 fused = model.fused_forward
@@ -237,3 +240,50 @@ except MemoryError as error:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "MemoryError: the fused step could not allocate its buffers for 1 sequence(s) of 50000 token(s)" in result.stdout
+
+
+@needs_fused_step
+def test_a_library_with_other_structs_is_refused_with_one_line(monkeypatch):
+    path = fused_decode.build_library()
+    native = fused_decode.load_library()
+    fused_decode.check_abi(native, path)  # the structs mirrored here are the library's
+    wider = type("Layer", (ctypes.Structure,), {"_fields_": fused_decode.Layer._fields_ + [("added", ctypes.c_void_p)]})
+    monkeypatch.setattr(fused_decode, "Layer", wider)
+    with pytest.raises(RuntimeError, match=r"structs, and this code expects interface 1 with \d+ and \d+ bytes: rebuild "
+                                           r"it with `make install`") as raised:
+        fused_decode.check_abi(native, path)
+    assert "\n" not in str(raised.value)
+    monkeypatch.undo()
+    monkeypatch.setattr(fused_decode, "ABI_VERSION", fused_decode.ABI_VERSION + 1)
+    with pytest.raises(RuntimeError, match="has interface 1 "):
+        fused_decode.check_abi(native, path)
+
+
+@needs_fused_step
+def test_builds_are_kept_outside_the_project_and_install_builds_every_runnable_one(tmp_path):
+    assert REPO_ROOT not in fused_decode.build_library().parents
+    cache = tmp_path / "kernels"
+    result = subprocess.run([sys.executable, "-m", "helpers.tools.build_kernels"], capture_output=True,
+                            text=True, cwd=REPO_ROOT, env={**os.environ, "RWKV_KERNEL_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    built = sorted(cache.glob("rwkv4_decode-*.so"))
+    assert len(built) == len(RUNNABLE) and all(f"{kernel} build: {cache}" in result.stdout for kernel in RUNNABLE)
+    assert f"Decoding will use helpers' fused step, its {next(iter(RUNNABLE))} build" in result.stdout
+
+
+def test_without_a_compiler_the_first_load_says_why(tmp_path):
+    script = "from helpers.runtime import fused_decode; print(fused_decode.decoding_path())"
+    env = {**os.environ, "CC": "", "RWKV_KERNEL_CACHE": str(tmp_path / "empty"), "PATH": str(tmp_path)}  # no cc, gcc
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    assert result.stdout.strip() == ("bigdl-llm's kernels through torch (slower than the fused step): no C compiler "
+                                     "found (install gcc, e.g. `apt install gcc`, then `make install`)"), result.stderr
+
+
+def test_the_kernel_source_ships_in_the_package(tmp_path):
+    project = tmp_path / "project"  # a copy: building writes build/ beside pyproject.toml
+    shutil.copytree(REPO_ROOT / "helpers", project / "helpers", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO_ROOT / "pyproject.toml", project)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(project)], check=True, capture_output=True)
+    with zipfile.ZipFile(next(tmp_path.glob("*.whl"))) as wheel:
+        assert "helpers/runtime/rwkv4_decode.c" in wheel.namelist()

@@ -1,5 +1,5 @@
 """The layout's rule: helpers' folders are layers, and a module imports only from its own layer or below.
-Also: importing a module does no work (no bigdl-llm, no native library chosen) unless it needs bigdl-llm."""
+Also: importing a module does no work (no bigdl-llm, no native library chosen)."""
 import ast
 import os
 import subprocess
@@ -8,10 +8,6 @@ import sys
 from helpers.runtime.paths import REPO_ROOT
 
 LAYERS = ["runtime", "serving", "measure", "tools", "lessons"]  # lowest first
-# Runtime modules still at the top of helpers/: the serving worker and API server import them by this name, and
-# those files are in the serving code's fingerprint (moving them means redoing the committed serving runs).
-TOP_LEVEL_RUNTIME = {"helpers.models", "helpers.prompt"}
-NEEDS_BIGDL = {"helpers.runtime.loading"}  # imports bigdl.llm at import; call helpers.runtime.startup.start() first
 
 
 def module_name(path):
@@ -19,7 +15,7 @@ def module_name(path):
 
 
 def layer(module):
-    if module in TOP_LEVEL_RUNTIME or module == "helpers":
+    if module == "helpers":
         return 0
     return LAYERS.index(module.split(".")[1])
 
@@ -49,7 +45,7 @@ MODULES = sorted((REPO_ROOT / "helpers").rglob("*.py"))
 def test_every_module_is_in_a_layer():
     for path in MODULES:
         name = module_name(path)
-        assert name == "helpers" or name in TOP_LEVEL_RUNTIME or name.split(".")[1] in LAYERS, name
+        assert name == "helpers" or name.split(".")[1] in LAYERS, name
 
 
 def test_no_module_imports_from_a_layer_above_its_own():
@@ -80,8 +76,8 @@ def imported_after(modules, tmp_path):
 
 
 def test_importing_does_no_work(tmp_path):
-    """Every module but those that need bigdl-llm imports without it (so without an AVX CPU) and without
-    choosing a native library; only the API server imports FastChat."""
-    modules = sorted({module_name(path) for path in MODULES} - NEEDS_BIGDL - {"helpers.serving.api_server"})
+    """Every module imports without bigdl-llm (so without an AVX CPU) and without choosing a native library:
+    bigdl-llm is imported by the calls that load a model, after start(). Only the API server imports FastChat."""
+    modules = sorted({module_name(path) for path in MODULES} - {"helpers.serving.api_server"})
     assert imported_after([m for m in modules if not m.endswith("__main__")], tmp_path) == ("", False)
     assert imported_after(["helpers.serving.api_server"], tmp_path) == ("fastchat", False)

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXTS, run_cli
+from helpers.runtime import fused_decode
 from helpers.runtime.loading import (LOW_BIT_FORMATS, load_cached_low_bit_model, load_low_bit_model, load_model,
                                     load_tokenizer)
-from helpers.models import resolve_model
+from helpers.runtime.models import resolve_model
 from helpers.lessons.quality import agreement, logits_for
 from helpers.runtime.low_bit_cache import cache_dir
 
@@ -151,8 +152,22 @@ def test_a_changed_checkpoint_is_converted_again(hub_source, cache_here, tmp_pat
 
 def test_the_cache_can_be_turned_off(tiny_source, cache_here, monkeypatch):
     monkeypatch.setenv("RWKV_LOW_BIT_CACHE", "0")
+    monkeypatch.setattr("helpers.runtime.loading._decoding_path_reported", True)
     load_model(tiny_source, report=cache_here.append)
     assert cache_here == [] and not cache_dir(tiny_source, "sym_int4").exists()
+
+
+def test_the_first_load_says_which_path_decodes(tiny_source, cache_here, monkeypatch):
+    monkeypatch.setattr("helpers.runtime.loading._decoding_path_reported", False)
+    model = load_model(tiny_source, report=cache_here.append)
+    load_model(tiny_source, report=cache_here.append)
+    said = [line for line in cache_here if line.startswith("Decoding: ")]
+    if model.fused_forward is not None:
+        build = fused_decode.kernel_name(model.fused_forward.native)
+        assert said == [f"Decoding: helpers' fused step, its {build} build (compiled for this CPU)."]
+    else:  # the torch path: it says why
+        assert said == [f"Decoding: bigdl-llm's kernels through torch (slower than the fused step): "
+                        f"{fused_decode.unavailable_reason}."]
     monkeypatch.setenv("RWKV_LOW_BIT_CACHE", "1")
     load_model(tiny_source, report=cache_here.append)
     assert cache_here[0].startswith("Converted") and cache_dir(tiny_source, "sym_int4").exists()

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
-from helpers.prompt import chat_message
+from helpers.runtime.prompt import chat_message
 from helpers.runtime.batching import decode_step, read_prompt
 from helpers.runtime.loading import load_model, load_tokenizer
 from helpers.runtime.sampling import Sampling

@@ -13,9 +13,8 @@ from helpers.runtime.versions import PINNED, version_problems
 def test_read_types_and_defaults():
     assert settings.read({}) == settings.Settings()
     read = settings.read({"RWKV_MODEL": " RWKV/rwkv-4-world-7b ", "RWKV_FUSED_DECODE": "0", "RWKV_LOW_BIT_CACHE": "1",
-                          "OMP_NUM_THREADS": "4", "VOILA_BASE_URL": "/"})
-    assert (read.model, read.fused_decode, read.low_bit_cache, read.omp_threads, read.voila_base_url) == (
-        "RWKV/rwkv-4-world-7b", False, True, 4, "/")
+                          "OMP_NUM_THREADS": "4"})
+    assert (read.model, read.fused_decode, read.low_bit_cache, read.omp_threads) == ("RWKV/rwkv-4-world-7b", False, True, 4)
 
 
 def test_flags_name_their_variable_and_win_over_it():
@@ -35,16 +34,10 @@ def test_the_readme_table_lists_every_variable():
         assert re.search(rf"^\| `{setting.variable}` \|", readme, re.M), setting.variable
 
 
-# Still read (or, for FastChat's LOGDIR, written) in these until their next change: they are in the committed
-# runs' code fingerprints, and changing them means redoing those runs (data/bench/README.md).
-READ_ELSEWHERE = {"helpers/runtime/fused_decode.py", "helpers/runtime/low_bit_cache.py", "helpers/serving/api_server.py",
-                  "helpers/serving/worker.py"}
-
-
 def test_the_environment_is_read_in_one_place():
     found = subprocess.run(["grep", "-rln", "--include=*.py", "os.environ", "helpers"], capture_output=True, text=True,
                            cwd=REPO_ROOT).stdout.split()
-    assert set(found) == {"helpers/runtime/settings.py"} | READ_ELSEWHERE
+    assert found == ["helpers/runtime/settings.py"]
 
 
 def test_pins_are_the_requirements():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers.models import resolve_model
+from helpers.runtime.models import resolve_model
 from helpers.runtime.errors import UserError
 from helpers.runtime.loading import LOW_BIT_FORMATS, load_cached_low_bit_model, load_low_bit_model
 

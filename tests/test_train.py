@@ -8,7 +8,7 @@ import torch
 
 from helpers.tools import corpus, train
 from helpers.tools.checkpoint import build_trained_checkpoint, trained_token_counts
-from helpers.models import resolve_model
+from helpers.runtime.models import resolve_model
 from helpers.runtime.loading import load_hf_model
 
 USED = [0, 11, 33, 261, 3000, 40000]  # the World ids a toy corpus uses

@@ -54,16 +54,8 @@ def native_library_rows(choice):
         ("why", choice.reason),
         ("loaded in this kernel", loaded_native_library() or "not yet (loads with the first low-bit model)"),
         ("bigdl-llm's own pick (by vendor)", "the plain AVX build on non-Intel CPUs, whatever their flags"),
-        ("decoding step", fused_decode_status()),
+        ("decoding step", fused_decode.decoding_path()),
     ]
-
-
-def fused_decode_status():
-    """Whether low-bit models decode through helpers.runtime.fused_decode here, and if not, why."""
-    native = fused_decode.library()
-    if native is not None:
-        return f"helpers' fused step, its {fused_decode.kernel_name(native)} build (compiled for this CPU)"
-    return f"bigdl-llm's kernels: {fused_decode.unavailable_reason}"
 
 
 def measured(shape, option):

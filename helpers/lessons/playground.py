@@ -5,14 +5,12 @@ generate() checks after each token; a second Generate while one runs is refused,
 """
 import html
 import threading
-import time
 
 import ipywidgets as widgets
 
-from helpers.models import resolve_model
-from helpers.prompt import check_n_predict, format_prompt
+from helpers.runtime.models import resolve_model
+from helpers.runtime.prompt import check_n_predict, format_prompt
 from helpers.runtime.errors import UserError
-from helpers.runtime.settings import read as read_settings
 from helpers.lessons.streaming import stream_generate
 
 DEFAULT_MODEL = "the model trained here (Shakespeare)"
@@ -156,50 +154,3 @@ class Playground:
         if self._thread is not None:
             self._thread.join(timeout)
         return not self.running
-
-
-def _text_after(playground, length, timeout=120):
-    """The output's length once it has grown past `length` (or the generation ended, or timeout s passed)."""
-    deadline = time.monotonic() + timeout
-    while len(playground.output.value) <= length and playground.running and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return len(playground.output.value)
-
-
-def served_by_voila():
-    return read_settings().voila_base_url is not None
-
-
-def self_test(shown):
-    """Press the buttons of a playground as a person would and check what happens; prints one line per check.
-
-    It drives a playground of its own, not shown, on the model that `shown` loaded: the one on screen
-    stays as its user left it. Skipped when Voila serves the page, and while `shown` is generating.
-    """
-    if served_by_voila():
-        return
-    if shown.running:
-        return print("skipped: the playground above is generating; run this cell again once it is done")
-    playground = Playground(shown.source, shown.model, shown.tokenizer)
-    checks = []
-    playground.prompt.value, playground.greedy.value, playground.n_predict.value = "Tell me about dragons.", True, 400
-    playground.generate_button.click()
-    early = _text_after(playground, 0)  # the prompt is read first: seconds on a 7B
-    checks.append(("text streams in while generating", 0 < early < _text_after(playground, early)))
-    playground.generate_button.click()
-    checks.append(("a second Generate is refused", playground.message == "Already generating: press Stop first."))
-    playground.stop_button.click()
-    checks.append(("Stop ends the generation thread", playground.wait(timeout=30)))
-    checks.append(("the run is recorded as stopped early", playground.history[-1]["stopped"]))
-    checks.append(("first-token latency and tokens/s shown", "first token" in playground.stats.value
-                   and "tokens/s" in playground.stats.value))
-    playground.prompt.value = ""
-    playground.generate_button.click()
-    checks.append(("an empty prompt gets the clear message", playground.message.startswith("error: The prompt is empty")))
-    playground.prompt.value, playground.n_predict.value = "What is AI?", 20
-    playground.generate_button.click()
-    checks.append(("a full run finishes", playground.wait(timeout=300) and playground.history[-1]["tokens"] == 20))
-    checks.append(("the output box holds the run's text", playground.output.value == playground.history[-1]["text"]))
-    for name, passed in checks:
-        print(f"{'ok  ' if passed else 'FAIL'} {name}")
-    assert all(passed for _, passed in checks), "the playground self-test failed"

@@ -7,7 +7,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from helpers.measure.timing import timed_greedy_decode
-from helpers.prompt import check_n_predict, format_prompt
+from helpers.runtime.prompt import check_n_predict, format_prompt
+from helpers.runtime.whole_characters import WholeCharacters
 
 
 @dataclass
@@ -29,8 +30,9 @@ class _TextStreamer(BaseStreamer):
     """Receives token ids from generate() and hands on the new text, whole characters only."""
 
     def __init__(self, tokenizer, result, on_text, started):
-        self.tokenizer, self.result, self.on_text, self.started = tokenizer, result, on_text, started
-        self.ids, self.prompt_seen = [], False
+        self.result, self.on_text, self.started = result, on_text, started
+        self.characters = WholeCharacters(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+        self.prompt_seen = False
 
     def put(self, value):
         if not self.prompt_seen:  # generate() first sends the prompt
@@ -39,11 +41,10 @@ class _TextStreamer(BaseStreamer):
         if self.result.tokens == 0:
             self.result.first_token_s = time.perf_counter() - self.started
         self.result.tokens += 1
-        self.ids.extend(value.flatten().tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > len(self.result.text):  # a split UTF-8 char waits
-            piece, self.result.text = text[len(self.result.text):], text
-            if self.on_text:
+        for token in value.flatten().tolist():
+            piece = self.characters.add(token)  # "" while a split UTF-8 character waits
+            self.result.text += piece
+            if piece and self.on_text:
                 self.on_text(piece)
 
     def end(self):

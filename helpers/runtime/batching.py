@@ -33,8 +33,14 @@ def decode_step(model, tokens, states):
     if any(len(state) != 5 or any(s.shape != shape or s.dtype != torch.float32 or not s.is_contiguous() for s in state)
            for state in states):
         raise ValueError(f"each state must be as read_prompt returns it: five float32 tensors of shape {list(shape)}")
+    return read_tokens(model, ids, states)
+
+
+def read_tokens(model, ids, states):
+    """Logits [sequences, vocab] of the last of the token ids [sequences, tokens], row i continuing states[i]
+    (updated in place): a decoding step, or one call for a chunk of several prompts (a server's scheduler)."""
     with torch.no_grad():
-        fused = model.fused_forward
+        fused = getattr(model, "fused_forward", None)
         if fused is not None:
             return fused.run(ids, states)[:, -1]
         stacked = [torch.cat([state[k] for state in states]) for k in range(5)]

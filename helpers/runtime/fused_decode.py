@@ -4,11 +4,14 @@ bigdl-llm's low-bit weights (FORMATS: sym_int4, asym_int4, sym_int5, sym_int8).
 bigdl-llm's own INT4 kernel and the ~30 small torch operations per layer around it leave a token
 at about 2.7x the time its weights take to read. rwkv4_decode.c reads the same blocks with
 integer multiply-adds and prefetching (several tokens 8 at a time per unpacked block), and does the
-layer norms, token shift, WKV and channel mix in place. It is compiled on first use into build/, in
-the build this CPU runs fastest (KERNELS: AVX-512 VNNI, AVX-VNNI or plain AVX2; all three compute
-the same logits), or the one ``RWKV_FUSED_KERNEL`` names (to test or measure another CPU's path).
-Without a C compiler or AVX2, or for other formats, models run through the torch path. Set
-``RWKV_FUSED_DECODE=0`` to turn it off.
+layer norms, token shift, WKV and channel mix in place. `make install` compiles every build this CPU
+runs (python -m helpers.tools.build_kernels: AVX-512 VNNI, AVX-VNNI or plain AVX2, KERNELS; all three
+compute the same logits) into the kernel cache, a folder outside the project (RWKV_KERNEL_CACHE); one
+missing there is compiled on first use. A process runs the fastest build, or the one the fused_kernel
+setting names (to test or measure another CPU's path). The library reports its interface (ABI) and a
+library built from other source is refused. Without a C compiler or AVX2, or for other formats, models
+run through the torch path, and the first load says why (decoding_path). The fused_decode setting
+(RWKV_FUSED_DECODE=0) turns it off.
 """
 import contextlib
 import ctypes
@@ -21,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from helpers.runtime import settings
 from helpers.runtime.cpu import cpu_info
-from helpers.runtime.paths import REPO_ROOT
+from helpers.runtime.formats import LOW_BIT_FORMATS as FORMATS  # the kernel's format numbers are their indices
 
-SOURCE = Path(__file__).with_name("rwkv4_decode.c")
-BUILD_DIR = REPO_ROOT / "build"
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+SOURCE = Path(__file__).with_name("rwkv4_decode.c")  # package data: an installed (not editable) package has it too
+DEFAULT_CACHE = Path.home() / ".cache" / "rwkv-int4-notebooks" / "kernels"
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra"]
+ABI_VERSION = 1  # rwkv4_decode.c's ABI_VERSION: the Layer and Model structs below, and the functions' arguments
 BASE = ("avx2", "fma", "f16c")  # every build
 # Fastest first: the CPU flags each build needs, and its compiler flags. Each build is compiled for
 # exactly its instructions (not -march=native), so a forced build is the one its CPUs run.
@@ -36,7 +41,6 @@ KERNELS = {
     "avx2": (BASE, ["-mavx2", "-mfma", "-mf16c"]),
 }
 BLOCK = 64
-FORMATS = ["sym_int4", "asym_int4", "sym_int5", "sym_int8"]  # bigdl-llm's layouts the kernel reads, in its order
 BLOCK_BYTES = [34, 36, 42, 68]  # bytes of a block of 64 weights in each format (rwkv4_decode.c's block_bytes)
 OUT_OF_MEMORY = -1  # what the library's functions return when they could not allocate their buffers
 ROWS_PER_STEP = 8  # rows % 8 == 0: the kernel computes 8 rows at a time
@@ -96,32 +100,71 @@ def kernel_choice(wanted=None, info=None):
     return wanted, [*runnable[wanted], f"-DKERNEL_{wanted.upper()}"]
 
 
+def kernel_cache():
+    """The folder compiled builds are kept in: the kernel_cache setting, else ~/.cache/rwkv-int4-notebooks/kernels."""
+    return Path(settings.read().kernel_cache or DEFAULT_CACHE)
+
+
+def _compiler():
+    compiler = settings.read().compiler or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler found (install gcc, e.g. `apt install gcc`, then `make install`)")
+    return compiler
+
+
+def _compile(compiler, flags, output):
+    result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(output), "-lm"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+
+
 def build_library(kernel=None, extra_flags=()):
-    """Compile rwkv4_decode.c as the build `kernel` (default: the fastest this CPU runs), cached by
-    source, flags and compiler; returns its path.
+    """Compile rwkv4_decode.c as the build `kernel` (default: the fastest this CPU runs) into the kernel
+    cache, once per source, flags and compiler; returns its path.
 
     Raises RuntimeError saying why when the CPU cannot run it, or there is no compiler or it fails.
     """
     _, kernel_flags = kernel_choice(kernel)
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise RuntimeError("no C compiler found (install gcc, e.g. `apt install gcc`)")
+    compiler = _compiler()
     flags = [*FLAGS, *kernel_flags, *extra_flags]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    library = BUILD_DIR / f"rwkv4_decode-{key}.so"
+    folder = kernel_cache()
+    library = folder / f"rwkv4_decode-{key}.so"
     if not library.exists():
-        BUILD_DIR.mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=BUILD_DIR) as scratch:
-            partial = os.path.join(scratch, library.name)
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial, "-lm"], capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            partial = Path(scratch) / library.name
+            _compile(compiler, flags, partial)
             os.replace(partial, library)  # atomic: other processes see a whole library or none
     return library
 
 
+def check_warnings(kernel):
+    """Compile the build `kernel` with warnings as errors, keeping nothing (CI's check); RuntimeError if any."""
+    _, kernel_flags = kernel_choice(kernel)
+    with tempfile.TemporaryDirectory() as scratch:
+        _compile(_compiler(), [*FLAGS, *kernel_flags, "-Werror"], Path(scratch) / "check.so")
+
+
+def check_abi(native, path):
+    """RuntimeError (one line) unless the library's interface is the one the ctypes structs here mirror."""
+    version, layer_bytes, model_bytes = (ctypes.c_int32() for _ in range(3))
+    try:
+        native.rwkv4_abi(ctypes.byref(version), ctypes.byref(layer_bytes), ctypes.byref(model_bytes))
+    except AttributeError:
+        version.value = 0  # built before the library reported its interface
+    found = (version.value, layer_bytes.value, model_bytes.value)
+    expected = (ABI_VERSION, ctypes.sizeof(Layer), ctypes.sizeof(Model))
+    if found != expected:
+        raise RuntimeError(f"{path} has interface {found[0]} with {found[1]}- and {found[2]}-byte structs, and this "
+                           f"code expects interface {expected[0]} with {expected[1]} and {expected[2]} bytes: "
+                           "rebuild it with `make install`")
+
+
 def load_library(kernel=None, extra_flags=()):
-    library = ctypes.CDLL(str(build_library(kernel, extra_flags)))
+    path = build_library(kernel, extra_flags)
+    library = ctypes.CDLL(str(path))
+    check_abi(library, path)
     library.rwkv4_forward.restype = library.rwkv4_matmul.restype = ctypes.c_int
     library.rwkv4_forward.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                       ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
@@ -143,14 +186,25 @@ def library():
     """The compiled library, or None (with ``unavailable_reason`` set) when it can't be built or is off."""
     global _library, unavailable_reason
     if _library is None and unavailable_reason is None:
-        if os.environ.get("RWKV_FUSED_DECODE", "1") == "0":
+        wanted = settings.read()
+        if not wanted.fused_decode:
             unavailable_reason = "turned off by RWKV_FUSED_DECODE=0"
         else:
             try:
-                _library = load_library(os.environ.get("RWKV_FUSED_KERNEL"))
+                _library = load_library(wanted.fused_kernel)
             except (RuntimeError, OSError) as error:
                 unavailable_reason = str(error)
     return _library
+
+
+def decoding_path(model=None):
+    """One line: whether low-bit models (or this model) decode through the fused step here, which build, and
+    if not, why."""
+    native = library()
+    if native is not None and (model is None or getattr(model, "fused_forward", None) is not None):
+        return f"helpers' fused step, its {kernel_name(native)} build (compiled for this CPU)"
+    reason = unavailable_reason if native is None else "the model's weights are not in one format the fused step reads"
+    return f"bigdl-llm's kernels through torch (slower than the fused step): {reason}"
 
 
 def linear_format(linear, rows, cols):

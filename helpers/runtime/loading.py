@@ -10,24 +10,34 @@ import pickle
 import time
 
 import torch
-from bigdl.llm.transformers import AutoModelForCausalLM as LowBitModel  # after helpers chose the native library
 
+from helpers.runtime import fused_decode
 from helpers.runtime.cpu import require_avx2
 from helpers.runtime.errors import UserError
+from helpers.runtime.formats import LOW_BIT_FORMATS
 from helpers.runtime.low_bit_cache import cache_dir, cache_enabled, cache_problem, save_cache, shown_path
 from helpers.runtime.memory import check_fits
 from helpers.runtime.rwkv_cpu import release_freed_memory, repair_for_cpu
+from helpers.runtime.startup import start
 from helpers.runtime.tensor_loading import mapped_low_bit_cache, quantized_from_checkpoint
 
-logging.getLogger().setLevel(logging.WARNING)  # bigdl-llm sets the root logger to INFO on import
 
-LOW_BIT_FORMATS = ("sym_int4", "asym_int4", "sym_int5", "sym_int8")
+
+def _low_bit_model_class():
+    """bigdl-llm's AutoModelForCausalLM, imported on first use: after start() chose the native library."""
+    from bigdl.llm.transformers import AutoModelForCausalLM
+
+    logging.getLogger().setLevel(logging.WARNING)  # bigdl-llm sets the root logger to INFO on import
+    return AutoModelForCausalLM
 
 
 def _check_low_bit(low_bit):
+    """UserError for a format bigdl-llm has no kernel for here; then the native library is chosen (once), as
+    it must be before bigdl-llm is first imported."""
     if low_bit not in LOW_BIT_FORMATS:
         raise UserError(f"Unknown low-bit format {low_bit!r}; choose one of {', '.join(LOW_BIT_FORMATS)}.")
     require_avx2()
+    start()
 
 
 def load_tokenizer(source):
@@ -64,7 +74,7 @@ def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True, loader="
     check_fits(source.config, low_bit, loader)
     if loader == "tensor_by_tensor":
         return repair_for_cpu(quantized_from_checkpoint(source.location, low_bit, rescale=optimize_model))
-    model = LowBitModel.from_pretrained(
+    model = _low_bit_model_class().from_pretrained(
         source.location, load_in_low_bit=low_bit, optimize_model=optimize_model, trust_remote_code=True
     )
     return repair_for_cpu(model)
@@ -113,14 +123,24 @@ def _load_saved_low_bit(folder, config, low_bit, loader="mapped"):
     check_fits(config, low_bit, "cache")
     if loader == "mapped":
         return repair_for_cpu(mapped_low_bit_cache(folder, low_bit))
-    return repair_for_cpu(LowBitModel.load_low_bit(str(folder), trust_remote_code=True))
+    return repair_for_cpu(_low_bit_model_class().load_low_bit(str(folder), trust_remote_code=True))
+
+
+_decoding_path_reported = False
 
 
 def load_model(source, low_bit="sym_int4", report=print):
     """What the CLI, notebooks and playground run: the HF fp32 reference for low_bit="fp32"; else the low-bit
-    model repaired for CPU, from the low-bit cache (made on the first load) unless RWKV_LOW_BIT_CACHE=0."""
+    model repaired for CPU, from the low-bit cache (made on the first load) unless RWKV_LOW_BIT_CACHE=0.
+    The first low-bit load of a process also reports which decoding path runs, and why when not the fused one."""
+    global _decoding_path_reported
     if low_bit == "fp32":
         return load_hf_model(source)
     if cache_enabled() and not source.config.get("bigdl_transformers_low_bit"):
-        return load_cached_low_bit_model(source, low_bit, report=report)
-    return load_low_bit_model(source, low_bit)
+        model = load_cached_low_bit_model(source, low_bit, report=report)
+    else:
+        model = load_low_bit_model(source, low_bit)
+    if not _decoding_path_reported:
+        _decoding_path_reported = True
+        report(f"Decoding: {fused_decode.decoding_path(model)}.")
+    return model

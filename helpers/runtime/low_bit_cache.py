@@ -8,21 +8,20 @@ the cache off.
 """
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
+from helpers.runtime import settings
 from helpers.runtime.paths import MODELS_DIR, REPO_ROOT
 from helpers.runtime.tensor_loading import WEIGHT_FILES, checkpoint_files
 
 CACHE_DIR = MODELS_DIR / "low-bit"
-CACHE_VARIABLE = "RWKV_LOW_BIT_CACHE"
 MANIFEST = "low_bit_cache.json"  # written last: a cache without it is unfinished
 
 
 def cache_enabled():
-    """False when RWKV_LOW_BIT_CACHE=0: every load then converts from the checkpoint."""
-    return os.environ.get(CACHE_VARIABLE, "1") != "0"
+    """False when the low_bit_cache setting is off (RWKV_LOW_BIT_CACHE=0): every load then converts from the checkpoint."""
+    return settings.read().low_bit_cache
 
 
 def cache_dir(source, low_bit):

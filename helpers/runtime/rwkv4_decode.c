@@ -472,6 +472,15 @@ typedef struct {
     const Layer *layer;
 } Model;
 
+/* The interface's version (raised when a struct or a function's arguments change) and the structs' sizes:
+   the loader (fused_decode.py) mirrors both structs with ctypes and refuses a library that disagrees. */
+#define ABI_VERSION 1
+void rwkv4_abi(int32_t *version, int32_t *layer_bytes, int32_t *model_bytes) {
+    *version = ABI_VERSION;
+    *layer_bytes = (int32_t)sizeof(Layer);
+    *model_bytes = (int32_t)sizeof(Model);
+}
+
 static inline float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

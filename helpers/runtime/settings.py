@@ -4,7 +4,7 @@ The README's settings table lists SETTINGS.
 
 Nothing is read at import: `read()` reads the environment when a tool starts, and a tool's flags
 (`add_flags`, then `from_flags`) override it. `export()` writes the RWKV_* ones back for the processes
-this one starts, and for the fused step and the low-bit cache, which read them there today.
+this one starts; the runtime's modules read() when they need a setting, so they see what a tool's flags said.
 """
 import os
 from dataclasses import dataclass, field, fields
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 @dataclass(frozen=True)
 class Setting:
     variable: str
-    flag: str  # the command-line flag that sets it, or "" for a variable another program owns
+    flag: str  # the command-line flag that sets it, or "" for a variable only (another program's, or a folder's)
     help: str
 
 
@@ -33,6 +33,8 @@ class Settings:
                                  "avxvnni or avx2 (default: auto, the fastest this CPU runs)", "auto")
     low_bit_cache: bool = _setting("RWKV_LOW_BIT_CACHE", "--no-low-bit-cache", "0: convert the checkpoint on every "
                                    "load instead of keeping a low-bit copy (default: 1)", True)
+    kernel_cache: str | None = _setting("RWKV_KERNEL_CACHE", "", "the folder the fused step's compiled builds are kept "
+                                        "in (default: ~/.cache/rwkv-int4-notebooks/kernels)")
     api_keys: str | None = _setting("RWKV_API_KEYS", "--api-keys", "comma-separated keys API clients must send "
                                     "(default: none, only for a loopback address)")
     native_library: str | None = _setting("LLAMA_CPP_LIB", "", "bigdl-llm's: the path of the libllama build to load; "
@@ -40,7 +42,6 @@ class Settings:
     compiler: str | None = _setting("CC", "", "the C compiler the fused step and the kernel sweep are built with "
                                     "(default: cc, else gcc)")
     omp_threads: int | None = _setting("OMP_NUM_THREADS", "", "OpenMP's: threads of the native kernels and torch")
-    voila_base_url: str | None = _setting("VOILA_BASE_URL", "", "Voila's: set when a notebook runs as a Voila page")
 
 
 SETTINGS = {f.name: f.metadata["setting"] for f in fields(Settings)}  # Settings attribute: Setting
@@ -107,6 +108,12 @@ def export(settings):
 def use_native_library(path):
     """Point bigdl-llm (in this process, and the ones it starts) at the libllama build at path."""
     os.environ[SETTINGS["native_library"].variable] = path
+
+
+def keep_fastchat_logs_on_stdout():
+    """FastChat writes its logs into files in LOGDIR (default: the current folder) unless it is empty; set
+    before fastchat is imported."""
+    os.environ.setdefault("LOGDIR", "")
 
 
 def child_environment(**extra):

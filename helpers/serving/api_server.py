@@ -31,11 +31,12 @@ generate_completion_stream in their module when called; this module puts its own
 """
 import argparse
 import json
-import os
 import sys
 import time
 
-os.environ.setdefault("LOGDIR", "")  # FastChat logs to stdout only, not into files in the current folder
+from helpers.runtime import settings
+
+settings.keep_fastchat_logs_on_stdout()  # before fastchat is imported
 
 import aiohttp  # noqa: E402
 import httpx  # noqa: E402
@@ -48,12 +49,13 @@ from fastchat.constants import ErrorCode  # noqa: E402
 from fastchat.protocol.openai_api_protocol import EmbeddingsRequest, ErrorResponse  # noqa: E402
 from fastchat.serve import openai_api_server as fastchat_api  # noqa: E402
 
-from helpers.prompt import chat_message  # noqa: E402
+from helpers.runtime.prompt import chat_message  # noqa: E402
+from helpers.runtime.shapes import CONTEXT_LENGTH  # noqa: E402
+from helpers.runtime.versions import warn_about_versions  # noqa: E402
 from helpers.serving.http import (CLIENT_GONE, StreamWhileClientListens, closes_with_response, open_streams,  # noqa: E402
                                   remove_routes, unavailable, unless_client_goes)
 from helpers.serving.limits import MAX_CHOICES, max_tokens_problem, no_keys_problem, sampling_problem  # noqa: E402
 
-MAX_TOKENS = 4096  # the context length of every RWKV-4 World model (config.json's context_length)
 STATUS_TIMEOUT_S = 2.0
 WORKER_CHOICES = 4  # the controller's choices of worker tried for one request
 HEALTH_CACHE_S = 1.0  # /health asks no key: its answer is reused this long, so calling it costs the workers little
@@ -79,7 +81,7 @@ def _limits_problem(request):
     """max_tokens beyond the context, too many choices, or a penalty outside OpenAI's range (FastChat checks none)."""
     if request.n is not None and request.n > MAX_CHOICES:
         return f"n must be between 1 and {MAX_CHOICES} on this server, not {request.n}"
-    return max_tokens_problem(request.max_tokens, MAX_TOKENS) or sampling_problem(
+    return max_tokens_problem(request.max_tokens, CONTEXT_LENGTH) or sampling_problem(
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty)
 
 
@@ -379,10 +381,10 @@ def main(argv=None):
     parser.add_argument("--controller-address", default="http://127.0.0.1:21001")
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (another than loopback needs keys)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-keys", default=os.environ.get("RWKV_API_KEYS"),
-                        help="keys a client must send, separated by commas (env: RWKV_API_KEYS)")
+    settings.add_flags(parser, "api_keys")
     args = parser.parse_args(argv)
-    keys = [key.strip() for key in (args.api_keys or "").split(",") if key.strip()]
+    warn_about_versions(["fschat"])
+    keys = [key.strip() for key in (settings.from_flags(args).api_keys or "").split(",") if key.strip()]
     problem = no_keys_problem(args.host, keys, "--api-keys (or set RWKV_API_KEYS)")
     if problem:
         print(f"Error: {problem}", file=sys.__stderr__)  # not into FastChat's log, which prefixes every line

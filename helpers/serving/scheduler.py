@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from helpers.runtime.batching import decode_step
+from helpers.runtime.batching import decode_step, read_tokens
 from helpers.runtime.sampling import Sampling
 from helpers.serving.state_cache import STATE_CACHE_MB, StateCache
 
@@ -95,18 +95,6 @@ def start_state(config):
     state = [torch.zeros(1, config.hidden_size, config.num_hidden_layers) for _ in range(5)]
     state[4] -= 1e30
     return state
-
-
-def read_tokens(model, ids, states):
-    """Logits [sequences, vocab] of the last of the token ids [sequences, tokens], row i continuing states[i]
-    (updated in place): one call for a chunk of several prompts."""
-    stacked = [torch.cat([state[k] for state in states]) for k in range(5)]
-    with torch.no_grad():
-        output = model(ids, state=stacked, use_cache=True, last_logits_only=True)
-    for row, state in enumerate(states):
-        for k in range(5):
-            state[k].copy_(output.state[k][row:row + 1])
-    return output.logits[:, -1]
 
 
 class Scheduler:
@@ -232,9 +220,9 @@ class Scheduler:
 
     def _read_chunk(self):
         """Read the next chunk of the oldest prompts; a prompt read to its end gets its first token and runs."""
-        group, length = self._chunk()
+        group, length, budget = self._chunk()
         ids = torch.tensor([item.request.prompt_ids[item.read:item.read + length] for item in group])
-        started, budget = time.monotonic(), self._budget()
+        started = time.monotonic()
         try:
             logits = read_tokens(self.model, ids, [item.state for item in group])
         except Exception as error:  # reported to these requests' readers, the others go on
@@ -267,7 +255,7 @@ class Scheduler:
             request.tokens.put(token)
 
     def _chunk(self):
-        """(the prompts read now, tokens of each): the oldest prompt that can start, up to its next stop and the
+        """(the prompts read now, tokens of each, the budget): the oldest prompt that can start, up to its next stop and the
         budget, and the next ones that have as many tokens left before their own stop, within the budget. A
         prompt starts from the longest cached prefix of it once the prompts read ahead of it that share a turn
         with it have read past that turn."""
@@ -282,7 +270,7 @@ class Scheduler:
         budget = self._budget()
         length = min(startable[0].next_stop() - startable[0].read, budget)
         group = [item for item in startable if item.next_stop() - item.read >= length]
-        return group[:max(1, budget // length)], length
+        return group[:max(1, budget // length)], length, budget
 
     def _budget(self):
         """Prompt tokens to read before the next step: while as many requests decode as prompts wait, as many as

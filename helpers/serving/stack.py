@@ -26,7 +26,6 @@ from helpers.runtime.errors import UserError
 from helpers.runtime import settings
 from helpers.runtime.paths import REPO_ROOT
 from helpers.runtime.settings import child_environment
-from helpers.runtime.versions import warn_about_versions
 from helpers.serving.limits import no_keys_problem
 
 LOG_DIR = REPO_ROOT / "build" / "serving"
@@ -248,7 +247,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     chosen = settings.from_flags(args)
     settings.export(chosen)  # the workers inherit them
-    warn_about_versions(["fschat"])
     problem = no_keys_problem(args.host, (chosen.api_keys or "").strip(), "API_KEYS=... to make serve (--api-keys, or RWKV_API_KEYS)")
     if problem:
         sys.exit(f"Error: {problem}")  # before minutes of loading a model

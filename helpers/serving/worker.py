@@ -29,11 +29,14 @@ import uuid
 
 import requests
 
+from helpers.runtime import settings
 from helpers.runtime.errors import UserError
+from helpers.runtime.startup import start
+from helpers.runtime.versions import warn_about_versions
+from helpers.runtime.whole_characters import WholeCharacters
 from helpers.serving.limits import max_tokens_problem, sampling_problem
 from helpers.serving.state_cache import STATE_CACHE_MB
 
-MAX_CHAR_TOKENS = 4  # a UTF-8 character has at most 4 bytes, so it is split over at most 4 tokens
 UNHEALTHY_QUEUE = 10**9  # the queue length a worker whose model thread failed reports to the controller
 # A request waiting for a place in the batch, or for prompts read ahead of it, sends its unchanged text this
 # often, so that the API server's read timeout (FastChat's WORKER_API_TIMEOUT, 100 s) does not take the
@@ -78,20 +81,19 @@ class AnswerText:
     the first stop string (finish is then "stop")."""
 
     def __init__(self, decode, stops, stop_ids):
-        self.decode, self.stops, self.stop_ids = decode, stops, stop_ids
+        self.characters, self.stops, self.stop_ids = WholeCharacters(decode), stops, stop_ids
         self.longest_stop = max(map(len, stops), default=0)
-        self.tokens, self.pending, self.text, self.finish = [], [], "", None
+        self.tokens, self.text, self.finish = [], "", None
 
     def add(self, token):
         if token in self.stop_ids:
             self.finish = "stop"
             return
         self.tokens.append(token)
-        self.pending.append(token)
-        piece = self.decode(self.pending)
-        if piece.endswith("\ufffd") and len(self.pending) < MAX_CHAR_TOKENS:
+        piece = self.characters.add(token)
+        if not piece:
             return  # a split UTF-8 character waits for its next bytes
-        searched, self.pending = max(0, len(self.text) - self.longest_stop), []
+        searched = max(0, len(self.text) - self.longest_stop)
         self.text += piece
         ends = [end for end in (self.text.find(stop, searched) for stop in self.stops) if end >= 0]
         if ends:
@@ -334,7 +336,6 @@ def main(argv=None):
                         help="the address to listen on: this host's address on a private network for other hosts")
     parser.add_argument("--port", type=int, default=21002)
     parser.add_argument("--worker-address", help="how the controller reaches this worker (default: http://HOST:PORT)")
-    parser.add_argument("--model", help="model folder or hub id (default: RWKV_MODEL, else the model trained here)")
     parser.add_argument("--model-name", help="the name clients ask for (default: the model folder's name)")
     parser.add_argument("--low-bit", default="sym_int4")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
@@ -346,6 +347,7 @@ def main(argv=None):
                         help="memory for the states of recent prompts' prefixes, reused by the requests that begin "
                              "with them (0: none)")
     parser.add_argument("--cpus", help="cores to run on, as taskset -c takes them (0-7)")
+    settings.add_flags(parser, "model", "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
     args = parser.parse_args(argv)
     if args.host in WILDCARDS:
         parser.exit(2, f"Error: --host {args.host!r} listens on every network, public ones too, and a worker takes "
@@ -354,7 +356,8 @@ def main(argv=None):
             or (args.queue_timeout_s is not None and args.queue_timeout_s <= 0)):
         parser.exit(2, "Error: --max-batch must be at least 1, --max-queue and --state-cache-mb at least 0 and "
                        "--queue-timeout-s above 0.\n")
-    os.environ.setdefault("LOGDIR", "")  # FastChat logs to stdout only, not into files in the current folder
+    settings.keep_fastchat_logs_on_stdout()
+    warn_about_versions(["fschat"])
     # Every allocation of 128 KiB or more gets pages of its own, returned on free: glibc otherwise raises that
     # bound after the first frees, and the kernel's buffers (megabytes each call) come from the heap, where the
     # small states the cache keeps end up between them and the heap only grows (+254% RSS over a soak).
@@ -362,11 +365,12 @@ def main(argv=None):
     try:
         if args.cpus:
             os.sched_setaffinity(0, parse_cpus(args.cpus))  # before torch starts its threads
-        import torch  # helpers, imported with this module, has chosen bigdl-llm's native library already
+        start(settings.from_flags(args))  # chooses bigdl-llm's native library, before bigdl.llm is imported
+        import torch
         import uvicorn
         from fastchat.serve import base_model_worker
 
-        from helpers.models import resolve_model
+        from helpers.runtime.models import resolve_model
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         source = resolve_model(args.model)

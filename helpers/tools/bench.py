@@ -117,7 +117,7 @@ def measure(option, shape, threads, layout="safetensors", batches=()):
     from helpers.measure.timing import timed_greedy_decode
     from helpers.runtime.fused_decode import kernel_name
     from helpers.runtime.low_bit_cache import cache_dir, cache_problem
-    from helpers.models import resolve_model
+    from helpers.runtime.models import resolve_model
     from helpers.tools.checkpoint import ensure_checkpoint
 
     torch.set_num_threads(threads)

@@ -11,11 +11,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from helpers.prompt import DEFAULT_N_PREDICT, DRAGON_PROMPT, check_n_predict, format_prompt
+from helpers.runtime.prompt import DEFAULT_N_PREDICT, DRAGON_PROMPT, check_n_predict, format_prompt
 from helpers.runtime import settings, startup
 from helpers.runtime.errors import UserError
 from helpers.runtime.formats import LOW_BIT_FORMATS
-from helpers.models import resolve_model
+from helpers.runtime.models import resolve_model
 
 
 @dataclass

@@ -306,7 +306,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     startup.start(from_flags(args))
     from helpers.measure.bandwidth import read_bandwidth_gbs
-    from helpers.models import resolve_model
+    from helpers.runtime.models import resolve_model
     from helpers.runtime.loading import load_model, load_tokenizer
     from helpers.serving.stack import Stack
 

@@ -27,7 +27,7 @@ from helpers.runtime.errors import UserError
 from helpers.runtime.formats import LOW_BIT_FORMATS
 from helpers.runtime.fused_decode import torch_path
 from helpers.runtime.memory import available_bytes, weight_bytes
-from helpers.models import resolve_model
+from helpers.runtime.models import resolve_model
 from helpers.runtime.paths import DATA_DIR
 from helpers.runtime.rwkv_cpu import repair_for_cpu
 from helpers.tools.checkpoint import trained_token_counts
