@@ -1,7 +1,9 @@
 """The settings module: every variable read there, typed, with a flag naming it; and the version check."""
 import argparse
+import logging
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -58,3 +60,12 @@ def test_a_different_version_is_named(monkeypatch):
 @pytest.mark.parametrize("name", ["transformers", "bigdl-llm", "fschat"])
 def test_the_installed_versions_are_the_pinned_ones(name):
     assert version_problems([name]) == []
+
+
+def test_after_start_bigdl_llm_logs_no_info_lines():
+    """bigdl-llm sets up INFO logging when imported (a timestamped line per conversion, in every notebook cell
+    that loads a model); start() configures logging first, so that it does not."""
+    script = ("import logging; from helpers.runtime.startup import start; start(); import bigdl.llm.transformers; "
+              "print(logging.getLogger().getEffectiveLevel())")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.stdout.split()[-1] == str(logging.WARNING), result.stderr[-2000:]
