@@ -39,10 +39,14 @@ AVX2_PATH := RWKV_FUSED_DECODE=0 RWKV_NATIVE_BUILD=avx2
 AVX2_PATH_TESTS := tests/test_low_bit.py tests/test_batching.py tests/test_chat.py notebooks/02_int4_loading.ipynb \
 	notebooks/03_generate.ipynb notebooks/06_chat.ipynb
 
+# AS_CPU=epyc-zen3 runs every test as that CPU would see it (tests/cpus/epyc-zen3.cpuinfo: AVX2 and FMA, no
+# AVX-512, no VNNI), torch's kernels included; each pass's header says which builds it checked.
+AS_CPU_ENV := $(if $(AS_CPU),RWKV_CPUINFO=$(CURDIR)/tests/cpus/$(AS_CPU).cpuinfo ATEN_CPU_CAPABILITY=avx2)
+
 test: install $(CHECKPOINT)
 	$(VENV)/bin/ruff check helpers tests examples
-	$(PY) -m pytest
-	$(AVX2_PATH) $(PY) -m pytest $(AVX2_PATH_TESTS)
+	$(AS_CPU_ENV) $(PY) -m pytest
+	$(AS_CPU_ENV) $(AVX2_PATH) $(PY) -m pytest $(AVX2_PATH_TESTS)
 
 lab: install $(CHECKPOINT)
 	$(VENV)/bin/jupyter lab notebooks/
@@ -60,9 +64,10 @@ MAX_BATCH ?= 16
 MAX_QUEUE ?= $(MAX_BATCH)
 STATE_CACHE_MB ?= 256
 SERVE_HOST ?= 127.0.0.1
-API_KEYS ?= $(RWKV_API_KEYS)
+# API_KEYS counts when given to make, not when another program's is in the environment
+SERVE_KEYS = $(if $(filter command line,$(origin API_KEYS)),$(API_KEYS),$(RWKV_API_KEYS))
 serve: install $(CHECKPOINT)
-	@RWKV_API_KEYS="$(API_KEYS)" $(PY) -m helpers.serving --host $(SERVE_HOST) --port $(PORT) --workers $(WORKERS) \
+	@RWKV_API_KEYS="$(SERVE_KEYS)" $(PY) -m helpers.serving --host $(SERVE_HOST) --port $(PORT) --workers $(WORKERS) \
 		--max-batch $(MAX_BATCH) --max-queue $(MAX_QUEUE) --state-cache-mb $(STATE_CACHE_MB)
 
 clean:

@@ -7,13 +7,35 @@ import pytest
 
 from helpers.runtime.startup import start
 
-start()  # before anything imports bigdl.llm: chooses its native library for this CPU
+NATIVE_CHOICE = start()  # before anything imports bigdl.llm: chooses its native library for this CPU
+from helpers.measure.provenance import ISA, describe, machine  # noqa: E402
+from helpers.runtime import cpu, fused_decode  # noqa: E402
 from helpers.runtime.loading import load_hf_model, load_tokenizer  # noqa: E402
 from helpers.runtime.models import resolve_model  # noqa: E402
 from helpers.runtime.paths import DATA_DIR  # noqa: E402
+from helpers.runtime.settings import read as read_settings  # noqa: E402
 from helpers.tools.checkpoint import ensure_checkpoint  # noqa: E402
 
 SAMPLE_TEXTS = json.loads((DATA_DIR / "sample_texts.json").read_text(encoding="utf-8"))
+
+
+def pytest_report_header(config):
+    """What this run checks on this CPU, and what it cannot: the kernel builds and decoding paths."""
+    info, seen_as = cpu.cpu_info(), read_settings().cpuinfo
+    runnable = fused_decode.runnable_kernels(info)
+    fused = [f"{name} (on the avx512 build's instructions)" if name == "avxvnni" and not info.has("avx_vnni") else name
+             for name in runnable]
+    lacking = [f"{name} (needs {', '.join(flag for flag in needed if not info.has(flag))})"
+               for name, (needed, _) in fused_decode.KERNELS.items() if name not in runnable]
+    native_lacking = [f"{build} (needs {', '.join(sorted(flag for flag in needed if not info.has(flag)))})"
+                      for build, needed in cpu.NATIVE_BUILDS if not info.has(*needed)]
+    seen = f"{info.model} ({', '.join(name for name, flags in ISA if info.has(*flags))}), as RWKV_CPUINFO={seen_as} describes it; "
+    real = {key: value for key, value in machine().items() if key != "run_as"}
+    return [f"CPU: {seen if seen_as else ''}this machine: {describe(real)}",
+            f"fused step builds checked: {', '.join(fused) or 'none'}; not on this CPU: {', '.join(lacking) or 'none'}",
+            f"bigdl-llm's kernels: libllama_{NATIVE_CHOICE.build} ({NATIVE_CHOICE.reason}); builds this CPU cannot run: "
+            f"{', '.join(native_lacking) or 'none'}",
+            f"decoding path: {fused_decode.decoding_path()}"]
 
 
 def pytest_addoption(parser):

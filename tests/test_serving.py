@@ -27,7 +27,10 @@ from helpers.serving.scheduler import Overloaded, Scheduler, SchedulerStopped
 from helpers.measure.timing import batched_greedy
 from helpers.serving.stack import Stack, core_groups, free_port
 from helpers.serving.worker import AnswerText, parse_cpus
+from helpers.runtime.cpu import _parse_proc_cpuinfo, cpu_info
 from helpers.runtime.errors import UserError
+from helpers.runtime.paths import REPO_ROOT
+from test_cpu import topology_cpuinfo
 
 MODEL = "rwkv-4-world-tiny"
 PROMPTS = [f"Question: {topic}\n\nAnswer:" for topic in (
@@ -66,6 +69,9 @@ def test_models_lists_the_model(client):
 def test_workers_are_pinned_to_their_own_cores(stack):
     cores = [os.sched_getaffinity(worker.popen.pid) for worker in stack.workers]
     assert all(cores) and not cores[0] & cores[1]
+    for worker, pinned in zip(stack.workers, cores):  # a thread for each physical core of its own
+        threads = requests.post(worker.url + "/worker_get_status", timeout=10).json()["threads"]
+        assert threads == len(cpu_info().physical_cores_of(pinned))
 
 
 def admitted(stack):
@@ -233,6 +239,40 @@ def test_a_worker_stream_sends_only_the_text_each_chunk_adds(stack, tiny_source,
     assert "".join(chunk["text"] for chunk in chunks) == tokenizer.decode(greedy) and len(chunks[-1]["text"]) < 100
 
 
+def test_a_long_prompt_being_tokenized_does_not_hold_up_running_streams(stack, tiny_source):
+    # A prompt far past the context: the worker tokenizes all of it before it can refuse it. In its event loop,
+    # every stream it runs would wait that long for its next chunk.
+    huge = "Once upon a time, in a land far away. " * 50_000
+    started = time.monotonic()
+    load_tokenizer(tiny_source)(huge)
+    tokenize_s = time.monotonic() - started
+    assert tokenize_s > 0.3  # long enough to see in the gaps
+    worker = stack.workers[1].url
+    body = {"prompt": LONG_STREAM_PROMPT, "max_new_tokens": 4000, "temperature": 0}
+    arrivals, window = [], []
+
+    def send_huge_prompts():
+        time.sleep(1.0)  # gaps before, for comparison
+        window.append(time.monotonic())
+        for _ in range(2):
+            answer = requests.post(worker + "/worker_generate", json={"prompt": huge, "max_new_tokens": 8}, timeout=60).json()
+            assert "more than the model's context" in answer["text"]
+        window.append(time.monotonic())
+
+    with ThreadPoolExecutor(1) as pool, requests.post(worker + "/worker_generate_stream", json=body, stream=True,
+                                                      timeout=60) as response:
+        sender = pool.submit(send_huge_prompts)
+        for _ in response.iter_lines(delimiter=b"\0"):
+            arrivals.append(time.monotonic())
+            if sender.done():
+                break
+        sender.result()
+    gaps = [(later - earlier, earlier) for earlier, later in zip(arrivals, arrivals[1:])]
+    before = max(gap for gap, at in gaps if at < window[0])
+    during = max(gap for gap, at in gaps if window[0] <= at <= window[1])
+    assert during < before + tokenize_s / 2, (during, before, tokenize_s)
+
+
 def one_line_or_success(response):
     """A response that is not a server error: a success, or a 4xx whose message is one line."""
     assert response.status_code < 500, (response.status_code, response.text[:300])
@@ -397,6 +437,24 @@ def test_make_serve_answers_with_penalties_then_ctrl_c_stops_all_three(trained_s
         serve.kill()
 
 
+@pytest.mark.parametrize("keys", [["API_KEYS=sekrit"], []])  # as the README gives them: a make variable, RWKV_API_KEYS
+def test_make_serve_takes_api_keys_both_ways_the_readme_gives(keys):
+    port = free_port()
+    environment = {**os.environ, **({} if keys else {"RWKV_API_KEYS": "sekrit", "API_KEYS": "not a JSON list"})}
+    serve = subprocess.Popen(["make", "--no-print-directory", "serve", f"PORT={port}", *keys], cwd=REPO_ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
+                             start_new_session=True)
+    try:
+        said = next((line for line in iter(serve.stdout.readline, "") if line.startswith(("Serving ", "Error"))), "")
+        assert said.startswith("Serving "), said
+        models = f"http://127.0.0.1:{port}/v1/models"
+        assert requests.get(models, timeout=10).status_code == 401
+        assert requests.get(models, headers={"Authorization": "Bearer sekrit"}, timeout=10).json()["data"]
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        serve.wait(30)
+
+
 def test_a_bad_model_path_stops_make_serve_with_one_line():
     result = subprocess.run([sys.executable, "-m", "helpers.serving", "--port", str(free_port()), "--model", "/no/such/model"],
                             capture_output=True, text=True, timeout=120)
@@ -551,12 +609,23 @@ def test_answer_text_holds_back_a_possible_stop_and_cuts_at_a_stop():
 
 def test_core_lists():
     assert parse_cpus(",".join(map(str, sorted(os.sched_getaffinity(0))))) == os.sched_getaffinity(0)
-    assert core_groups(2, range(8)) == ["0-3", "4-7"]
-    assert core_groups(2, [0, 2, 4, 6]) == ["0,2", "4,6"]
+    no_smt = _parse_proc_cpuinfo(topology_cpuinfo(sockets=1, cores=8, threads=1))
+    assert core_groups(2, range(8), no_smt) == ["0-3", "4-7"]
+    assert core_groups(2, [0, 2, 4, 6], no_smt) == ["0,2", "4,6"]
     with pytest.raises(UserError, match="core numbers"):
         parse_cpus("first")
-    with pytest.raises(UserError, match="between 1 and the 8 cores"):
-        core_groups(9, range(8))
+    with pytest.raises(UserError, match="between 1 and the 8 physical cores"):
+        core_groups(9, range(8), no_smt)
+
+
+def test_workers_get_whole_physical_cores_where_siblings_are_numbered_apart():
+    # 2 sockets of 4 cores, CPU n and n + 8 the two threads of one core: contiguous halves of 0-15 would give
+    # each worker both threads of cores the other worker also runs on.
+    server = _parse_proc_cpuinfo(topology_cpuinfo(sockets=2, cores=4))
+    assert core_groups(2, range(16), server) == ["0-3,8-11", "4-7,12-15"]  # a socket each
+    assert core_groups(4, range(16), server) == ["0-1,8-9", "2-3,10-11", "4-5,12-13", "6-7,14-15"]
+    with pytest.raises(UserError, match="between 1 and the 8 physical cores"):
+        core_groups(16, range(16), server)
 
 
 @pytest.mark.parametrize("messages, stop, expected", [

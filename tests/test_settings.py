@@ -1,6 +1,7 @@
 """The settings module: every variable read there, typed, with a flag naming it; and the version check."""
 import argparse
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +18,29 @@ def test_read_types_and_defaults():
     read = settings.read({"RWKV_MODEL": " RWKV/rwkv-4-world-7b ", "RWKV_FUSED_DECODE": "0", "RWKV_LOW_BIT_CACHE": "1",
                           "OMP_NUM_THREADS": "4"})
     assert (read.model, read.fused_decode, read.low_bit_cache, read.omp_threads) == ("RWKV/rwkv-4-world-7b", False, True, 4)
+
+
+SWITCHES = [name for name, value in settings.DEFAULTS.__dict__.items() if isinstance(value, bool)]
+
+
+@pytest.mark.parametrize("name", SWITCHES)
+def test_every_switch_reads_as_people_write_it(name):
+    variable = settings.SETTINGS[name].variable
+    for words, value in ((["0", "false", "no", "off", "OFF", " False "], False), (["1", "true", "yes", "on", "Yes"], True)):
+        assert {getattr(settings.read({variable: word}), name) for word in words} == {value}
+    for text in ("maybe", "", "2", "disabled"):
+        with pytest.raises(settings.BadSetting) as refused:
+            settings.read({variable: text})
+        message = str(refused.value)
+        assert variable in message and "1/true/yes/on/0/false/no/off" in message and "\n" not in message
+
+
+def test_a_tool_refuses_a_bad_switch_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "helpers.tools.generate", "--n-predict", "1"], capture_output=True,
+                            text=True, cwd=REPO_ROOT, env={**os.environ, "RWKV_FUSED_DECODE": "maybe"})
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: RWKV_FUSED_DECODE='maybe' is not a switch; set it to one of 1/true/yes/on/0/false/no/off (any case), "
+        "or unset it"]
 
 
 def test_flags_name_their_variable_and_win_over_it():
@@ -69,3 +93,13 @@ def test_after_start_bigdl_llm_logs_no_info_lines():
               "print(logging.getLogger().getEffectiveLevel())")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.stdout.split()[-1] == str(logging.WARNING), result.stderr[-2000:]
+
+
+def test_the_variables_kept_from_fastchat_are_its_app_settings():
+    """FastChat's API server reads these from the environment when imported; helpers' API server removes them
+    first and sets them itself, so that one more field in a FastChat upgrade fails here."""
+    script = ("import sys; from fastchat.serve.openai_api_server import AppSettings; "  # FastChat logs what print() says
+              "sys.__stdout__.write(' '.join(sorted(AppSettings.__fields__)))")
+    fields = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, check=True,
+                            env={**os.environ, "LOGDIR": ""}).stdout.split()
+    assert fields == sorted(settings.FASTCHAT_APP_SETTINGS)

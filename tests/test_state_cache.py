@@ -6,8 +6,11 @@ import time
 import pytest
 import torch
 
+from helpers.runtime.batching import read_tokens
 from helpers.runtime.loading import load_model
-from helpers.serving.scheduler import MIN_CHUNK, Scheduler
+from helpers.runtime.sampling import Sampling
+from helpers.serving import scheduler as scheduler_module
+from helpers.serving.scheduler import MIN_CHUNK, Request, Scheduler, _Reading, _shared_turns
 from helpers.serving.state_cache import StateCache, state_bytes
 from helpers.serving.worker import turn_boundaries
 
@@ -152,3 +155,44 @@ def test_a_cancelled_prompt_is_dropped_before_its_next_chunk(model):
     assert status["reading"] == 0 and status["cancelled"] == 1
     assert status["prompt_tokens_read"] < 3 + 4000 // 2
 
+
+
+def rows_read(monkeypatch):
+    """The prompts in each native call that reads prompt chunks, as the scheduler makes them."""
+    calls = []
+
+    def recorded(model, ids, states):
+        calls.append(len(ids))
+        return read_tokens(model, ids, states)
+
+    monkeypatch.setattr(scheduler_module, "read_tokens", recorded)
+    return calls
+
+
+def test_without_a_cache_prompts_that_share_a_prefix_are_read_together(model, monkeypatch):
+    system = [(13 * i) % 300 + 3 for i in range(200)]
+    prompts = [system + [50 + i] * (1 + i) for i in range(4)]
+    calls = rows_read(monkeypatch)
+    scheduler = Scheduler(model, max_batch=4, state_cache_mb=0)
+    try:
+        requests = [scheduler.submit(ids, NEW_TOKENS, boundaries=[len(system)]) for ids in prompts]
+        answers = [served(request) for request in requests]
+        status = scheduler.status()
+    finally:
+        scheduler.close()
+    assert answers == [reference(model, ids) for ids in prompts]
+    assert calls[0] > 1  # none waited for a state that no cache would keep
+    assert status["prompt_tokens_read"] == sum(map(len, prompts))
+
+
+def test_a_prompt_waits_only_for_a_turn_the_one_ahead_keeps():
+    system = list(range(1, 41))
+    completion = Request(system + [7] * 30, 4, Sampling())  # no turn boundaries: only its end is kept
+    chat = Request(system + [8], 4, Sampling(), boundaries=(40,))
+    assert _shared_turns(completion, chat) == 0
+    assert _shared_turns(Request(system + [9], 4, Sampling(), boundaries=(40,)), chat) == 40
+    assert _shared_turns(Request(system, 4, Sampling()), chat) == 40  # ends there: its end is kept
+    ahead = _Reading(Request(system + [9], 4, Sampling(), boundaries=(40,)), [])
+    assert ahead.keeps(40)
+    ahead.state, ahead.started = [], 36  # started from a cached state of 36 tokens: 40 is too close to keep
+    assert not ahead.keeps(40) and ahead.keeps(41)

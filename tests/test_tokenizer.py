@@ -1,3 +1,4 @@
+import threading
 from pathlib import Path
 
 import pytest
@@ -5,7 +6,8 @@ import rwkv
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
 from conftest import SAMPLE_TEXTS
-from helpers.runtime.tokenization_rwkv_world import VOCAB_FILE
+from helpers.runtime.paths import DATA_DIR
+from helpers.runtime.tokenization_rwkv_world import VOCAB_FILE, read_vocab
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +49,51 @@ def test_token_zero_is_end_of_text(tokenizer):
 def test_an_id_without_a_token_decodes_to_no_text(tokenizer):
     hello = tokenizer("Hello").input_ids
     assert tokenizer.decode(hello + [65534] + hello) == tokenizer.decode(hello + hello)
+
+
+class CountingDict(dict):
+    def __init__(self, table):
+        super().__init__(table)
+        self.lookups = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+
+def test_encoding_takes_a_few_lookups_a_byte(tokenizer):
+    # Linear: the old matcher tried up to 128 slices a token (about 100 lookups a byte here); each byte of a
+    # token is looked up once now, and the few after it that only begin longer tokens once more.
+    data = (DATA_DIR / "heldout" / "tempest.txt").read_bytes()[:20000]
+    ours = type(tokenizer)(tokenizer.vocab_file)
+    ours.prefixes = CountingDict(ours.prefixes)
+    ids = ours.encode_bytes(data)
+    assert ids == tokenizer.encode_bytes(data) and ours.prefixes.lookups <= 1.5 * len(data)
+
+
+def test_a_byte_without_a_token_is_refused_in_one_line(tokenizer, tmp_path):
+    # A damaged (or foreign) vocabulary: no token holds "~". The old matcher looped forever on it.
+    damaged = tmp_path / VOCAB_FILE
+    lines = Path(tokenizer.vocab_file).read_text(encoding="utf-8").splitlines(keepends=True)
+    damaged.write_text("".join(line for line in lines if "~" not in line.split(" ", 1)[1]), encoding="utf-8")
+    foreign = type(tokenizer)(str(damaged))
+    finished = []
+    worker = threading.Thread(target=lambda: finished.append(attempt(foreign, "a ~ b")), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert finished == [f"byte 0x7e (at 2) has no token in {damaged}: the file is damaged, or not RWKV World's vocabulary"]
+    assert foreign("a b").input_ids == tokenizer("a b").input_ids
+
+
+def attempt(tokenizer, text):
+    try:
+        return tokenizer(text).input_ids
+    except ValueError as error:
+        return str(error)
+
+
+def test_a_vocabulary_line_whose_length_is_wrong_is_refused(tmp_path):
+    bad = tmp_path / VOCAB_FILE
+    bad.write_text("1 'ab' 3\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="is not an RWKV World vocabulary: line \"1 'ab' 3\" says 3 bytes for a token of 2"):
+        read_vocab(bad)

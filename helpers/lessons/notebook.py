@@ -12,10 +12,10 @@ def setup():
     for this CPU (helpers.runtime.startup) and makes helpers' errors show as one line."""
     from IPython import get_ipython
 
-    start()
     shell = get_ipython()
-    if shell is not None:
+    if shell is not None:  # first, so that a bad setting start() refuses shows as its one line too
         shell.set_custom_exc((UserError,), _show_user_error)
+    start()
 
 
 class clear_errors:

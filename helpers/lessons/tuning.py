@@ -9,6 +9,7 @@ only where its slowest round beats every other's fastest and its lead is larger 
 range over the same rounds.
 """
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -20,7 +21,7 @@ from helpers.measure import provenance
 from helpers.measure.worker_process import WorkerProcess
 from helpers.runtime import fused_decode
 from helpers.runtime.settings import read as read_settings
-from helpers.runtime.cpu import CpuInfo, cpu_info
+from helpers.runtime.cpu import CpuInfo, cpu_info, cpu_list
 from helpers.runtime.paths import DATA_DIR
 from helpers.runtime import startup
 
@@ -181,9 +182,11 @@ def runtime_env(options):
             **({"MALLOC_CONF": settings["MALLOC_CONF"]} if "MALLOC_CONF" in settings else {})}
 
 
-def pinnings(threads):
-    """{label: command prefix} for running unpinned and pinned to the first `threads` cores."""
-    cores = f"0-{threads - 1}"
+def pinnings(threads, info=None, cpus=None):
+    """{label: command prefix} for running unpinned and pinned to the first `threads` physical cores (one
+    logical CPU of each) among cpus (default: the ones this process may use)."""
+    placed = (info or cpu_info()).physical_cores_of(cpus or os.sched_getaffinity(0))
+    cores = cpu_list(logical[0] for logical in list(placed.values())[:threads])
     options = {"not pinned": (), f"taskset -c {cores}": ("taskset", "-c", cores)}
     if shutil.which("numactl"):
         options[f"numactl -C {cores} -m 0"] = ("numactl", "-C", cores, "-m", "0")
@@ -226,10 +229,11 @@ def recommended_commands(threads, runtime=None, pinning=None, info=None, numactl
     """(client command, server commands, notes) for the chosen settings (None: no preloaded libraries, not
     pinned) on a machine (info and numactl: this one's). The notes say what could not be measured there
     and why the two commands are the same where they are."""
+    cpus = range(info.physical_cores) if info else None  # a described machine's, numbered core by core
     info = info or cpu_info()
     numactl = bool(shutil.which("numactl")) if numactl is None else numactl
     init = [f"source bigdl-llm-init {RUNTIMES[runtime]}".rstrip()] if runtime else []
-    pin = pinnings(threads)[pinning] if pinning else ()
+    pin = pinnings(threads, info, cpus)[pinning] if pinning else ()
     client = "\n".join([*init, " ".join([f"OMP_NUM_THREADS={threads}", *pin, "python -m helpers.tools.generate"])])
     per_socket = max(1, info.physical_cores // info.sockets)
     server = list(init) if info.sockets > 1 else [client]  # one socket: one process, as measured

@@ -2,12 +2,15 @@
 code that decides its speed. Every table rendered from a committed run names its machine and date, and a run
 whose fingerprint is not this code's is refused, so a table cannot go stale silently.
 """
+import ast
 import datetime
 import hashlib
+import re
 from pathlib import Path
 
 import psutil
 
+from helpers.runtime import settings
 from helpers.runtime.cpu import AVX512, cpu_info
 from helpers.runtime.errors import UserError
 from helpers.runtime.memory import GIB
@@ -20,6 +23,7 @@ DECODING_CODE = ["helpers/runtime/rwkv4_decode.c", "helpers/runtime/fused_decode
 CODE = {
     "kernel": ["helpers/runtime/rwkv4_decode.c"],  # helpers/tools/kernel_sweep.py times the kernel alone
     "decoding": DECODING_CODE,
+    "tokenizer": ["helpers/runtime/tokenization_rwkv_world.py"],  # helpers/tools/tokenizer_speed.py
     "serving": DECODING_CODE + ["helpers/serving/scheduler.py", "helpers/serving/state_cache.py", "helpers/serving/worker.py",
                                 "helpers/serving/api_server.py", "helpers/serving/http.py"],
 }
@@ -31,37 +35,65 @@ class StaleResults(UserError):
     """A committed run measured with other code than this checkout's."""
 
 
+# A C string or character literal (kept), or a comment (dropped).
+C_LITERAL_OR_COMMENT = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|//[^\n]*|/\*.*?\*/', re.S)
+
+
+def _without_docstring(node):
+    body = getattr(node, "body", None)
+    if (isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)):
+        node.body = body[1:] or [ast.Pass()]
+
+
+def code_of(path):
+    """What of a source file decides what it does: a Python file's syntax tree without its docstrings (so not its
+    comments or layout either), a C file's lines without comments and blank space (compiler flags live in
+    fused_decode.py's tree)."""
+    text = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix == ".py":
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            _without_docstring(node)
+        return ast.dump(tree)
+    text = C_LITERAL_OR_COMMENT.sub(lambda match: match[0] if match[0][0] in "\"'" else " ", text)
+    return "\n".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+
+
 def fingerprint(kind, root=REPO_ROOT):
-    """16 hex digits of SHA-256 over the bytes of the files CODE[kind] names, in that order."""
+    """16 hex digits of SHA-256 over the code (code_of) of the files CODE[kind] names, in that order: a committed
+    run goes stale when its code changes, not when a comment or docstring does."""
     digest = hashlib.sha256()
     for name in CODE[kind]:
-        digest.update(name.encode() + b"\0" + (Path(root) / name).read_bytes())
+        digest.update(name.encode() + b"\0" + code_of(Path(root) / name).encode() + b"\0")
     return digest.hexdigest()[:16]
 
 
 def machine():
-    """The CPU (model, family and model numbers, instruction sets that matter here), cores, sockets, RAM."""
-    info = cpu_info()
+    """The CPU (model, family and model numbers, instruction sets that matter here), cores, sockets, RAM: the
+    real one's, with "run_as" the RWKV_CPUINFO file where the run saw another CPU."""
+    info, run_as = cpu_info(real=True), settings.read().cpuinfo
     isa = [name for name, flags in ISA if info.has(*flags)]
     isa = [name for name in isa if not (name == "AVX-512" and "AVX-512 VNNI" in isa)]
     return {"cpu": info.model, "vendor": info.vendor, "family": info.family or None, "model": info.model_number or None,
             "isa": isa, "physical_cores": info.physical_cores, "sockets": info.sockets,
-            "memory_gib": round(psutil.virtual_memory().total / GIB)}
+            "memory_gib": round(psutil.virtual_memory().total / GIB), **({"run_as": run_as} if run_as else {})}
 
 
 def describe(described):
     """One line for a machine() dict: 'Intel(R) Xeon(R) Processor (family 6, model 143; AVX-512 VNNI, AMX), 2 cores, 24 GiB'."""
     numbers = f"family {described['family']}, model {described['model']}; " if described.get("family") else ""
     return (f"{described['cpu']} ({numbers}{', '.join(described['isa'])}), {described['physical_cores']} cores"
-            f"{', %d sockets' % described['sockets'] if described['sockets'] > 1 else ''}, {described['memory_gib']} GiB")
+            f"{', %d sockets' % described['sockets'] if described['sockets'] > 1 else ''}, {described['memory_gib']} GiB"
+            f"{', run as %s describes its CPU' % described['run_as'] if described.get('run_as') else ''}")
 
 
 def stamp(kind, command, threads, bandwidths_gbs):
     """The provenance of a run made now, on this machine, with this code; bandwidths_gbs: the read bandwidths
-    sampled while it ran."""
+    sampled while it ran (None for a run that memory does not bound)."""
     return {"kind": kind, "fingerprint": fingerprint(kind), "date": datetime.date.today().isoformat(),
             "machine": machine(), "threads": threads, "command": command,
-            "read_bandwidth_gbs": [round(min(bandwidths_gbs), 1), round(max(bandwidths_gbs), 1)]}
+            "read_bandwidth_gbs": [round(min(bandwidths_gbs), 1), round(max(bandwidths_gbs), 1)] if bandwidths_gbs else None}
 
 
 def is_current(provenance):
@@ -79,6 +111,8 @@ def check_current(provenance, path):
 
 def caption(provenance):
     """'Measured on DATE on MACHINE, N threads, read bandwidth A to B GB/s (code FINGERPRINT).'"""
-    low, high = provenance["read_bandwidth_gbs"]
-    return (f"Measured {provenance['date']} on {describe(provenance['machine'])}, {provenance['threads']} threads, "
-            f"read bandwidth {low:.0f} to {high:.0f} GB/s; {provenance['kind']} code {provenance['fingerprint']}.")
+    bandwidth = provenance["read_bandwidth_gbs"]
+    read = f", read bandwidth {bandwidth[0]:.0f} to {bandwidth[1]:.0f} GB/s" if bandwidth else ""
+    threads = f"{provenance['threads']} thread{'s' if provenance['threads'] != 1 else ''}"
+    return (f"Measured {provenance['date']} on {describe(provenance['machine'])}, {threads}{read}; "
+            f"{provenance['kind']} code {provenance['fingerprint']}.")

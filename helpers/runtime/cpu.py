@@ -6,15 +6,17 @@ plain AVX build even when it has AVX-512, which is several times slower. We choo
 actual flags instead and point ``LLAMA_CPP_LIB`` at the build, which must happen before
 ``bigdl.llm`` is first imported (``helpers.runtime.startup.start()`` does it). ``RWKV_NATIVE_BUILD=avx2`` (or
 another build's name) picks a slower build this CPU can run, to test or measure the path of an older CPU.
+RWKV_CPUINFO (a file in /proc/cpuinfo's format, tests/cpus/) makes every choice here as that CPU would.
 """
 import importlib.util
 import os
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers.runtime.errors import UserError
+from helpers.runtime import settings
 from helpers.runtime.settings import use_native_library
 
 AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
@@ -38,9 +40,18 @@ class CpuInfo:
     flags: frozenset
     family: str = ""  # /proc/cpuinfo's "cpu family" and "model" numbers, where there is one
     model_number: str = ""
+    core_of: dict = field(default_factory=dict)  # {logical CPU: (physical id, core id)}, as /proc/cpuinfo lists them
 
     def has(self, *flags):
         return all(flag in self.flags for flag in flags)
+
+    def physical_cores_of(self, cpus):
+        """{(physical id, core id): [its logical CPUs among cpus]}, in socket and core order (a logical CPU
+        that /proc/cpuinfo does not place is a core of its own)."""
+        cores = {}
+        for number in sorted(cpus):
+            cores.setdefault(self.core_of.get(number, (-1, number)), []).append(number)
+        return dict(sorted(cores.items()))
 
 
 def _parse_proc_cpuinfo(text):
@@ -48,10 +59,12 @@ def _parse_proc_cpuinfo(text):
     flags = set()
     cores = set()
     sockets = set()
-    physical_id = "0"
+    physical_id, processor, core_of = "0", None, {}
     for line in text.splitlines():
         key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "vendor_id":
+        if key == "processor" and value.isdigit():
+            processor = int(value)
+        elif key == "vendor_id":
             vendor = value
         elif key == "model name":
             model = value
@@ -64,17 +77,52 @@ def _parse_proc_cpuinfo(text):
         elif key == "physical id":
             physical_id = value
             sockets.add(value)
-        elif key == "core id":
+        elif key == "core id" and value.isdigit():
             cores.add((physical_id, value))
+            if processor is not None and physical_id.isdigit():
+                core_of[processor] = (int(physical_id), int(value))
     return CpuInfo(vendor, model, len(cores) or os.cpu_count() or 1, len(sockets) or 1, frozenset(flags), family,
-                   model_number)
+                   model_number, core_of)
 
 
-def cpu_info():
-    """Vendor, model, physical cores, sockets and instruction-set flags of this CPU."""
+def cpu_list(numbers):
+    """Logical CPU numbers as taskset -c lists them: [0, 1, 2, 3, 8, 10] as "0-3,8,10"."""
+    runs = []
+    for number in sorted(numbers):
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1][-1] = number
+        else:
+            runs.append([number, number])
+    return ",".join(f"{first}-{last}" if last > first else str(first) for first, last in runs)
+
+
+def _instruction_sets(flags):
+    """The flags that decide which code runs (the vector and matrix instruction sets)."""
+    return {flag for flag in flags if flag.startswith(("avx", "amx", "fma", "f16c"))}
+
+
+def _stand_in(path, real):
+    """The CpuInfo of the cpuinfo file at path, which must claim no instruction set the real CPU lacks."""
+    try:
+        info = _parse_proc_cpuinfo(Path(path).read_text())
+    except (OSError, UnicodeError) as error:
+        raise UserError(f"RWKV_CPUINFO={path} cannot be read ({error.__class__.__name__}); name a file in "
+                        "/proc/cpuinfo's format, such as tests/cpus/epyc-zen3.cpuinfo, or unset it") from None
+    lacking = _instruction_sets(info.flags) - real.flags
+    if lacking:
+        raise UserError(f"RWKV_CPUINFO={path} claims {', '.join(sorted(lacking))}, which this CPU lacks: code built "
+                        "for them would crash; name a CPU with fewer instruction sets than this one")
+    return info
+
+
+def cpu_info(real=False):
+    """Vendor, model, physical cores, sockets and instruction-set flags of this CPU: of the CPU that
+    RWKV_CPUINFO describes, where it is set, unless `real`."""
     proc = Path("/proc/cpuinfo")
     if proc.exists():
-        return _parse_proc_cpuinfo(proc.read_text())
+        found = _parse_proc_cpuinfo(proc.read_text())
+        stand_in = None if real else settings.read().cpuinfo
+        return _stand_in(stand_in, found) if stand_in else found
     import cpuinfo  # py-cpuinfo, installed with bigdl-llm; used on Windows and macOS
 
     info = cpuinfo.get_cpu_info()
@@ -124,11 +172,11 @@ def choose_native_library(info=None, libs_dir=None, wanted=None):
     raise UserError(f"No bigdl-llm kernel build in {libs_dir} runs on this CPU (flags lack AVX).")
 
 
-def select_native_library(wanted=None, preset=None):
+def select_native_library(wanted=None, preset=None, inherited=None):
     """Point LLAMA_CPP_LIB at the best build (or the build `wanted`), unless the user set it (`preset`, a
-    path). Returns the NativeChoice."""
+    path, other than the `inherited` one a parent process chose). Returns the NativeChoice."""
     choice = choose_native_library(wanted=wanted)
-    if preset and Path(preset).resolve() != Path(choice.path).resolve():
+    if preset and preset != inherited:  # the user's, even where it names the build we would choose
         build = Path(preset).stem.replace("libllama_", "").replace("libllama-", "")
         return NativeChoice(build, preset, "set by you in LLAMA_CPP_LIB")
     if "bigdl.llm.ggml.model.llama.llama_cpp" in sys.modules:

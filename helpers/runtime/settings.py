@@ -9,6 +9,8 @@ this one starts; the runtime's modules read() when they need a setting, so they 
 import os
 from dataclasses import dataclass, field, fields
 
+from helpers.runtime.errors import UserError
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -39,19 +41,33 @@ class Settings:
                                     "(default: none, only for a loopback address)")
     native_library: str | None = _setting("LLAMA_CPP_LIB", "", "bigdl-llm's: the path of the libllama build to load; "
                                           "set, it wins over RWKV_NATIVE_BUILD")
+    chosen_native_library: str | None = _setting("RWKV_CHOSEN_NATIVE_LIBRARY", "", "set by helpers, not by you: the "
+                                                 "LLAMA_CPP_LIB it chose, which the processes it starts inherit")
     compiler: str | None = _setting("CC", "", "the C compiler the fused step and the kernel sweep are built with "
                                     "(default: cc, else gcc)")
     omp_threads: int | None = _setting("OMP_NUM_THREADS", "", "OpenMP's: threads of the native kernels and torch")
+    cpuinfo: str | None = _setting("RWKV_CPUINFO", "", "a file in /proc/cpuinfo's format read in its place, to run as "
+                                   "another CPU would see it, with flags this CPU has (tests/cpus/ holds some)")
 
 
 SETTINGS = {f.name: f.metadata["setting"] for f in fields(Settings)}  # Settings attribute: Setting
 DEFAULTS = Settings()
 
 
+SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+class BadSetting(UserError):
+    """A variable whose text is not a value of its setting; the message names it and what it takes."""
+
+
 def _parse(name, text):
     default = getattr(DEFAULTS, name)
     if isinstance(default, bool):
-        return text.strip() != "0"
+        if text.strip().lower() not in SWITCH_WORDS:
+            raise BadSetting(f"{SETTINGS[name].variable}={text!r} is not a switch; set it to one of "
+                             f"{'/'.join(SWITCH_WORDS)} (any case), or unset it")
+        return SWITCH_WORDS[text.strip().lower()]
     kind = Settings.__dataclass_fields__[name].type
     if int in getattr(kind, "__args__", (kind,)):
         return int(text) if text.strip().isdigit() else None
@@ -106,14 +122,27 @@ def export(settings):
 
 
 def use_native_library(path):
-    """Point bigdl-llm (in this process, and the ones it starts) at the libllama build at path."""
-    os.environ[SETTINGS["native_library"].variable] = path
+    """Point bigdl-llm (in this process, and the ones it starts) at the libllama build at path, saying that
+    helpers chose it (a child that inherits it chooses again; a different LLAMA_CPP_LIB is the user's)."""
+    os.environ[SETTINGS["native_library"].variable] = os.environ[SETTINGS["chosen_native_library"].variable] = path
 
 
 def keep_fastchat_logs_on_stdout():
     """FastChat writes its logs into files in LOGDIR (default: the current folder) unless it is empty; set
     before fastchat is imported."""
     os.environ.setdefault("LOGDIR", "")
+
+
+# The fields of FastChat's AppSettings (fastchat.serve.openai_api_server), a pydantic BaseSettings that reads
+# them from variables of any case when that module is imported: API_KEYS=secret (as `make serve API_KEYS=...`
+# exports it) is not the JSON list it expects, and would stop the API server.
+FASTCHAT_APP_SETTINGS = ("controller_address", "api_keys")
+
+
+def keep_fastchat_app_settings_out_of_the_environment():
+    """Remove the variables FastChat's AppSettings would read, before fastchat's API server is imported."""
+    for variable in [name for name in os.environ if name.lower() in FASTCHAT_APP_SETTINGS]:
+        del os.environ[variable]
 
 
 def child_environment(**extra):

@@ -22,6 +22,7 @@ def start(settings=None):
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(message)s", level=logging.WARNING)
         settings = settings or settings_module.read()
         settings_module.export(settings)
-        _native_choice = select_native_library(settings.native_build, settings.native_library)
+        _native_choice = select_native_library(settings.native_build, settings.native_library,
+                                               settings.chosen_native_library)
         warn_about_versions(["transformers", "bigdl-llm"])
     return _native_choice

@@ -5,8 +5,9 @@ This file is copied into every checkpoint folder the project writes, and loaded 
 Hugging Face ``RWKV/rwkv-4-world-*`` repos. It must stay self-contained (no project imports).
 
 The World vocabulary maps byte strings to ids 1..65529; text is encoded by greedy longest match
-over its UTF-8 bytes. Id 0 is the end-of-text token. Tokens are carried through transformers as
-latin-1 strings, which map bytes one to one.
+over its UTF-8 bytes, one dictionary lookup per byte of each token (as fast as the reference
+TRIE_TOKENIZER, whose ids it gives). Id 0 is the end-of-text token. Tokens are carried through
+transformers as latin-1 strings, which map bytes one to one.
 """
 import ast
 import os
@@ -27,9 +28,18 @@ def read_vocab(path):
             literal, length = rest.rstrip("\n").rsplit(" ", 1)
             token = ast.literal_eval(literal)
             token = token.encode("utf-8") if isinstance(token, str) else token
-            assert len(token) == int(length), f"bad vocabulary line: {line!r}"
+            if len(token) != int(length):
+                raise ValueError(f"{path} is not an RWKV World vocabulary: line {line.strip()!r} says "
+                                 f"{length} bytes for a token of {len(token)}")
             vocab[token] = int(idx)
     return vocab
+
+
+def prefix_table(vocab):
+    """{bytes: token id, or None where they only begin tokens} for every prefix of every token."""
+    table = {token[:end]: None for token in vocab for end in range(1, len(token))}
+    table.update(vocab)
+    return table
 
 
 class RWKVWorldTokenizer(PreTrainedTokenizer):
@@ -40,7 +50,9 @@ class RWKVWorldTokenizer(PreTrainedTokenizer):
         self.vocab_file = vocab_file
         self.byte_to_id = read_vocab(vocab_file)
         self.id_to_byte = {idx: token for token, idx in self.byte_to_id.items()}
-        self.max_token_bytes = max(len(token) for token in self.byte_to_id)
+        self.prefixes = prefix_table(self.byte_to_id)
+        self.id_to_text = {idx: token.decode("latin-1") for idx, token in self.id_to_byte.items()}  # as transformers carries them
+        self.text_to_id = {text: idx for idx, text in self.id_to_text.items()} | {END_OF_TEXT: 0}
         for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
             kwargs.setdefault(name, END_OF_TEXT)
         kwargs.setdefault("clean_up_tokenization_spaces", False)
@@ -56,15 +68,21 @@ class RWKVWorldTokenizer(PreTrainedTokenizer):
         return vocab
 
     def encode_bytes(self, data):
-        """Greedy longest match, as the reference TRIE_TOKENIZER does."""
-        ids, start = [], 0
+        """Greedy longest match, as the reference TRIE_TOKENIZER does: from each token's start, the bytes are
+        extended while they still begin a token, and the longest that is one is taken. ValueError, naming
+        the byte, where no token begins with it (a damaged or foreign vocabulary file)."""
+        ids, start, lookup = [], 0, self.prefixes.get
         while start < len(data):
-            for end in range(min(len(data), start + self.max_token_bytes), start, -1):
-                idx = self.byte_to_id.get(data[start:end])
+            end, longest = start, None
+            while end < len(data) and (idx := lookup(data[start:end + 1], 0)) != 0:  # 0: no token begins so
+                end += 1
                 if idx is not None:
-                    ids.append(idx)
-                    start = end
-                    break
+                    longest, token = end, idx
+            if longest is None:
+                raise ValueError(f"byte 0x{data[start]:02x} (at {start}) has no token in {self.vocab_file}: the file is "
+                                 "damaged, or not RWKV World's vocabulary")
+            ids.append(token)
+            start = longest
         return ids
 
     def tokenize(self, text, **kwargs):
@@ -73,10 +91,16 @@ class RWKVWorldTokenizer(PreTrainedTokenizer):
         return self._tokenize(text)
 
     def _tokenize(self, text, **kwargs):
-        return [self.id_to_byte[idx].decode("latin-1") for idx in self.encode_bytes(text.encode("utf-8"))]
+        return [self.id_to_text[idx] for idx in self.encode_bytes(text.encode("utf-8"))]
+
+    def convert_tokens_to_ids(self, tokens):
+        """transformers' conversion, without its look-up of added tokens for each one (there are none)."""
+        if tokens is None or isinstance(tokens, str):
+            return super().convert_tokens_to_ids(tokens)
+        return [self.text_to_id[token] for token in tokens]
 
     def _convert_token_to_id(self, token):
-        return 0 if token == END_OF_TEXT else self.byte_to_id[token.encode("latin-1")]
+        return self.text_to_id[token]
 
     def _convert_id_to_token(self, index):
         # The model's head has 65536 rows, the vocabulary fewer tokens: an id without one (a random-weight

@@ -35,8 +35,10 @@ import sys
 import time
 
 from helpers.runtime import settings
+from helpers.runtime.errors import one_line_errors
 
 settings.keep_fastchat_logs_on_stdout()  # before fastchat is imported
+settings.keep_fastchat_app_settings_out_of_the_environment()  # main() gives FastChat its settings itself
 
 import aiohttp  # noqa: E402
 import httpx  # noqa: E402
@@ -376,6 +378,7 @@ fastchat_api.get_worker_address = get_worker_address
 fastchat_api.generate_completion_stream = generate_completion_stream
 
 
+@one_line_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--controller-address", default="http://127.0.0.1:21001")

@@ -7,7 +7,8 @@ are decoding, so that a long prompt slows running streams to about half their pa
 A prompt that begins with a prefix whose state is cached (helpers.serving.state_cache: chat turns, a shared
 system prompt) is read from there; the scheduler keeps the states at the prompt's turn boundaries, at its
 end, and at the end of each answer. A prompt that shares a turn with one being read waits until that turn's
-state is cached, so that a system prompt sent by many clients at once is read once.
+state is cached, so that a system prompt sent by many clients at once is read once; it waits only where the
+one ahead keeps that state (a turn boundary of its own, or its end), and never without a cache.
 
 A request then decodes in the shared step (decode_step) until it has max_new_tokens or its reader cancels it
 (a stop string, a client gone), which takes effect before the next step. Greedy requests get the tokens
@@ -76,8 +77,12 @@ class _Reading:
         """Where the next chunk must end at the latest: the next turn boundary whose state is kept, or the end.
         A boundary fewer than MIN_CHUNK tokens past the state it started from is not kept: that state is nearly
         as good, and ending a chunk there costs another read of the weights."""
-        return next((b for b in self.request.boundaries if b > self.read and b >= self.started + MIN_CHUNK),
-                    len(self.request.prompt_ids))
+        return next((b for b in self.request.boundaries if b > self.read and self.keeps(b)), len(self.request.prompt_ids))
+
+    def keeps(self, length):
+        """Whether its state after `length` prompt tokens will be cached (as far as is known before it starts)."""
+        return length == len(self.request.prompt_ids) or (
+            length in self.request.boundaries and (self.state is None or length >= self.started + MIN_CHUNK))
 
 
 @dataclass(eq=False)
@@ -123,7 +128,8 @@ class Scheduler:
         SchedulerStopped when the model thread has failed."""
         if not prompt_ids:
             raise ValueError("a request needs a prompt of at least one token")
-        request = Request(list(prompt_ids), max_new_tokens, sampling or Sampling(), _spaced(boundaries, len(prompt_ids)))
+        kept = _spaced(boundaries, len(prompt_ids)) if self.cache else ()  # without a cache, no state is kept
+        request = Request(list(prompt_ids), max_new_tokens, sampling or Sampling(), kept)
         if tokens is not None:
             request.tokens = tokens
         with self.lock:
@@ -262,7 +268,8 @@ class Scheduler:
         startable = []
         for item in self.reading:
             if item.state is None:
-                if any(other in self.reading and other.read < shared for other, shared in item.waits_for):
+                if any(other in self.reading and other.read < shared and other.keeps(shared)
+                       for other, shared in item.waits_for):
                     continue
                 item.read, item.state = self.cache.longest_prefix(item.request.prompt_ids) if self.cache else (0, None)
                 item.state, item.started = item.state or start_state(self.model.config), item.read
@@ -339,5 +346,7 @@ def _spaced(boundaries, length):
 
 
 def _shared_turns(earlier, later):
-    """The longest prompt prefix of `later` up to one of its turn boundaries that `earlier` begins with too, or 0."""
-    return max((b for b in later.boundaries if earlier.prompt_ids[:b] == later.prompt_ids[:b]), default=0)
+    """The longest prompt prefix of `later` up to one of its turn boundaries that `earlier` begins with too and
+    keeps the state of (at one of its own boundaries, or its end), or 0."""
+    kept = {*earlier.boundaries, len(earlier.prompt_ids)}
+    return max((b for b in later.boundaries if b in kept and earlier.prompt_ids[:b] == later.prompt_ids[:b]), default=0)

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import requests
 
-from helpers.runtime.errors import UserError
 from helpers.runtime import settings
+from helpers.runtime.cpu import cpu_info, cpu_list
+from helpers.runtime.errors import UserError, one_line_errors
 from helpers.runtime.paths import REPO_ROOT
 from helpers.runtime.settings import child_environment
 from helpers.serving.limits import no_keys_problem
@@ -42,15 +43,15 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def core_groups(count, cores=None):
-    """The cores this process may use, split into `count` contiguous groups, as taskset -c lists ("0-3")."""
-    cores = sorted(cores or os.sched_getaffinity(0))
+def core_groups(count, cpus=None, info=None):
+    """The logical CPUs this process may use (cpus) in `count` groups of whole physical cores, hyperthread
+    siblings together, in socket and core order (info: the CpuInfo that places them), as taskset -c lists them."""
+    cores = list((info or cpu_info()).physical_cores_of(cpus or os.sched_getaffinity(0)).values())
     if not 1 <= count <= len(cores):
-        raise UserError(f"--workers must be between 1 and the {len(cores)} cores this machine lets us use, not {count}.")
+        raise UserError(f"--workers must be between 1 and the {len(cores)} physical cores this machine lets us use, "
+                        f"not {count}.")
     size = len(cores) // count
-    groups = [cores[i * size:(i + 1) * size] for i in range(count)]
-    return [",".join(map(str, group)) if group[-1] - group[0] != len(group) - 1
-            else f"{group[0]}-{group[-1]}" if len(group) > 1 else str(group[0]) for group in groups]
+    return [cpu_list(number for core in cores[i * size:(i + 1) * size] for number in core) for i in range(count)]
 
 
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: a forked child should not load libraries
@@ -233,6 +234,7 @@ class Stack:
         self.stop()
 
 
+@one_line_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8000, help="the API server's port")

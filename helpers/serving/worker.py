@@ -8,7 +8,7 @@ It loads the model as the notebooks do (helpers.runtime: the low-bit cache, the 
 decoding step), batches the requests it is sent (helpers.serving.scheduler: prompts read in chunks
 between steps, from the state of a cached prefix where one begins them), streams text with stop strings,
 and registers with the controller once it can answer. `--cpus` pins it to those cores (one
-worker per socket or NUMA node on a server).
+worker per socket or NUMA node on a server); it runs a thread on each physical core among them.
 
 It checks every request itself (a worker's port takes raw generate calls): the prompt, max_tokens and the
 prompt's length against the context, and the sampling values. Past `--max-batch` running and `--max-queue`
@@ -30,6 +30,7 @@ import uuid
 import requests
 
 from helpers.runtime import settings
+from helpers.runtime.cpu import cpu_info
 from helpers.runtime.errors import UserError
 from helpers.runtime.startup import start
 from helpers.runtime.versions import warn_about_versions
@@ -152,6 +153,7 @@ def _register_when_listening(worker, host, port):
 
 def _make_worker_class():
     """The worker class (FastChat, torch and bigdl-llm are imported only once --cpus has pinned the process)."""
+    import torch
     from fastchat.constants import ErrorCode
     from fastchat.conversation import Conversation, SeparatorStyle
     from fastchat.serve.base_model_worker import BaseModelWorker
@@ -187,20 +189,22 @@ def _make_worker_class():
             return status["running"] + status["waiting"] if status["healthy"] else UNHEALTHY_QUEUE
 
         def get_status(self):
-            """FastChat's status (what the controller reads) and the scheduler's: health, room, counts."""
-            return {**super().get_status(), **self.scheduler.status()}
+            """FastChat's status (what the controller reads) and the scheduler's: health, room, counts; and the
+            threads the model runs on."""
+            return {**super().get_status(), **self.scheduler.status(), "threads": torch.get_num_threads()}
 
         def count_token(self, params):
             """FastChat's token count (the API server's length check asks it); 0 for a prompt that is not
             text, which the request itself is then refused for with one line."""
             try:
                 return super().count_token(params)
-            except (UnicodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):  # UnicodeError is a ValueError
                 return {"count": 0, "error_code": 0}
 
         def _read_params(self, params):
-            """(prompt, its token ids, max_new_tokens, stop strings, stop token ids, Sampling) from FastChat's
-            request; UserError for a value out of range or a prompt that leaves no room for max_tokens."""
+            """(prompt, its token ids, its turn boundaries, max_new_tokens, stop strings, stop token ids, Sampling)
+            from FastChat's request; UserError for a value out of range or a prompt that leaves no room for
+            max_tokens. It tokenizes the prompt: call it in a thread of its own, not in the event loop."""
             prompt = params.get("prompt")
             if not isinstance(prompt, str) or not prompt.strip():
                 raise UserError("the prompt is empty; send some text")
@@ -223,21 +227,24 @@ def _make_worker_class():
                 prompt_ids = self.tokenizer(prompt).input_ids
             except UnicodeError:
                 raise UserError("the prompt is not valid Unicode text") from None
+            except ValueError as error:  # a byte the vocabulary has no token for
+                raise UserError(str(error)) from None
             if len(prompt_ids) + max_new_tokens > self.context_len:
                 raise UserError(f"the prompt's {len(prompt_ids)} tokens and max_tokens {max_new_tokens} are more than the "
                                 f"model's context of {self.context_len} tokens; shorten the prompt or lower max_tokens")
-            return prompt, prompt_ids, max_new_tokens, stops, stop_ids, sampling
+            boundaries = turn_boundaries(self.tokenizer.convert_ids_to_tokens(prompt_ids))
+            return prompt, prompt_ids, boundaries, max_new_tokens, stops, stop_ids, sampling
 
         async def stream(self, params):
             """FastChat's stream of JSON chunks ending in b"\\0", the last with finish_reason or an error_code, but
             each with only the text added since the one before (FastChat's worker sends the whole text again each
             time, bytes that grow with the square of the answer; helpers.serving.api_server joins the pieces).
             Cancelled (its client gone), it cancels its request before the next step."""
-            try:
-                prompt, prompt_ids, max_new_tokens, stops, stop_ids, sampling = self._read_params(params)
+            try:  # tokenized in a thread, so that a long prompt does not hold up the other streams
+                prompt, prompt_ids, boundaries, max_new_tokens, stops, stop_ids, sampling = await asyncio.to_thread(
+                    self._read_params, params)
                 tokens = Tokens()
-                request = self.scheduler.submit(prompt_ids, max_new_tokens, sampling, tokens,
-                                                turn_boundaries(self.tokenizer.convert_ids_to_tokens(prompt_ids)))
+                request = self.scheduler.submit(prompt_ids, max_new_tokens, sampling, tokens, boundaries)
             except UserError as error:
                 yield _error_chunk(f"Bad request: {error}", ErrorCode.PARAM_OUT_OF_RANGE)
                 return
@@ -300,12 +307,13 @@ def _make_worker_class():
 
 def install_routes(app, worker):
     """The worker's routes in place of FastChat's generate routes (which queue behind a semaphore, without
-    bound, and keep decoding for a gone client), and /health; FastChat's embeddings route is removed."""
+    bound, and keep decoding for a gone client) and its token count (which tokenizes in the event loop), and
+    /health; FastChat's embeddings route is removed."""
     from fastapi import Request, Response
 
     from helpers.serving.http import CLIENT_GONE, StreamWhileClientListens, remove_routes, unavailable, unless_client_goes
 
-    remove_routes(app, "/worker_generate_stream", "/worker_generate", "/worker_get_embeddings", "/health")
+    remove_routes(app, "/worker_generate_stream", "/worker_generate", "/worker_get_embeddings", "/count_token", "/health")
 
     async def params_of(request):
         try:
@@ -322,6 +330,10 @@ def install_routes(app, worker):
     async def generate(request: Request):
         answered, answer = await unless_client_goes(request, worker.answer(await params_of(request)))
         return answer if answered else Response(status_code=CLIENT_GONE)
+
+    @app.post("/count_token")
+    async def count_token(request: Request):  # the API server's length check; tokenized in a thread, as above
+        return await asyncio.to_thread(worker.count_token, await params_of(request))
 
     @app.get("/health")
     async def health():
@@ -372,7 +384,7 @@ def main(argv=None):
 
         from helpers.runtime.models import resolve_model
 
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.set_num_threads(len(cpu_info().physical_cores_of(os.sched_getaffinity(0))))  # a thread a core
         source = resolve_model(args.model)
         worker = _make_worker_class()(
             source, args.model_name or source.name.split("--")[-1], args.low_bit, args.max_batch, args.max_queue,

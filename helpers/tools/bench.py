@@ -45,6 +45,7 @@ from tqdm import tqdm
 from helpers.measure import provenance
 from helpers.measure.bandwidth import read_bandwidth_gbs
 from helpers.measure.worker_process import WorkerProcess
+from helpers.runtime.errors import one_line_errors
 from helpers.runtime.shapes import SHAPES
 from helpers.tools.checkpoint import LAYOUTS
 from helpers.runtime.fused_decode import KERNELS
@@ -425,6 +426,7 @@ def plot(result, path):
     plt.close(fig)
 
 
+@one_line_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1b5", choices=list(SHAPES))

@@ -10,8 +10,10 @@ import argparse
 import sys
 
 from helpers.runtime import fused_decode
+from helpers.runtime.errors import one_line_errors
 
 
+@one_line_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--werror", action="store_true", help="compile each build with warnings as errors first")

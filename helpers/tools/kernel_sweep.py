@@ -22,6 +22,7 @@ from helpers.measure import provenance
 from helpers.measure.bandwidth import read_bandwidth_gbs
 from helpers.measure.timing import seconds
 from helpers.runtime import settings
+from helpers.runtime.errors import one_line_errors
 from helpers.runtime.cpu import cpu_info
 from helpers.runtime.fused_decode import BLOCK, BLOCK_BYTES, load_library
 from helpers.runtime.shapes import SHAPES, VOCAB_SIZE
@@ -72,6 +73,7 @@ def sweep(shape, thread_counts, kernel="auto", command="python -m helpers.tools.
     return {"provenance": made, "shape": shape, "weight_bytes": weight_bytes, "records": records}
 
 
+@one_line_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1b5", choices=list(SHAPES))

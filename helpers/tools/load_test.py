@@ -28,7 +28,7 @@ import requests
 from helpers.measure import provenance
 from helpers.runtime import startup
 from helpers.runtime.settings import add_flags, from_flags
-from helpers.runtime.errors import UserError
+from helpers.runtime.errors import UserError, one_line_errors
 from helpers.runtime.paths import DATA_DIR
 
 LOAD_HEADERS = ["clients", "answered", "tokens/s", "first token p50 (ms)", "p95", "last token p50 (ms)", "p95"]
@@ -291,6 +291,7 @@ def step_tokens_per_s(model, batch, steps=16):
     return batch * 1000 / statistics.median(step_ms)
 
 
+@one_line_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, "model")

@@ -27,7 +27,7 @@ import requests
 from helpers.measure import provenance
 from helpers.runtime import startup
 from helpers.runtime.settings import add_flags, from_flags
-from helpers.runtime.errors import UserError
+from helpers.runtime.errors import UserError, one_line_errors
 from helpers.runtime.paths import DATA_DIR
 from helpers.tools.load_test import percentile, timed_stream
 
@@ -219,6 +219,7 @@ def load_run(name):
     return run, PromptRun(**{**result, "chat": [ChatTurn(**turn) for turn in result["chat"]]})
 
 
+@one_line_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, "model")
