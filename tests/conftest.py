@@ -14,7 +14,7 @@ from helpers.runtime.loading import load_hf_model, load_tokenizer  # noqa: E402
 from helpers.runtime.models import resolve_model  # noqa: E402
 from helpers.runtime.paths import DATA_DIR  # noqa: E402
 from helpers.runtime.settings import read as read_settings  # noqa: E402
-from helpers.tools.checkpoint import ensure_checkpoint  # noqa: E402
+from helpers.measure.checkpoints import ensure_checkpoint  # noqa: E402
 
 SAMPLE_TEXTS = json.loads((DATA_DIR / "sample_texts.json").read_text(encoding="utf-8"))
 

@@ -6,7 +6,8 @@ from conftest import run_cli
 import torch
 
 from helpers.measure import provenance
-from helpers.tools import bench, checkpoint
+from helpers.measure import checkpoints, results
+from helpers.tools import bench
 from helpers.runtime import fused_decode
 from helpers.runtime.paths import DATA_DIR, REPO_ROOT
 
@@ -40,7 +41,7 @@ def test_bench_prints_a_table_and_writes_records(tmp_path):
     assert int4["peak_load_rss_gib"] < from_pretrained["peak_load_rss_gib"] - 0.05  # no whole fp16 model in memory
     # The bound's weights, counted from the checkpoint's own tensor list (not from the loaded model, as bench does):
     # every weight matrix but the embeddings, 4 bytes each in FP32, a block of 64 in 34 bytes in sym_int4.
-    linears = sum(torch.Size(shape).numel() for name, shape in checkpoint.tensor_shapes(checkpoint.make_config("tiny"))
+    linears = sum(torch.Size(shape).numel() for name, shape in checkpoints.tensor_shapes(checkpoints.make_config("tiny"))
                   if len(shape) == 2 and "embeddings" not in name)
     assert (fp32["weight_bytes"], int4["weight_bytes"]) == (4 * linears, linears // 64 * 34)
     assert plot_file.read_bytes()[:4] == b"\x89PNG"
@@ -109,7 +110,7 @@ def test_a_run_of_other_code_is_refused(tmp_path, monkeypatch):
     run = json.loads((DATA_DIR / "bench" / "1b5-hub.json").read_text())
     run["provenance"]["fingerprint"] = "0" * 16
     (tmp_path / "bench" / "old.json").write_text(json.dumps(run))
-    monkeypatch.setattr(bench, "DATA_DIR", tmp_path)
+    monkeypatch.setattr(results, "DATA_DIR", tmp_path)
     with pytest.raises(provenance.StaleResults, match="rerun `python -m helpers.tools.bench --shape 1b5"):
         bench.render("old", "summary")
 

@@ -50,10 +50,10 @@ def free_port():
 class Server:
     """A server started in its own process group, stopped (with its kernels) however the test ends."""
 
-    def __init__(self, command, url, log_path):
+    def __init__(self, command, url, log_path, env=None):
         self.url, self.log = url, open(log_path, "w")
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, env={**os.environ, **(env or {})})
 
     def wait_until_up(self, probe, timeout=90):
         deadline = time.monotonic() + timeout
@@ -87,16 +87,22 @@ def token():
 
 @pytest.fixture(scope="module")
 def jupyterlab(token, tmp_path_factory):
+    # Settings of its own, without autosave: the notebooks the tests run stay as committed.
+    settings = tmp_path_factory.mktemp("lab-settings")
+    (settings / "@jupyterlab" / "docmanager-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "docmanager-extension" / "plugin.jupyterlab-settings").write_text('{"autosave": false}')
+    committed = {name: (REPO_ROOT / name).read_bytes() for name in (NOTEBOOK, CHAT_NOTEBOOK)}
     port = free_port()
     server = Server([str(BIN / "jupyter"), "lab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
                      f"--IdentityProvider.token={token}", "--ServerApp.port_retries=0", "--ServerApp.allow_root=True",
                      f"--ServerApp.root_dir={REPO_ROOT}"],
                     f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK}?token={token}",
-                    tmp_path_factory.mktemp("lab") / "jupyterlab.log")
+                    tmp_path_factory.mktemp("lab") / "jupyterlab.log", env={"JUPYTERLAB_SETTINGS_DIR": str(settings)})
     try:
         yield server.wait_until_up(f"http://127.0.0.1:{port}/api/status?token={token}")
     finally:
         server.stop()
+    assert {name: (REPO_ROOT / name).read_bytes() for name in committed} == committed, "JupyterLab saved a notebook"
 
 
 @pytest.fixture(scope="module")

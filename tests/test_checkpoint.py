@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers.tools import checkpoint
+from helpers.measure import checkpoints
 from helpers.runtime.memory import parameter_counts
 
 
@@ -20,7 +20,7 @@ def test_layout_matches_hugging_face_repos(tiny_source):
     folder = Path(tiny_source.location)
     config = tiny_source.config
     assert config["model_type"] == "rwkv" and config["vocab_size"] == 65536
-    assert (config["num_hidden_layers"], config["hidden_size"]) == checkpoint.SHAPES["tiny"]
+    assert (config["num_hidden_layers"], config["hidden_size"]) == checkpoints.SHAPES["tiny"]
     assert config["intermediate_size"] == 4 * config["hidden_size"] and config["rescale_every"] == 6
     assert config["tie_word_embeddings"] is False
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -31,7 +31,7 @@ def test_layout_matches_hugging_face_repos(tiny_source):
 
 def test_build_is_deterministic(tmp_path, tiny_source, hub_source):
     for layout, source in (("safetensors", tiny_source), ("hub", hub_source)):
-        built = checkpoint.build_checkpoint("tiny", tmp_path / layout, layout)
+        built = checkpoints.build_checkpoint("tiny", tmp_path / layout, layout)
         assert digest(built) == digest(Path(source.location))
 
 
@@ -51,33 +51,33 @@ def test_hub_layout_is_the_hubs(hub_source, tiny_source):
 
 
 def test_hub_layout_in_shards(tmp_path):
-    folder = checkpoint.build_checkpoint("tiny", tmp_path / "sharded", "hub", shard_bytes=8 * 1024**2)
+    folder = checkpoints.build_checkpoint("tiny", tmp_path / "sharded", "hub", shard_bytes=8 * 1024**2)
     index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 3 and files[0] == f"pytorch_model-00001-of-{len(files):05d}.bin"
     assert not (folder / "pytorch_model.bin").exists()
 
 
-@pytest.mark.parametrize("shape", list(checkpoint.SHAPES))
+@pytest.mark.parametrize("shape", list(checkpoints.SHAPES))
 def test_shapes_and_parameter_counts(shape):
-    config = checkpoint.make_config(shape)
-    shapes = checkpoint.tensor_shapes(config)
+    config = checkpoints.make_config(shape)
+    shapes = checkpoints.tensor_shapes(config)
     linear, other = parameter_counts(config)
     assert sum(torch.Size(s).numel() for _, s in shapes) == linear + other
-    for shard in checkpoint.plan_shards(shapes):
-        assert sum(2 * torch.Size(s).numel() for _, s in shard) <= checkpoint.SHARD_BYTES
+    for shard in checkpoints.plan_shards(shapes):
+        assert sum(2 * torch.Size(s).numel() for _, s in shard) <= checkpoints.SHARD_BYTES
 
 
 def test_weight_names_match_transformers(fp32_model, tiny_source):
-    expected = dict(checkpoint.tensor_shapes(tiny_source.config))
+    expected = dict(checkpoints.tensor_shapes(tiny_source.config))
     actual = {name: tuple(p.shape) for name, p in fp32_model.state_dict().items()}
     assert actual == expected
 
 
 def test_sharded_checkpoint_loads(tmp_path, monkeypatch, fp32_model):
     # Big shapes are written in shards, one layer at a time; check the index works on the tiny shape.
-    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 8 * 1024**2)
-    folder = checkpoint.build_checkpoint("tiny", tmp_path / "sharded")
+    monkeypatch.setattr(checkpoints, "SHARD_BYTES", 8 * 1024**2)
+    folder = checkpoints.build_checkpoint("tiny", tmp_path / "sharded")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)

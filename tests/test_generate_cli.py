@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_cli
 from helpers.tools import generate
-from helpers.tools.checkpoint import make_config
+from helpers.measure.checkpoints import make_config
 from helpers.runtime.prompt import DRAGON_PROMPT, PROMPT_FORMAT
 from helpers.runtime.cpu import CpuInfo
 

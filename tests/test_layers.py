@@ -61,6 +61,36 @@ def test_the_check_sees_an_upward_import(tmp_path):
         planted.unlink()
 
 
+def import_cycles(graph):
+    """The cycles of an import graph {module: modules it imports}, each as its modules from the first found."""
+    cycles, done = [], set()
+
+    def visit(module, path):
+        if module in path:
+            cycles.append(path[path.index(module):])
+            return
+        if module in done:
+            return
+        for imported in sorted(graph.get(module, ())):
+            visit(imported, path + [module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    return cycles
+
+
+def test_no_module_imports_itself_by_way_of_others():
+    graph = {module_name(path): helpers_imports(path.read_text()) - {"helpers"} for path in MODULES}
+    assert import_cycles(graph) == []
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}) == [["a", "b", "c"]]  # the check sees one
+
+
+def test_the_lessons_plumbing_imports_no_command_line_tool():
+    assert [f"{module_name(path)} imports {imported}" for path in MODULES if module_name(path).startswith("helpers.lessons")
+            for imported in sorted(helpers_imports(path.read_text())) if imported.startswith("helpers.tools")] == []
+
+
 def imported_after(modules, tmp_path):
     """(the libraries of bigdl, fastchat that importing modules imported, whether a native library was chosen),
     in a fresh process whose environment names none."""

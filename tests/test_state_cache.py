@@ -121,10 +121,12 @@ def test_a_prompt_that_begins_with_a_cached_prefix_reads_only_the_rest(model):
     assert status["state_cache_mb"] <= status["state_cache_max_mb"]
 
 
-def test_a_shared_system_prompt_sent_by_many_at_once_is_read_once(model):
+def shared_system_prompt(model, state_cache_mb):
+    """(the prompts, the scheduler's status) of 4 prompts that begin with one 200-token system prompt, sent at
+    once; each gets the greedy answer of reading it whole."""
     system = [(13 * i) % 300 + 3 for i in range(200)]
     prompts = [system + [50 + i] * (1 + i) for i in range(4)]
-    scheduler = Scheduler(model, max_batch=4)
+    scheduler = Scheduler(model, max_batch=4, state_cache_mb=state_cache_mb)
     try:
         requests = [scheduler.submit(ids, NEW_TOKENS, boundaries=[len(system)]) for ids in prompts]
         answers = [served(request) for request in requests]
@@ -132,7 +134,12 @@ def test_a_shared_system_prompt_sent_by_many_at_once_is_read_once(model):
     finally:
         scheduler.close()
     assert answers == [reference(model, ids) for ids in prompts]
-    assert status["prompt_tokens_read"] == len(system) + sum(1 + i for i in range(4))
+    return prompts, status
+
+
+def test_a_shared_system_prompt_sent_by_many_at_once_is_read_once(model):
+    prompts, status = shared_system_prompt(model, state_cache_mb=256)
+    assert status["prompt_tokens_read"] == 200 + sum(1 + i for i in range(4))
     assert status["state_cache_hits"] == 3
 
 
@@ -170,17 +177,8 @@ def rows_read(monkeypatch):
 
 
 def test_without_a_cache_prompts_that_share_a_prefix_are_read_together(model, monkeypatch):
-    system = [(13 * i) % 300 + 3 for i in range(200)]
-    prompts = [system + [50 + i] * (1 + i) for i in range(4)]
     calls = rows_read(monkeypatch)
-    scheduler = Scheduler(model, max_batch=4, state_cache_mb=0)
-    try:
-        requests = [scheduler.submit(ids, NEW_TOKENS, boundaries=[len(system)]) for ids in prompts]
-        answers = [served(request) for request in requests]
-        status = scheduler.status()
-    finally:
-        scheduler.close()
-    assert answers == [reference(model, ids) for ids in prompts]
+    prompts, status = shared_system_prompt(model, state_cache_mb=0)
     assert calls[0] > 1  # none waited for a state that no cache would keep
     assert status["prompt_tokens_read"] == sum(map(len, prompts))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers.tools import corpus, train
-from helpers.tools.checkpoint import build_trained_checkpoint, trained_token_counts
+from helpers.measure.checkpoints import build_trained_checkpoint, trained_token_counts
 from helpers.runtime.models import resolve_model
 from helpers.runtime.loading import load_hf_model
 

@@ -7,8 +7,8 @@ import sys
 from importlib import metadata
 
 from helpers.measure import provenance
-from helpers.tools.bench import load_results, results_file
-from helpers.tools.checkpoint import make_config
+from helpers.measure.results import read_run, run_path
+from helpers.measure.checkpoints import make_config
 from helpers.runtime import fused_decode
 from helpers.runtime.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
 from helpers.runtime.low_bit_cache import planned_loader
@@ -60,14 +60,14 @@ def native_library_rows(choice):
 
 def measured(shape, option):
     """The committed `helpers.tools.bench --layout hub` record of one shape and option, or None."""
-    if not results_file(shape, "hub").exists():
+    if not run_path(f"{shape}-hub").exists():
         return None
-    return next((record for record in load_results(shape, "hub")["records"] if record["option"] == option), None)
+    return next((record for record in read_run(f"{shape}-hub")["records"] if record["option"] == option), None)
 
 
 def memory_source():
     """Which machines and dates the measured columns come from, in one line."""
-    runs = [load_results(shape, "hub")["provenance"] for shape in HUB_SIZES if results_file(shape, "hub").exists()]
+    runs = [read_run(f"{shape}-hub")["provenance"] for shape in HUB_SIZES if run_path(f"{shape}-hub").exists()]
     if not runs:
         return "Measured: nothing committed (data/bench/SHAPE-hub.json)."
     dates = sorted({run["date"] for run in runs})

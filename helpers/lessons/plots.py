@@ -111,7 +111,7 @@ def plot_batches(measured):
 def plot_load(results):
     """A load test (helpers.tools.load_test): tokens/s of all clients (median of the rounds), and the p50
     and p95 latency to the first and to the last token, against the number of clients."""
-    from helpers.tools.load_test import by_clients, latencies_ms, percentile
+    from helpers.measure.client import by_clients, latencies_ms, percentile
 
     grouped = by_clients(results)
     clients = list(grouped)

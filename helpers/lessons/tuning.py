@@ -59,7 +59,7 @@ class _Configuration(WorkerProcess):
 
 def measured_source():
     """The model notebook 04 measures: RWKV_MODEL's, else the MEASURED_SHAPE checkpoint (built on first use)."""
-    from helpers.tools.checkpoint import ensure_checkpoint
+    from helpers.measure.checkpoints import ensure_checkpoint
     from helpers.runtime.models import resolve_model
 
     return resolve_model(None if read_settings().model else str(ensure_checkpoint(MEASURED_SHAPE, layout="hub")))

@@ -44,20 +44,20 @@ from tqdm import tqdm
 
 from helpers.measure import provenance
 from helpers.measure.bandwidth import read_bandwidth_gbs
+from helpers.measure.results import read_run
+from helpers.measure.workloads import PROMPT_TOKENS, batch_prompts, prompt_ids
 from helpers.measure.worker_process import WorkerProcess
 from helpers.runtime.errors import one_line_errors
 from helpers.runtime.shapes import SHAPES
-from helpers.tools.checkpoint import LAYOUTS
+from helpers.measure.checkpoints import LAYOUTS
 from helpers.runtime.fused_decode import KERNELS
 from helpers.runtime.memory import GIB, model_weight_bytes
-from helpers.runtime.paths import DATA_DIR
 from helpers.runtime import startup
 
 OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained", "asym_int4", "sym_int5",
            "sym_int8", "sym_int4_cache"]
 UNFUSED = "_unfused"  # sym_int4 decoded through torch and bigdl's kernels, without helpers.runtime.fused_decode
 FROM_PRETRAINED = "_from_pretrained"  # loaded by bigdl-llm's from_pretrained instead of tensor by tensor
-PROMPT_TOKENS = 32
 DECODE_TOKENS = 64
 BANDWIDTH_EVERY = 8  # decoded tokens between two bandwidth samples
 BATCH_STEPS, BATCH_ROUNDS = 16, 3
@@ -87,20 +87,6 @@ def load_option(option, source):
     return load_low_bit_model(source, option.removesuffix(UNFUSED))
 
 
-def prompt_ids(vocab_size):
-    """A fixed 32-token prompt: the same ids for every option."""
-    import torch
-
-    return (torch.arange(PROMPT_TOKENS) * 7919 % (vocab_size - 1) + 1).unsqueeze(0)
-
-
-def batch_prompts(vocab_size, count):
-    """count different prompts of different lengths (8 to 8 + count - 1 tokens)."""
-    import torch
-
-    return [((torch.arange(8 + i) + 97 * i) * 7919 % (vocab_size - 1) + 1).unsqueeze(0) for i in range(count)]
-
-
 def measure_batched(model, vocab_size, batches, bound_ms):
     from helpers.measure.timing import measure_batches
 
@@ -119,7 +105,7 @@ def measure(option, shape, threads, layout="safetensors", batches=()):
     from helpers.runtime.fused_decode import kernel_name
     from helpers.runtime.low_bit_cache import cache_dir, cache_problem
     from helpers.runtime.models import resolve_model
-    from helpers.tools.checkpoint import ensure_checkpoint
+    from helpers.measure.checkpoints import ensure_checkpoint
 
     torch.set_num_threads(threads)
     source = resolve_model(str(ensure_checkpoint(shape, layout=layout)))
@@ -184,7 +170,7 @@ def builds_to_run(option, kernels):
 
 def run_benchmark(shape="1b5", threads=None, options=OPTIONS, layout="safetensors", batches=(), kernels=("auto",),
                   command="python -m helpers.tools.bench"):
-    from helpers.tools.checkpoint import ensure_checkpoint
+    from helpers.measure.checkpoints import ensure_checkpoint
 
     threads = threads or psutil.cpu_count(logical=False) or 1
     ensure_checkpoint(shape, layout=layout)  # here, so that building it counts in no worker's peak memory
@@ -207,22 +193,10 @@ def run_benchmark(shape="1b5", threads=None, options=OPTIONS, layout="safetensor
     return {"shape": shape, "layout": layout, "threads": threads, "records": records, "provenance": made}
 
 
-def results_file(shape, layout="safetensors"):
-    return DATA_DIR / "bench" / (f"{shape}-hub.json" if layout == "hub" else f"{shape}.json")
-
-
-def load_results(shape, layout="safetensors"):
-    """The committed results of `--shape SHAPE [--layout hub] --json data/bench/SHAPE[-hub].json`, as
-    run_benchmark returns them."""
-    return load_run(results_file(shape, layout).stem)
-
-
 def load_run(name):
     """The committed run data/bench/NAME.json, as run_benchmark returns it; StaleResults when it was measured
     with other kernel or loader code than this checkout's."""
-    path = DATA_DIR / "bench" / f"{name}.json"
-    run = json.loads(path.read_text())
-    provenance.check_current(run["provenance"], path.relative_to(DATA_DIR.parent))
+    run = read_run(name)
     first = run["records"][0]
     return {"shape": first["shape"], "layout": first["layout"], "threads": first["threads"], "records": run["records"],
             "provenance": run["provenance"]}

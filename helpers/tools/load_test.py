@@ -26,68 +26,14 @@ import psutil
 import requests
 
 from helpers.measure import provenance
+from helpers.measure.client import STALLED_S, LoadResult, by_clients, latencies_ms, percentile, timed_stream
+from helpers.measure.results import read_run
+from helpers.measure.workloads import QUESTIONS, batch_prompts
 from helpers.runtime import startup
 from helpers.runtime.settings import add_flags, from_flags
 from helpers.runtime.errors import UserError, one_line_errors
-from helpers.runtime.paths import DATA_DIR
 
 LOAD_HEADERS = ["clients", "answered", "tokens/s", "first token p50 (ms)", "p95", "last token p50 (ms)", "p95"]
-STALLED_S = 300  # a stream silent this long counts as an error
-PROMPTS = [f"Question: {question}\n\nAnswer:" for question in
-           ("What is AI?", "Why is the sky blue?", "What is a CPU?", "How do trains work?")]
-
-
-@dataclass
-class LoadResult:
-    clients: int
-    sent: int = 0
-    seconds: float = 0.0  # from the first request sent to the last answer's end
-    tokens: int = 0  # in the answers that reached their end
-    first_ms: list = field(default_factory=list)  # from sending to the first text, each complete answer
-    last_ms: list = field(default_factory=list)  # from sending to the end of the stream, each complete answer
-    errors: list = field(default_factory=list)  # what the other requests got
-
-    @property
-    def answered(self):
-        return len(self.last_ms)
-
-    @property
-    def tokens_per_s(self):
-        return self.tokens / self.seconds
-
-
-def percentile(values, share):
-    """The value at `share` (0.5: the median) of the sorted values; NaN for none."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))] if ordered else float("nan")
-
-
-def timed_stream(url, body, chat=False, until=None):
-    """(text, [time.monotonic() when each piece of text arrived], the time it was sent, error or None) of one
-    streamed completion to url (a chat completion when chat); `until`: an Event that ends it early (the client
-    closes its stream)."""
-    started, text, times, finished = time.monotonic(), "", [], False
-    try:
-        with requests.post(url, json=body, stream=True, timeout=STALLED_S) as response:
-            if response.status_code != 200:
-                return text, times, started, f"HTTP {response.status_code}: {response.text}"
-            for line in response.iter_lines(decode_unicode=True):
-                if until is not None and until.is_set():
-                    return text, times, started, None
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[len("data: "):])
-                if "error_code" in event:
-                    return text, times, started, event["text"]
-                choice = event["choices"][0]
-                piece = (choice["delta"].get("content") if chat else choice["text"]) or ""
-                if piece:
-                    times.append(time.monotonic())
-                text += piece
-                finished = finished or choice["finish_reason"] is not None
-    except requests.RequestException as error:
-        return text, times, started, str(error)
-    return text, times, started, None if finished else "the stream ended without a finish_reason"
 
 
 def _stream(url, body):
@@ -98,7 +44,7 @@ def _stream(url, body):
     return text, (times[0] - started) * 1000 if times else None, (time.monotonic() - started) * 1000, None
 
 
-def load_test(url, model, clients, requests_count, max_tokens, count_tokens, prompts=PROMPTS, time_limit_s=120):
+def load_test(url, model, clients, requests_count, max_tokens, count_tokens, prompts=QUESTIONS, time_limit_s=120):
     """Send requests_count streamed greedy completions of the prompts (in turn) to url's /v1/completions,
     `clients` at a time; after time_limit_s no more are sent (those running finish). count_tokens(text)
     counts the tokens of an answer (a stream does not say; encoding the text again can give a token or so
@@ -125,16 +71,6 @@ def load_test(url, model, clients, requests_count, max_tokens, count_tokens, pro
         if first_ms is not None:
             result.first_ms.append(first_ms)
     return result
-
-
-def by_clients(results):
-    """{clients: [the LoadResult of each round]}, in order of clients."""
-    return {clients: [r for r in results if r.clients == clients] for clients in sorted({r.clients for r in results})}
-
-
-def latencies_ms(rounds, until):
-    """Milliseconds from sending to the "first" or the "last" token, of every complete answer of the rounds."""
-    return [ms for result in rounds for ms in getattr(result, f"{until}_ms")]
 
 
 def step_line(settings, results):
@@ -207,7 +143,7 @@ def soak_request(url, model, index, headers=None):
             response = requests.post(url + "/v1/completions", data=data, headers=headers, timeout=STALLED_S)
             lost = ("lost", f"HTTP {response.status_code}: {response.text[:200]}")
             return ("refused", "") if _one_line_refusal(response, expected) else lost
-        body = {"model": model, "prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": 1 + index * 37 % 64,
+        body = {"model": model, "prompt": QUESTIONS[index % len(QUESTIONS)], "max_tokens": 1 + index * 37 % 64,
                 "temperature": 0 if index % 3 else 0.8, "stream": index % 10 == 3 or index % 2 == 1}
         with requests.post(url + "/v1/completions", json=body, headers=headers, stream=body["stream"], timeout=STALLED_S) as response:
             if response.status_code != 200:
@@ -274,17 +210,14 @@ def serving_markdown(settings, results):
 def load_run(name):
     """A committed run, data/bench/NAME.json: (its settings, [LoadResult]), or a soak's (settings, SoakResult);
     StaleResults when it was measured with other kernel, loader or serving code than this checkout's."""
-    path = DATA_DIR / "bench" / f"{name}.json"
-    run = json.loads(path.read_text())
-    provenance.check_current(run["provenance"], path.relative_to(DATA_DIR.parent))
+    run = read_run(name)
     if "soak" in run:
         return {key: value for key, value in run.items() if key != "soak"}, SoakResult(**run["soak"])
     return {key: value for key, value in run.items() if key != "results"}, [LoadResult(**r) for r in run["results"]]
 
 
 def step_tokens_per_s(model, batch, steps=16):
-    """Tokens/s of the batched decoding step alone: `batch` sequences (helpers.tools.bench's prompts), the median step."""
-    from helpers.tools.bench import batch_prompts
+    """Tokens/s of the batched decoding step alone: `batch` sequences (the benchmark's prompts), the median step."""
     from helpers.measure.timing import batched_greedy
 
     _, step_ms = batched_greedy(model, batch_prompts(model.config.vocab_size, batch), steps)

@@ -30,7 +30,7 @@ from helpers.runtime.memory import available_bytes, weight_bytes
 from helpers.runtime.models import resolve_model
 from helpers.runtime.paths import DATA_DIR
 from helpers.runtime.rwkv_cpu import repair_for_cpu
-from helpers.tools.checkpoint import trained_token_counts
+from helpers.measure.checkpoints import trained_token_counts
 from helpers.tools.corpus import HELD_OUT_TEXT, unigram_perplexity
 
 FORMATS = ("fp32",) + LOW_BIT_FORMATS

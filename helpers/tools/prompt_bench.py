@@ -25,11 +25,12 @@ import psutil
 import requests
 
 from helpers.measure import provenance
+from helpers.measure.client import percentile, timed_stream
+from helpers.measure.results import read_run
 from helpers.runtime import startup
 from helpers.runtime.settings import add_flags, from_flags
 from helpers.runtime.errors import UserError, one_line_errors
 from helpers.runtime.paths import DATA_DIR
-from helpers.tools.load_test import percentile, timed_stream
 
 QUESTIONS = ["Who is Prospero?", "Where does the play take place?", "Who is Ariel?", "What does Caliban want?",
              "Who is Miranda's father?", "What happens to the ship?", "Who is Ferdinand?", "How does the play end?",
@@ -212,9 +213,7 @@ def prompts_markdown(settings, run):
 def load_run(name):
     """A committed run, data/bench/NAME.json: (its settings, PromptRun); StaleResults when measured with other
     kernel, loader or serving code than this checkout's."""
-    path = DATA_DIR / "bench" / f"{name}.json"
-    run = json.loads(path.read_text())
-    provenance.check_current(run["provenance"], path.relative_to(DATA_DIR.parent))
+    run = read_run(name)
     result = run.pop("run")
     return run, PromptRun(**{**result, "chat": [ChatTurn(**turn) for turn in result["chat"]]})
 

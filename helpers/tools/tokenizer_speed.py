@@ -21,7 +21,7 @@ from helpers.measure.timing import seconds
 from helpers.runtime.errors import UserError, one_line_errors
 from helpers.runtime.paths import DATA_DIR
 from helpers.runtime.tokenization_rwkv_world import RWKVWorldTokenizer
-from helpers.tools.checkpoint import vocabulary_file
+from helpers.measure.checkpoints import vocabulary_file
 
 TEXT = DATA_DIR / "heldout" / "tempest.txt"
 

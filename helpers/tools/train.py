@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from helpers.tools import corpus
 from helpers.runtime.shapes import VOCAB_SIZE
-from helpers.tools.checkpoint import TRAINED_WEIGHTS, make_tensor, vocabulary_file
+from helpers.measure.checkpoints import TRAINED_WEIGHTS, make_tensor, vocabulary_file
 from helpers.runtime.cpu import cpu_info
 from helpers.runtime.rwkv_cpu import wkv_recurrence
 from helpers.runtime.tokenization_rwkv_world import RWKVWorldTokenizer
