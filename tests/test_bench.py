@@ -6,8 +6,7 @@ from conftest import run_cli
 import torch
 
 from helpers.measure import provenance
-from helpers.measure import checkpoints, results
-from helpers.tools import bench
+from helpers.measure import checkpoints, reports, results
 from helpers.runtime import fused_decode
 from helpers.runtime.paths import DATA_DIR, REPO_ROOT
 
@@ -28,7 +27,7 @@ def test_bench_prints_a_table_and_writes_records(tmp_path):
     assert made["machine"]["physical_cores"] >= 1 and made["machine"]["cpu"] in result.stdout  # the table names it
     low, high = made["read_bandwidth_gbs"]
     assert 0 < low <= high and made["command"].startswith("python -m helpers.tools.bench --shape tiny")
-    assert "| hf_fp32 |" in result.stdout and f"| {bench.label(records[1])} |" in result.stdout
+    assert "| hf_fp32 |" in result.stdout and f"| {reports.label(records[1])} |" in result.stdout
     assert [r["option"] for r in records] == ["hf_fp32", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained"]
     for record in records:
         assert KEYS <= record.keys()
@@ -54,10 +53,10 @@ def test_bench_reads_the_hub_layout_and_its_cache(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Shape tiny (hub layout)" in result.stdout
     from_bin, from_cache = json.loads(records_file.read_text())["records"]
-    assert f"{bench.label(from_bin)}: load peak " in result.stdout and f"{bench.label(from_cache)}: load peak " in result.stdout
+    assert f"{reports.label(from_bin)}: load peak " in result.stdout and f"{reports.label(from_cache)}: load peak " in result.stdout
     assert from_bin["layout"] == from_cache["layout"] == "hub"
     assert from_bin["tokens"] == from_cache["tokens"]  # the cache holds the same weights
-    assert f"| {bench.label(from_bin)} | 4 |" in result.stdout
+    assert f"| {reports.label(from_bin)} | 4 |" in result.stdout
     for record in (from_bin, from_cache):
         assert [b["batch"] for b in record["batches"]] == [1, 4]
         assert all(b["same_tokens_as_alone"] == 1.0 and b["aggregate_tokens_per_s"] > 0 for b in record["batches"])
@@ -80,7 +79,7 @@ def test_targets_say_what_each_run_met():
 
     batch = lambda size, tokens_per_s, same=1.0: {"batch": size, "aggregate_tokens_per_s": tokens_per_s,  # noqa: E731
                                                   "same_tokens_as_alone": same}
-    table = bench.targets_table({"records": [
+    table = reports.targets_table({"records": [
         record("sym_int4", "avx2", 26.0, 20.0, 300, [batch(1, 40), batch(8, 150)]),
         record("sym_int8", "avx512", 55.0, 40.0, 200, [batch(1, 20), batch(8, 100, same=0.875)]),
         record("sym_int4_unfused", None, 40.0, 20.0, 800),
@@ -112,17 +111,17 @@ def test_a_run_of_other_code_is_refused(tmp_path, monkeypatch):
     (tmp_path / "bench" / "old.json").write_text(json.dumps(run))
     monkeypatch.setattr(results, "DATA_DIR", tmp_path)
     with pytest.raises(provenance.StaleResults, match="rerun `python -m helpers.tools.bench --shape 1b5"):
-        bench.render("old", "summary")
+        reports.render("old", "summary")
 
 
 @pytest.mark.parametrize("markdown", ["README.md", "data/bench/README.md"])
 def test_rendered_tables_are_their_runs(markdown):
     """Each table between rendered markers is what its committed run renders now (python -m helpers.tools.bench --refresh)."""
-    blocks = bench.rendered_blocks((REPO_ROOT / markdown).read_text())
+    blocks = reports.rendered_blocks((REPO_ROOT / markdown).read_text())
     assert blocks
     for name, kind, text in blocks:
         stale = f"{markdown}: {name} {kind} is stale: python -m helpers.tools.bench --refresh {markdown}"
-        assert text == bench.render(name, kind), stale
+        assert text == reports.render(name, kind), stale
         assert "Measured 20" in text  # its caption names the machine and the date
 
 
@@ -130,6 +129,6 @@ def test_an_empty_rendered_block_is_filled_without_touching_the_text_after_it(tm
     block = "<!-- rendered: 169m-hub summary -->\n{}<!-- /rendered -->\n"
     path = tmp_path / "page.md"
     path.write_text(block.format("") + "text between\n" + block.format("an old table\n"))
-    bench.refresh(path)
-    table = bench.render("169m-hub", "summary")
+    reports.refresh(path)
+    table = reports.render("169m-hub", "summary")
     assert path.read_text() == block.format(table + "\n") + "text between\n" + block.format(table + "\n")

@@ -129,7 +129,7 @@ def plot_load(results):
 
 
 def plot_served_chat(turns):
-    """A chat over the API turn by turn (helpers.tools.prompt_bench.ChatTurn): the first token's ms with the
+    """A chat over the API turn by turn (helpers.measure.results.ChatTurn): the first token's ms with the
     state cache, without it, and for the new message alone; and the prompt tokens against those read."""
     numbers = [turn.turn for turn in turns]
     fig, (latency, tokens) = plt.subplots(1, 2, figsize=(10, 3.2))

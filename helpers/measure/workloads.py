@@ -1,5 +1,10 @@
 """What the measuring tools feed a model or a server: fixed prompts, the same for every option and run."""
 PROMPT_TOKENS = 32
+DECODE_TOKENS = 64  # greedy tokens the benchmark times after the prompt
+BATCH_STEPS, BATCH_ROUNDS = 16, 3  # a batch size's steps in a round, and its rounds (the sizes taking turns)
+# The benchmark's options beyond a format's name: sym_int4 decoded through torch and bigdl's kernels, without
+# helpers.runtime.fused_decode; loaded by bigdl-llm's from_pretrained instead of tensor by tensor.
+UNFUSED, FROM_PRETRAINED = "_unfused", "_from_pretrained"
 QUESTIONS = [f"Question: {question}\n\nAnswer:" for question in
              ("What is AI?", "Why is the sky blue?", "What is a CPU?", "How do trains work?")]
 

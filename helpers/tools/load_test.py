@@ -19,21 +19,20 @@ from collections import Counter
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import psutil
 import requests
 
 from helpers.measure import provenance
-from helpers.measure.client import STALLED_S, LoadResult, by_clients, latencies_ms, percentile, timed_stream
-from helpers.measure.results import read_run
+from helpers.measure.client import STALLED_S, LoadResult, timed_stream
+from helpers.measure.reports import LOAD_HEADERS, load_rows, soak_table, step_line
+from helpers.measure.results import SoakResult
 from helpers.measure.workloads import QUESTIONS, batch_prompts
 from helpers.runtime import startup
 from helpers.runtime.settings import add_flags, from_flags
 from helpers.runtime.errors import UserError, one_line_errors
-
-LOAD_HEADERS = ["clients", "answered", "tokens/s", "first token p50 (ms)", "p95", "last token p50 (ms)", "p95"]
 
 
 def _stream(url, body):
@@ -73,30 +72,6 @@ def load_test(url, model, clients, requests_count, max_tokens, count_tokens, pro
     return result
 
 
-def step_line(settings, results):
-    """The most clients' tokens/s against the batched step's own, each measured in every round of one run."""
-    most = by_clients(results)[max(r.clients for r in results)]
-    ratios = [result.tokens_per_s / step for result, step in zip(most, settings["step_tokens_per_s"])]
-    return (f"{most[0].clients} clients: {statistics.median(r.tokens_per_s for r in most):.0f} tokens/s, "
-            f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} to {max(ratios):.2f}) the batched step alone "
-            f"({statistics.median(settings['step_tokens_per_s']):.0f} tokens/s, {most[0].clients} sequences, measured "
-            f"after each round; target at least 0.85x: {'met' if round(statistics.median(ratios), 2) >= 0.85 else 'missed'})")
-
-
-def load_rows(results):
-    """Table rows (LOAD_HEADERS), one per client count; with several rounds of a count, tokens/s is the
-    median with its range and the latencies are over all rounds' answers."""
-    rows = []
-    for clients, rounds in by_clients(results).items():
-        speeds = [result.tokens_per_s for result in rounds]
-        speed = f"{statistics.median(speeds):.0f}" + (f" ({min(speeds):.0f} to {max(speeds):.0f})" if len(rounds) > 1 else "")
-        first, last = latencies_ms(rounds, "first"), latencies_ms(rounds, "last")
-        rows.append([clients, f"{sum(r.answered for r in rounds)}/{sum(r.sent for r in rounds)}", speed,
-                     f"{percentile(first, 0.5):.0f}", f"{percentile(first, 0.95):.0f}",
-                     f"{percentile(last, 0.5):.0f}", f"{percentile(last, 0.95):.0f}"])
-    return rows
-
-
 SOAK_MEASURED_AFTER = 200  # the worker's memory is read after this many requests, and after the last
 MALFORMED = [  # (body, what the answer's one line says): requests a soak sends that must be refused
     ('{"model": "MODEL", "prompt": ', "not valid JSON"),
@@ -104,23 +79,6 @@ MALFORMED = [  # (body, what the answer's one line says): requests a soak sends 
     ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "Hi", "max_tokens": 8, "presence_penalty": 9}, "presence_penalty"),
 ]
-
-
-@dataclass
-class SoakResult:
-    requests: int
-    clients: int
-    outcomes: dict = field(default_factory=dict)  # {"answered", "refused" (a 4xx with one line), "cancelled", "lost": count}
-    refused_429: int = 0  # of the refused: full workers (with Retry-After)
-    lost: list = field(default_factory=list)  # what the first lost requests got
-    seconds: float = 0.0
-    rss_mb: dict = field(default_factory=dict)  # the worker's resident memory (MB) after the first requests, after all
-    worker: dict = field(default_factory=dict)  # the worker's status at the end
-
-    @property
-    def rss_growth(self):
-        """The worker's memory after the last request over its memory after the first SOAK_MEASURED_AFTER."""
-        return self.rss_mb["after_all"] / self.rss_mb["after_first"] - 1
 
 
 def _one_line_refusal(response, expected=""):
@@ -175,45 +133,6 @@ def soak(url, model, count, clients, worker_rss_mb=lambda: None, headers=None):
     result.refused_429 = sum(1 for outcome, detail in outcomes if outcome == "refused" and detail == "429")
     result.lost = [detail for outcome, detail in outcomes if outcome == "lost"][:5]
     return result
-
-
-SOAK_HEADERS = ["requests", "clients", "answered", "refused (429)", "cancelled", "lost", "minutes",
-                "worker MB after 200", "after all", "growth"]
-
-
-def soak_table(settings, result):
-    """A soak's markdown: its provenance and settings, then one row (SOAK_HEADERS)."""
-    first, last = result.rss_mb["after_first"], result.rss_mb["after_all"]
-    row = [result.requests, result.clients, result.outcomes.get("answered", 0),
-           f"{result.outcomes.get('refused', 0)} ({result.refused_429})", result.outcomes.get("cancelled", 0),
-           result.outcomes.get("lost", 0), f"{result.seconds / 60:.1f}", f"{first:.0f}", f"{last:.0f}",
-           f"{result.rss_growth:+.1%}"]
-    queue = settings["max_queue"] if settings["max_queue"] is not None else settings["max_batch"]
-    return "\n".join([
-        provenance.caption(settings["provenance"]) + f" {settings['model']}, one worker (--max-batch "
-        f"{settings['max_batch']}, --max-queue {queue}). A cancelled request was decoded at most "
-        f"{result.worker['most_steps_after_cancel']} step(s) after the worker saw its client go; \"cancelled\" counts "
-        "the clients that closed their stream early (the worker's own count leaves out those already answered).", "",
-        "| " + " | ".join(SOAK_HEADERS) + " |", "|" + "---|" * len(SOAK_HEADERS),
-        "| " + " | ".join(map(str, row)) + " |"])
-
-
-def serving_markdown(settings, results):
-    """A committed load test as markdown: its provenance and settings, the table, and the batched step's line."""
-    lines = [f"{settings['model']}: {settings['requests']} requests of {settings['max_tokens']} tokens per client count, "
-             f"{settings['rounds']} rounds (tokens/s: median and range). " + provenance.caption(settings["provenance"]), "",
-             "| " + " | ".join(LOAD_HEADERS) + " |", "|" + "---|" * len(LOAD_HEADERS),
-             *["| " + " | ".join(map(str, row)) + " |" for row in load_rows(results)]]
-    return "\n".join(lines + (["", step_line(settings, results)] if settings.get("step_tokens_per_s") else []))
-
-
-def load_run(name):
-    """A committed run, data/bench/NAME.json: (its settings, [LoadResult]), or a soak's (settings, SoakResult);
-    StaleResults when it was measured with other kernel, loader or serving code than this checkout's."""
-    run = read_run(name)
-    if "soak" in run:
-        return {key: value for key, value in run.items() if key != "soak"}, SoakResult(**run["soak"])
-    return {key: value for key, value in run.items() if key != "results"}, [LoadResult(**r) for r in run["results"]]
 
 
 def step_tokens_per_s(model, batch, steps=16):

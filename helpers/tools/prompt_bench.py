@@ -13,20 +13,20 @@ other request has (a session number), so it reads everything, as a server withou
 """
 import argparse
 import json
-import statistics
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import psutil
 import requests
 
 from helpers.measure import provenance
-from helpers.measure.client import percentile, timed_stream
-from helpers.measure.results import read_run
+from helpers.measure.client import timed_stream
+from helpers.measure.reports import prompts_markdown
+from helpers.measure.results import ChatTurn, PromptRun
 from helpers.runtime import startup
 from helpers.runtime.settings import add_flags, from_flags
 from helpers.runtime.errors import UserError, one_line_errors
@@ -37,29 +37,6 @@ QUESTIONS = ["Who is Prospero?", "Where does the play take place?", "Who is Arie
              "Who is Gonzalo?", "What is the storm for?", "Who is Antonio?", "Why is Ariel bound?",
              "Who is Stephano?", "What is a masque?", "Who is Trinculo?", "Who is Sebastian?"]
 TEXT = DATA_DIR / "heldout" / "tempest.txt"  # committed: the text the prompts are cut from
-
-
-@dataclass
-class ChatTurn:
-    turn: int
-    prompt_tokens: int  # of the turn with the cache
-    cached_ms: list = field(default_factory=list)  # to the first token, each round: the conversation, cache on
-    cached_read: list = field(default_factory=list)  # prompt tokens the worker read for it
-    uncached_ms: list = field(default_factory=list)  # the same messages after a line no other request has
-    alone_ms: list = field(default_factory=list)  # the new message alone, as a conversation of its own
-    alone_read: list = field(default_factory=list)
-
-
-@dataclass
-class PromptRun:
-    chat: list = field(default_factory=list)  # [ChatTurn]
-    shared_ms: list = field(default_factory=list)  # first-token ms of every client, rounds with one system prompt
-    separate_ms: list = field(default_factory=list)  # rounds where each client's system prompt is its own
-    gaps_before_ms: list = field(default_factory=list)  # running streams' gaps between tokens before the long prompt
-    gaps_during_ms: list = field(default_factory=list)  # while it was read
-    long_first_ms: float = 0.0  # the long prompt's first token
-    long_prompt_tokens: int = 0
-    worker: dict = field(default_factory=dict)  # the worker's status at the end
 
 
 class Client:
@@ -168,54 +145,6 @@ def long_prompt_while_streaming(client, long_prompt, streams, settle_s=3.0, max_
             elif arrived <= first:
                 during.append(gap)
     return before, during, (first - started) * 1000
-
-
-def chat_table(turns):
-    """Markdown: per turn, its prompt tokens, the tokens read and the first token's ms (medians over rounds)."""
-    median = statistics.median
-    lines = ["| turn | prompt tokens | read, cache on | first token ms, cache on | without the cache | "
-             "new message alone (tokens read) | cache on / alone |", "|---|---|---|---|---|---|---|"]
-    for turn in turns:
-        lines.append(f"| {turn.turn} | {turn.prompt_tokens} | {median(turn.cached_read):.0f} | {median(turn.cached_ms):.0f} "
-                     f"| {median(turn.uncached_ms):.0f} | {median(turn.alone_ms):.0f} ({median(turn.alone_read):.0f}) "
-                     f"| {median(turn.cached_ms) / median(turn.alone_ms):.2f} |")
-    return "\n".join(lines)
-
-
-def summary_lines(run, settings):
-    """One line per scenario, each with its target (issue #22) and whether it was met."""
-    median = statistics.median
-    shared, separate = percentile(run.shared_ms, 0.5), percentile(run.separate_ms, 0.5)
-    median_gap, p99 = percentile(run.gaps_before_ms, 0.5), percentile(run.gaps_during_ms, 0.99)
-    last = run.chat[-1]
-    turn, system, gaps = (median(last.cached_ms) / median(last.alone_ms), shared / separate, p99 / median_gap)
-    met = lambda ok: "met" if ok else "missed"  # noqa: E731
-    return [
-        f"Chat turn {last.turn} ({last.prompt_tokens} prompt tokens, {median(last.cached_read):.0f} read): first token in "
-        f"{median(last.cached_ms):.0f} ms from the cache, {turn:.2f}x the new message alone ({median(last.alone_ms):.0f} ms; "
-        f"target at most 1.5x: {met(round(turn, 2) <= 1.5)}); {median(last.uncached_ms):.0f} ms without the cache.",
-        f"A {settings['system_tokens']}-token system prompt, {settings['clients']} clients at once: first token p50 "
-        f"{shared:.0f} ms shared, {separate:.0f} ms when each reads its own ({system:.2f}x; target at most 0.2x: "
-        f"{met(round(system, 2) <= 0.2)}).",
-        f"While a {run.long_prompt_tokens}-token prompt was read ({run.long_first_ms / 1000:.1f} s to its first token), "
-        f"{settings['streams']} running streams' gaps between tokens: p99 {p99:.0f} ms against their median "
-        f"{median_gap:.0f} ms before it ({gaps:.1f}x; target under 3x: {met(round(gaps, 1) < 3)}); median "
-        f"{percentile(run.gaps_during_ms, 0.5):.0f} ms, longest {max(run.gaps_during_ms):.0f} ms while it was read.",
-    ]
-
-
-def prompts_markdown(settings, run):
-    """A committed run as markdown: its provenance, the chat's turns, and the three scenarios' lines."""
-    return "\n".join([f"{settings['model']}, {settings['rounds']} rounds (medians). " + provenance.caption(settings["provenance"]),
-                      "", chat_table(run.chat), "", *[f"- {line}" for line in summary_lines(run, settings)]])
-
-
-def load_run(name):
-    """A committed run, data/bench/NAME.json: (its settings, PromptRun); StaleResults when measured with other
-    kernel, loader or serving code than this checkout's."""
-    run = read_run(name)
-    result = run.pop("run")
-    return run, PromptRun(**{**result, "chat": [ChatTurn(**turn) for turn in result["chat"]]})
 
 
 @one_line_errors

@@ -1,0 +1,333 @@
+"""The committed runs as the README, data/bench/README.md and the notebooks show them: each run's loader
+(helpers.measure.results reads and checks the file), every Markdown table and summary line rendered from it,
+and the rendered blocks of a Markdown file (`<!-- rendered: NAME KIND -->`), which
+`python -m helpers.tools.bench --refresh FILE` rewrites from the runs.
+"""
+import re
+import statistics
+from pathlib import Path
+
+from helpers.measure import provenance
+from helpers.measure.client import LoadResult, by_clients, latencies_ms, percentile
+from helpers.measure.results import ChatTurn, PromptRun, SoakResult, read_run
+from helpers.measure.workloads import BATCH_ROUNDS, BATCH_STEPS, DECODE_TOKENS, PROMPT_TOKENS, UNFUSED
+from helpers.runtime.memory import GIB
+
+
+def decoding_run(name):
+    """The committed run data/bench/NAME.json, as run_benchmark returns it; StaleResults when it was measured
+    with other kernel or loader code than this checkout's."""
+    run = read_run(name)
+    first = run["records"][0]
+    return {"shape": first["shape"], "layout": first["layout"], "threads": first["threads"], "records": run["records"],
+            "provenance": run["provenance"]}
+
+
+def serving_run(name):
+    """A committed run, data/bench/NAME.json: (its settings, [LoadResult]), or a soak's (settings, SoakResult);
+    StaleResults when it was measured with other kernel, loader or serving code than this checkout's."""
+    run = read_run(name)
+    if "soak" in run:
+        return {key: value for key, value in run.items() if key != "soak"}, SoakResult(**run["soak"])
+    return {key: value for key, value in run.items() if key != "results"}, [LoadResult(**r) for r in run["results"]]
+
+
+def prompts_run(name):
+    """A committed run, data/bench/NAME.json: (its settings, PromptRun); StaleResults when measured with other
+    kernel, loader or serving code than this checkout's."""
+    run = read_run(name)
+    result = run.pop("run")
+    return run, PromptRun(**{**result, "chat": [ChatTurn(**turn) for turn in result["chat"]]})
+
+
+def load_summary(result):
+    """How far each low-bit load peaked above the model it loaded, and how long it took."""
+    lines = [f"{label(r)}: load peak {r['peak_load_rss_gib']:.2f} GiB, {r['peak_load_rss_gib'] - r['steady_rss_gib']:+.2f} "
+             f"GiB above the loaded model ({r['steady_rss_gib']:.2f} GiB), {r['load_s']:.2f} s"
+             for r in result["records"] if not r["option"].startswith("hf_")]
+    return "\n".join(lines)
+
+
+def label(record):
+    """The option, and the fused step's build where it ran one."""
+    return f"{record['option']} ({record['kernel']})" if record.get("kernel") else record["option"]
+
+
+def markdown_table(result):
+    fp32 = next((r for r in result["records"] if r["option"] == "hf_fp32"), None)
+    lines = [
+        f"Shape {result['shape']} ({result['layout']} layout), {PROMPT_TOKENS}-token prompt, median of {DECODE_TOKENS} greedy "
+        f"tokens; the read bandwidth is each option's median between its tokens, the best read "
+        f"{max(r['best_bandwidth_gbs'] for r in result['records']):.1f} GB/s. " + provenance.caption(result["provenance"]),
+        "",
+        "| option | load s | peak load RSS GiB | steady RSS GiB | weights in RAM GiB | prefill ms | decode ms/token | tokens/s "
+        "| weight GiB read/token | bound ms | decode / bound | decode / best-read bound | decode / fp32 | tokens = fp32's |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["records"]:
+        ratio = f"{r['decode_ms'] / fp32['decode_ms']:.3f}" if fp32 else "-"
+        lines.append(
+            f"| {label(r)} | {r['load_s']:.2f} | {r['peak_load_rss_gib']:.2f} | {r['steady_rss_gib']:.2f} "
+            f"| {r['model_bytes'] / GIB:.2f} "
+            f"| {r['prefill_ms']:.0f} | {r['decode_ms']:.1f} | {1000 / r['decode_ms']:.1f} "
+            f"| {r['weight_bytes'] / GIB:.2f} | {r['bound_ms']:.1f} | {r['decode_ms'] / r['bound_ms']:.2f} "
+            f"| {r['decode_ms'] / r['best_bound_ms']:.2f} | {ratio} | {r['same_tokens']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def by_batch(record):
+    """A record's batched rows, {batch size: row}."""
+    return {row["batch"]: row for row in record.get("batches", [])}
+
+
+def batch_gain(record, batch):
+    """How many times batch 1's tokens/s `batch` sequences got together, or None without both rows."""
+    sizes = by_batch(record)
+    if 1 in sizes and batch in sizes:
+        return sizes[batch]["aggregate_tokens_per_s"] / sizes[1]["aggregate_tokens_per_s"]
+    return None
+
+
+def batch_table(result):
+    """The batched decoding rows, or "" when the run had none."""
+    rows = [(r, b) for r in result["records"] for b in r.get("batches", [])]
+    if not rows:
+        return ""
+    lines = [f"Batched decoding, shape {result['shape']}: {BATCH_STEPS} steps of one token per sequence, median step "
+             f"and its range over {BATCH_ROUNDS} rounds; the bound is one read of the weights per step (the option's "
+             f"bandwidth in the decoding table). " + provenance.caption(result["provenance"]),
+             "", "| option | batch | step ms | range ms | aggregate tokens/s | x batch 1 | step / bound "
+             "| sequences with their tokens alone |", "|---|---|---|---|---|---|---|---|"]
+    for record, b in rows:
+        gain = batch_gain(record, b["batch"])
+        speedup = f"{gain:.2f}" if gain is not None else "-"
+        low, high = b["step_ms_range"]
+        lines.append(f"| {label(record)} | {b['batch']} | {b['step_ms']:.1f} | {low:.1f} to {high:.1f} "
+                     f"| {b['aggregate_tokens_per_s']:.1f} | {speedup} | {b['step_over_bound']:.2f} "
+                     f"| {b['same_tokens_as_alone']:.0%} |")
+    return "\n".join(lines)
+
+
+def fused_summary(result):
+    """One line per build of the fused step that ran sym_int4: its decode and prompt times against the torch path's."""
+    unfused = next((r for r in result["records"] if r["option"] == "sym_int4" + UNFUSED), None)
+    if unfused is None:
+        return ""
+    return "\n".join(
+        f"sym_int4, {r['kernel']} build: {r['decode_ms']:.1f} ms a token against {unfused['decode_ms']:.1f} through torch "
+        f"({unfused['decode_ms'] / r['decode_ms']:.2f}x faster); a {PROMPT_TOKENS}-token prompt in {r['prefill_ms']:.0f} ms "
+        f"against {unfused['prefill_ms']:.0f} ({unfused['prefill_ms'] / r['prefill_ms']:.2f}x)"
+        for r in result["records"] if r["option"] == "sym_int4" and r.get("kernel"))
+
+
+def batch_summary(result, batch=8):
+    """One line per option with batched rows: `batch` sequences' tokens/s and time per token against one's."""
+    lines = []
+    for record in result["records"]:
+        gain, sizes = batch_gain(record, batch), by_batch(record)
+        if gain is not None:
+            lines.append(f"{label(record)}: {batch} sequences together get {gain:.2f}x the tokens/s of one, each "
+                         f"token {sizes[batch]['step_ms'] / sizes[1]['step_ms']:.2f}x later")
+    return "\n".join(lines)
+
+
+def targets_table(result):
+    """The decoding targets (issue 13), each with this run's figure, for the rows the run has."""
+    records = result["records"]
+
+    def find(option, kernel=None):
+        return next((r for r in records if r["option"] == option and kernel in (None, r.get("kernel"))), None)
+
+    rows = []
+    avx2, unfused = find("sym_int4", "avx2"), find("sym_int4_unfused")
+    if avx2:  # each figure is judged as the table prints it, to two decimals
+        ratio = round(avx2["decode_ms"] / avx2["bound_ms"], 2)
+        rows.append(("sym_int4 decode, avx2 build: at most 1.3x its bound", f"{ratio:.2f}x", ratio <= 1.3))
+    if avx2 and unfused:
+        ratio = round(avx2["prefill_ms"] / unfused["prefill_ms"], 2)
+        rows.append((f"sym_int4 prefill ({PROMPT_TOKENS} tokens), avx2 build: at most half the torch path's",
+                     f"{avx2['prefill_ms']:.0f} / {unfused['prefill_ms']:.0f} ms = {ratio:.2f}", ratio <= 0.5))
+    for option in ("asym_int4", "sym_int5", "sym_int8"):
+        for record in (r for r in records if r["option"] == option and r.get("kernel")):
+            ratio = round(record["decode_ms"] / record["bound_ms"], 2)
+            rows.append((f"{label(record)} decode: at most 1.25x its bound", f"{ratio:.2f}x", ratio <= 1.25))
+    for record in (r for r in records if r.get("kernel")):  # the fused step's targets: not the torch path's
+        if batch_gain(record, 8) is not None:
+            speedup = round(batch_gain(record, 8), 2)
+            same = by_batch(record)[8]["same_tokens_as_alone"]
+            rows.append((f"{label(record)}, batch 8: at least 3.5x batch 1's tokens/s, each sequence's tokens as alone",
+                         f"{speedup:.2f}x, {same:.0%} of sequences", speedup >= 3.5 and same == 1.0))
+    if not rows:
+        return ""
+    lines = ["| target | this run | met |", "|---|---|---|"]
+    lines += [f"| {target} | {figure} | {'yes' if met else 'no'} |" for target, figure, met in rows]
+    return "\n".join(lines)
+
+
+def summary_table(result):
+    """The README's table: per option and build, prefill, decode and its bound, and batch 8 against batch 1."""
+    lines = [provenance.caption(result["provenance"]) + f" Shape {result['shape']}, {result['layout']} layout.", "",
+             f"| option (build) | prefill ms ({PROMPT_TOKENS} tokens) | decode ms/token | decode / bound "
+             "| batch 8: tokens/s, x batch 1 | peak load RSS GiB | steady RSS GiB |", "|---|---|---|---|---|---|---|"]
+    for r in result["records"]:
+        gain = batch_gain(r, 8)
+        batched = f"{by_batch(r)[8]['aggregate_tokens_per_s']:.1f}, {gain:.2f}x" if gain is not None else "-"
+        lines.append(f"| {label(r)} | {r['prefill_ms']:.0f} | {r['decode_ms']:.1f} | {r['decode_ms'] / r['bound_ms']:.2f} "
+                     f"| {batched} | {r['peak_load_rss_gib']:.2f} | {r['steady_rss_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def with_caption(table):
+    """A table renderer that puts the run's provenance above the table (for those whose own text has none)."""
+    return lambda result: provenance.caption(result["provenance"]) + "\n\n" + table(result)
+
+
+RENDERERS = {"summary": summary_table, "decoding": markdown_table, "batches": batch_table,
+             "targets": with_caption(targets_table)}
+
+
+# A block's text never runs into the next block (an empty block once swallowed everything up to the next end).
+RENDERED = re.compile(r"(<!-- rendered: (\S+) (\S+) -->\n)((?:(?!<!-- rendered:).)*?)\n?(<!-- /rendered -->)", re.S)
+
+
+def render(name, kind):
+    """The table KIND (a RENDERERS key, or a serving run's "soak", "serving" or "prompts") of the committed run
+    data/bench/NAME.json."""
+    if kind in ("soak", "serving"):  # a serving run
+        return {"soak": soak_table, "serving": serving_markdown}[kind](*serving_run(name))
+    if kind == "prompts":
+        return prompts_markdown(*prompts_run(name))
+    return RENDERERS[kind](decoding_run(name))
+
+
+def rendered_blocks(text):
+    """[(name, kind, text between the markers)] for each `<!-- rendered: NAME KIND -->` block of a markdown text."""
+    return [(match[2], match[3], match[4]) for match in RENDERED.finditer(text)]
+
+
+def refresh(path):
+    """Rewrite every rendered block of the markdown file at path from its committed run."""
+    path = Path(path)
+    path.write_text(RENDERED.sub(lambda m: m[1] + render(m[2], m[3]) + "\n" + m[5], path.read_text()))
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = result["records"]
+    names = [label(r) for r in records]
+    positions = range(len(records))
+    fig, ax = plt.subplots(figsize=(11, 5))
+    ax.bar([p - 0.2 for p in positions], [r["decode_ms"] for r in records], 0.4, label="decode ms/token (measured)")
+    ax.bar([p + 0.2 for p in positions], [r["bound_ms"] for r in records], 0.4, label="bandwidth bound")
+    ax.set_xticks(list(positions), names, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("ms per token")
+    ax.set_yscale("log")
+    made = result["provenance"]
+    ax.set_title(f"RWKV-4 {result['shape']} decode, {result['threads']} threads: {made['machine']['cpu']}, {made['date']}",
+                 fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+LOAD_HEADERS = ["clients", "answered", "tokens/s", "first token p50 (ms)", "p95", "last token p50 (ms)", "p95"]
+
+
+def step_line(settings, results):
+    """The most clients' tokens/s against the batched step's own, each measured in every round of one run."""
+    most = by_clients(results)[max(r.clients for r in results)]
+    ratios = [result.tokens_per_s / step for result, step in zip(most, settings["step_tokens_per_s"])]
+    return (f"{most[0].clients} clients: {statistics.median(r.tokens_per_s for r in most):.0f} tokens/s, "
+            f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} to {max(ratios):.2f}) the batched step alone "
+            f"({statistics.median(settings['step_tokens_per_s']):.0f} tokens/s, {most[0].clients} sequences, measured "
+            f"after each round; target at least 0.85x: {'met' if round(statistics.median(ratios), 2) >= 0.85 else 'missed'})")
+
+
+def load_rows(results):
+    """Table rows (LOAD_HEADERS), one per client count; with several rounds of a count, tokens/s is the
+    median with its range and the latencies are over all rounds' answers."""
+    rows = []
+    for clients, rounds in by_clients(results).items():
+        speeds = [result.tokens_per_s for result in rounds]
+        speed = f"{statistics.median(speeds):.0f}" + (f" ({min(speeds):.0f} to {max(speeds):.0f})" if len(rounds) > 1 else "")
+        first, last = latencies_ms(rounds, "first"), latencies_ms(rounds, "last")
+        rows.append([clients, f"{sum(r.answered for r in rounds)}/{sum(r.sent for r in rounds)}", speed,
+                     f"{percentile(first, 0.5):.0f}", f"{percentile(first, 0.95):.0f}",
+                     f"{percentile(last, 0.5):.0f}", f"{percentile(last, 0.95):.0f}"])
+    return rows
+
+
+SOAK_HEADERS = ["requests", "clients", "answered", "refused (429)", "cancelled", "lost", "minutes",
+                "worker MB after 200", "after all", "growth"]
+
+
+def soak_table(settings, result):
+    """A soak's markdown: its provenance and settings, then one row (SOAK_HEADERS)."""
+    first, last = result.rss_mb["after_first"], result.rss_mb["after_all"]
+    row = [result.requests, result.clients, result.outcomes.get("answered", 0),
+           f"{result.outcomes.get('refused', 0)} ({result.refused_429})", result.outcomes.get("cancelled", 0),
+           result.outcomes.get("lost", 0), f"{result.seconds / 60:.1f}", f"{first:.0f}", f"{last:.0f}",
+           f"{result.rss_growth:+.1%}"]
+    queue = settings["max_queue"] if settings["max_queue"] is not None else settings["max_batch"]
+    return "\n".join([
+        provenance.caption(settings["provenance"]) + f" {settings['model']}, one worker (--max-batch "
+        f"{settings['max_batch']}, --max-queue {queue}). A cancelled request was decoded at most "
+        f"{result.worker['most_steps_after_cancel']} step(s) after the worker saw its client go; \"cancelled\" counts "
+        "the clients that closed their stream early (the worker's own count leaves out those already answered).", "",
+        "| " + " | ".join(SOAK_HEADERS) + " |", "|" + "---|" * len(SOAK_HEADERS),
+        "| " + " | ".join(map(str, row)) + " |"])
+
+
+def serving_markdown(settings, results):
+    """A committed load test as markdown: its provenance and settings, the table, and the batched step's line."""
+    lines = [f"{settings['model']}: {settings['requests']} requests of {settings['max_tokens']} tokens per client count, "
+             f"{settings['rounds']} rounds (tokens/s: median and range). " + provenance.caption(settings["provenance"]), "",
+             "| " + " | ".join(LOAD_HEADERS) + " |", "|" + "---|" * len(LOAD_HEADERS),
+             *["| " + " | ".join(map(str, row)) + " |" for row in load_rows(results)]]
+    return "\n".join(lines + (["", step_line(settings, results)] if settings.get("step_tokens_per_s") else []))
+
+
+def chat_table(turns):
+    """Markdown: per turn, its prompt tokens, the tokens read and the first token's ms (medians over rounds)."""
+    median = statistics.median
+    lines = ["| turn | prompt tokens | read, cache on | first token ms, cache on | without the cache | "
+             "new message alone (tokens read) | cache on / alone |", "|---|---|---|---|---|---|---|"]
+    for turn in turns:
+        lines.append(f"| {turn.turn} | {turn.prompt_tokens} | {median(turn.cached_read):.0f} | {median(turn.cached_ms):.0f} "
+                     f"| {median(turn.uncached_ms):.0f} | {median(turn.alone_ms):.0f} ({median(turn.alone_read):.0f}) "
+                     f"| {median(turn.cached_ms) / median(turn.alone_ms):.2f} |")
+    return "\n".join(lines)
+
+
+def summary_lines(run, settings):
+    """One line per scenario, each with its target (issue #22) and whether it was met."""
+    median = statistics.median
+    shared, separate = percentile(run.shared_ms, 0.5), percentile(run.separate_ms, 0.5)
+    median_gap, p99 = percentile(run.gaps_before_ms, 0.5), percentile(run.gaps_during_ms, 0.99)
+    last = run.chat[-1]
+    turn, system, gaps = (median(last.cached_ms) / median(last.alone_ms), shared / separate, p99 / median_gap)
+    met = lambda ok: "met" if ok else "missed"  # noqa: E731
+    return [
+        f"Chat turn {last.turn} ({last.prompt_tokens} prompt tokens, {median(last.cached_read):.0f} read): first token in "
+        f"{median(last.cached_ms):.0f} ms from the cache, {turn:.2f}x the new message alone ({median(last.alone_ms):.0f} ms; "
+        f"target at most 1.5x: {met(round(turn, 2) <= 1.5)}); {median(last.uncached_ms):.0f} ms without the cache.",
+        f"A {settings['system_tokens']}-token system prompt, {settings['clients']} clients at once: first token p50 "
+        f"{shared:.0f} ms shared, {separate:.0f} ms when each reads its own ({system:.2f}x; target at most 0.2x: "
+        f"{met(round(system, 2) <= 0.2)}).",
+        f"While a {run.long_prompt_tokens}-token prompt was read ({run.long_first_ms / 1000:.1f} s to its first token), "
+        f"{settings['streams']} running streams' gaps between tokens: p99 {p99:.0f} ms against their median "
+        f"{median_gap:.0f} ms before it ({gaps:.1f}x; target under 3x: {met(round(gaps, 1) < 3)}); median "
+        f"{percentile(run.gaps_during_ms, 0.5):.0f} ms, longest {max(run.gaps_during_ms):.0f} ms while it was read.",
+    ]
+
+
+def prompts_markdown(settings, run):
+    """A committed run as markdown: its provenance, the chat's turns, and the three scenarios' lines."""
+    return "\n".join([f"{settings['model']}, {settings['rounds']} rounds (medians). " + provenance.caption(settings["provenance"]),
+                      "", chat_table(run.chat), "", *[f"- {line}" for line in summary_lines(run, settings)]])
