@@ -8,7 +8,7 @@ import pytest
 from helpers.runtime.startup import start
 
 NATIVE_CHOICE = start()  # before anything imports bigdl.llm: chooses its native library for this CPU
-from helpers.measure.provenance import ISA, describe, machine  # noqa: E402
+from helpers.measure.provenance import describe, instruction_sets, machine  # noqa: E402
 from helpers.runtime import cpu, fused_decode  # noqa: E402
 from helpers.runtime.loading import load_hf_model, load_tokenizer  # noqa: E402
 from helpers.runtime.models import resolve_model  # noqa: E402
@@ -29,7 +29,7 @@ def pytest_report_header(config):
                for name, (needed, _) in fused_decode.KERNELS.items() if name not in runnable]
     native_lacking = [f"{build} (needs {', '.join(sorted(flag for flag in needed if not info.has(flag)))})"
                       for build, needed in cpu.NATIVE_BUILDS if not info.has(*needed)]
-    seen = f"{info.model} ({', '.join(name for name, flags in ISA if info.has(*flags))}), as RWKV_CPUINFO={seen_as} describes it; "
+    seen = f"{info.model} ({', '.join(instruction_sets(info))}), as RWKV_CPUINFO={seen_as} describes it; "
     real = {key: value for key, value in machine().items() if key != "run_as"}
     return [f"CPU: {seen if seen_as else ''}this machine: {describe(real)}",
             f"fused step builds checked: {', '.join(fused) or 'none'}; not on this CPU: {', '.join(lacking) or 'none'}",

@@ -9,7 +9,6 @@ only where its slowest round beats every other's fastest and its lead is larger 
 range over the same rounds.
 """
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -185,7 +184,7 @@ def runtime_env(options):
 def pinnings(threads, info=None, cpus=None):
     """{label: command prefix} for running unpinned and pinned to the first `threads` physical cores (one
     logical CPU of each) among cpus (default: the ones this process may use)."""
-    placed = (info or cpu_info()).physical_cores_of(cpus or os.sched_getaffinity(0))
+    placed = (info or cpu_info()).physical_cores_of(cpus)
     cores = cpu_list(logical[0] for logical in list(placed.values())[:threads])
     options = {"not pinned": (), f"taskset -c {cores}": ("taskset", "-c", cores)}
     if shutil.which("numactl"):

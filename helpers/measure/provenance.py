@@ -69,14 +69,18 @@ def fingerprint(kind, root=REPO_ROOT):
     return digest.hexdigest()[:16]
 
 
+def instruction_sets(info):
+    """The names of the instruction sets that matter here that a CpuInfo has (AVX-512 VNNI standing for AVX-512)."""
+    names = [name for name, flags in ISA if info.has(*flags)]
+    return [name for name in names if not (name == "AVX-512" and "AVX-512 VNNI" in names)]
+
+
 def machine():
     """The CPU (model, family and model numbers, instruction sets that matter here), cores, sockets, RAM: the
     real one's, with "run_as" the RWKV_CPUINFO file where the run saw another CPU."""
     info, run_as = cpu_info(real=True), settings.read().cpuinfo
-    isa = [name for name, flags in ISA if info.has(*flags)]
-    isa = [name for name in isa if not (name == "AVX-512" and "AVX-512 VNNI" in isa)]
     return {"cpu": info.model, "vendor": info.vendor, "family": info.family or None, "model": info.model_number or None,
-            "isa": isa, "physical_cores": info.physical_cores, "sockets": info.sockets,
+            "isa": instruction_sets(info), "physical_cores": info.physical_cores, "sockets": info.sockets,
             "memory_gib": round(psutil.virtual_memory().total / GIB), **({"run_as": run_as} if run_as else {})}
 
 

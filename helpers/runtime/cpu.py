@@ -45,11 +45,11 @@ class CpuInfo:
     def has(self, *flags):
         return all(flag in self.flags for flag in flags)
 
-    def physical_cores_of(self, cpus):
-        """{(physical id, core id): [its logical CPUs among cpus]}, in socket and core order (a logical CPU
-        that /proc/cpuinfo does not place is a core of its own)."""
+    def physical_cores_of(self, cpus=None):
+        """{(physical id, core id): [its logical CPUs among cpus (default: those this process may use)]}, in
+        socket and core order (a logical CPU that /proc/cpuinfo does not place is a core of its own)."""
         cores = {}
-        for number in sorted(cpus):
+        for number in sorted(cpus or os.sched_getaffinity(0)):
             cores.setdefault(self.core_of.get(number, (-1, number)), []).append(number)
         return dict(sorted(cores.items()))
 

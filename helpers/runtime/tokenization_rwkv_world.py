@@ -49,9 +49,8 @@ class RWKVWorldTokenizer(PreTrainedTokenizer):
     def __init__(self, vocab_file, **kwargs):
         self.vocab_file = vocab_file
         self.byte_to_id = read_vocab(vocab_file)
-        self.id_to_byte = {idx: token for token, idx in self.byte_to_id.items()}
         self.prefixes = prefix_table(self.byte_to_id)
-        self.id_to_text = {idx: token.decode("latin-1") for idx, token in self.id_to_byte.items()}  # as transformers carries them
+        self.id_to_text = {idx: token.decode("latin-1") for token, idx in self.byte_to_id.items()}  # as transformers carries them
         self.text_to_id = {text: idx for idx, text in self.id_to_text.items()} | {END_OF_TEXT: 0}
         for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
             kwargs.setdefault(name, END_OF_TEXT)
@@ -105,7 +104,7 @@ class RWKVWorldTokenizer(PreTrainedTokenizer):
     def _convert_id_to_token(self, index):
         # The model's head has 65536 rows, the vocabulary fewer tokens: an id without one (a random-weight
         # model can sample it) is no text, not an error.
-        return END_OF_TEXT if index == 0 else self.id_to_byte.get(index, b"").decode("latin-1")
+        return END_OF_TEXT if index == 0 else self.id_to_text.get(index, "")
 
     def convert_tokens_to_string(self, tokens):
         return b"".join(token.encode("latin-1") for token in tokens).decode("utf-8", errors="replace")

@@ -12,7 +12,6 @@ stack says so. Ctrl-C stops them all; so does the end of the Python process that
 """
 import argparse
 import ctypes
-import os
 import signal
 import socket
 import subprocess
@@ -46,7 +45,7 @@ def free_port():
 def core_groups(count, cpus=None, info=None):
     """The logical CPUs this process may use (cpus) in `count` groups of whole physical cores, hyperthread
     siblings together, in socket and core order (info: the CpuInfo that places them), as taskset -c lists them."""
-    cores = list((info or cpu_info()).physical_cores_of(cpus or os.sched_getaffinity(0)).values())
+    cores = list((info or cpu_info()).physical_cores_of(cpus).values())
     if not 1 <= count <= len(cores):
         raise UserError(f"--workers must be between 1 and the {len(cores)} physical cores this machine lets us use, "
                         f"not {count}.")
