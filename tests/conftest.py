@@ -71,6 +71,12 @@ def fp32_model(tiny_source):
     return load_hf_model(tiny_source)
 
 
+def table_rows(markdown):
+    """The stripped cells of every row of the Markdown tables in a text, separator rows left out."""
+    return [[cell.strip() for cell in line.strip()[1:-1].split("|")] for line in markdown.splitlines()
+            if line.startswith("|") and not set(line.strip()) <= set("|-: ")]
+
+
 def run_cli(*args, env=None, timeout=300):
     """Run `python -m ARGS` in a fresh interpreter; returns the CompletedProcess."""
     full_env = dict(os.environ, **(env or {}))

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, table_rows
 import torch
 
 from helpers.measure import provenance
@@ -27,7 +27,8 @@ def test_bench_prints_a_table_and_writes_records(tmp_path):
     assert made["machine"]["physical_cores"] >= 1 and made["machine"]["cpu"] in result.stdout  # the table names it
     low, high = made["read_bandwidth_gbs"]
     assert 0 < low <= high and made["command"].startswith("python -m helpers.tools.bench --shape tiny")
-    assert "| hf_fp32 |" in result.stdout and f"| {reports.label(records[1])} |" in result.stdout
+    options = [row[0] for row in table_rows(result.stdout)]
+    assert "hf_fp32" in options and reports.label(records[1]) in options
     assert [r["option"] for r in records] == ["hf_fp32", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained"]
     for record in records:
         assert KEYS <= record.keys()
@@ -56,10 +57,22 @@ def test_bench_reads_the_hub_layout_and_its_cache(tmp_path):
     assert f"{reports.label(from_bin)}: load peak " in result.stdout and f"{reports.label(from_cache)}: load peak " in result.stdout
     assert from_bin["layout"] == from_cache["layout"] == "hub"
     assert from_bin["tokens"] == from_cache["tokens"]  # the cache holds the same weights
-    assert f"| {reports.label(from_bin)} | 4 |" in result.stdout
+    assert [reports.label(from_bin), "4"] in [row[:2] for row in table_rows(result.stdout)]
     for record in (from_bin, from_cache):
         assert [b["batch"] for b in record["batches"]] == [1, 4]
         assert all(b["same_tokens_as_alone"] == 1.0 and b["aggregate_tokens_per_s"] > 0 for b in record["batches"])
+
+
+def test_a_peak_is_the_measuring_process_own(tmp_path):
+    """A checkpoint built in the process that starts the measuring worker (as bench builds a missing one) does
+    not count in the worker's load peak: the peak of a 430m build here is over 2 GiB, the tiny load's far less."""
+    from helpers.runtime.memory import GIB, peak_rss_bytes
+    from helpers.tools.bench import run_worker
+
+    checkpoints.build_checkpoint("430m", tmp_path / "430m", "hub")
+    assert peak_rss_bytes() > 2 * GIB
+    record = run_worker("sym_int4", "tiny", threads=1)
+    assert record["steady_rss_gib"] * 0.9 <= record["peak_load_rss_gib"] < peak_rss_bytes() / GIB - 1
 
 
 def test_bench_rejects_bad_batch_sizes():
@@ -83,14 +96,13 @@ def test_targets_say_what_each_run_met():
         record("sym_int4", "avx2", 26.0, 20.0, 300, [batch(1, 40), batch(8, 150)]),
         record("sym_int8", "avx512", 55.0, 40.0, 200, [batch(1, 20), batch(8, 100, same=0.875)]),
         record("sym_int4_unfused", None, 40.0, 20.0, 800),
-    ]}).splitlines()
-    assert "| sym_int4 decode, avx2 build: at most 1.3x its bound | 1.30x | yes |" in table
-    assert "| sym_int4 prefill (32 tokens), avx2 build: at most half the torch path's | 300 / 800 ms = 0.38 | yes |" in table
-    assert "| sym_int8 (avx512) decode: at most 1.25x its bound | 1.38x | no |" in table
-    assert any(line.startswith("| sym_int4 (avx2), batch 8") and line.endswith("| 3.75x, 100% of sequences | yes |")
-               for line in table)
-    assert any(line.startswith("| sym_int8 (avx512), batch 8") and line.endswith("| 5.00x, 88% of sequences | no |")
-               for line in table)
+    ]})
+    rows = table_rows(table)
+    assert ["sym_int4 decode, avx2 build: at most 1.3x its bound", "1.30x", "yes"] in rows
+    assert ["sym_int4 prefill (32 tokens), avx2 build: at most half the torch path's", "300 / 800 ms = 0.38", "yes"] in rows
+    assert ["sym_int8 (avx512) decode: at most 1.25x its bound", "1.38x", "no"] in rows
+    assert any(row[0].startswith("sym_int4 (avx2), batch 8") and row[1:] == ["3.75x, 100% of sequences", "yes"] for row in rows)
+    assert any(row[0].startswith("sym_int8 (avx512), batch 8") and row[1:] == ["5.00x, 88% of sequences", "no"] for row in rows)
 
 
 def committed_runs():
@@ -132,3 +144,17 @@ def test_an_empty_rendered_block_is_filled_without_touching_the_text_after_it(tm
     reports.refresh(path)
     table = reports.render("169m-hub", "summary")
     assert path.read_text() == block.format(table + "\n") + "text between\n" + block.format(table + "\n")
+
+
+def test_a_percentile_interpolates_as_numpy_does():
+    """numpy's default (linear) percentile is the independent reference for the measuring layer's own."""
+    import numpy
+    import random
+
+    from helpers.measure.client import percentile
+
+    draw = random.Random(7)
+    values = [draw.lognormvariate(4, 1) for _ in range(41)]
+    for share in (0.05, 0.5, 0.95, 0.99):
+        assert percentile(values, share) == pytest.approx(numpy.percentile(values, share * 100))
+    assert percentile([3.0], 0.99) == 3.0 and percentile([], 0.5) != percentile([], 0.5)  # NaN for none

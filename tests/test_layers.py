@@ -1,6 +1,7 @@
 """The layout's rule: helpers' folders are layers, and a module imports only from its own layer or below.
 Also: importing a module does no work (no bigdl-llm, no native library chosen)."""
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -89,6 +90,19 @@ def test_no_module_imports_itself_by_way_of_others():
 def test_the_lessons_plumbing_imports_no_command_line_tool():
     assert [f"{module_name(path)} imports {imported}" for path in MODULES if module_name(path).startswith("helpers.lessons")
             for imported in sorted(helpers_imports(path.read_text())) if imported.startswith("helpers.tools")] == []
+
+
+def notebook_code(path):
+    """A notebook's code cells as one Python source (IPython's magics and shell lines left out)."""
+    cells = json.loads(path.read_text())["cells"]
+    return "\n".join(line for cell in cells if cell["cell_type"] == "code"
+                     for line in "".join(cell["source"]).splitlines() if not line.lstrip().startswith(("%", "!")))
+
+
+def test_the_lessons_import_no_command_line_tool():
+    """A lesson calls the runtime, serving and measuring layers; a tool is for the shell."""
+    assert [f"{path.name} imports {imported}" for path in sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
+            for imported in sorted(helpers_imports(notebook_code(path))) if imported.startswith("helpers.tools")] == []
 
 
 def imported_after(modules, tmp_path):

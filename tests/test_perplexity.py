@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from helpers.tools import perplexity
-from helpers.tools.corpus import HELD_OUT_TEXT
+from helpers.measure import perplexity
+from helpers.runtime.paths import HELD_OUT_TEXT
 from helpers.runtime.loading import load_hf_model, load_tokenizer
 from conftest import run_cli
 

@@ -6,8 +6,9 @@ from collections import Counter
 import pytest
 import torch
 
-from helpers.tools import corpus, train
+from helpers.tools import train
 from helpers.measure.checkpoints import build_trained_checkpoint, trained_token_counts
+from helpers.measure.perplexity import unigram_perplexity
 from helpers.runtime.models import resolve_model
 from helpers.runtime.loading import load_hf_model
 
@@ -73,7 +74,7 @@ def test_the_loss_is_the_full_vocabulary_cross_entropy(toy):
 
 def test_unigram_perplexity_is_add_one():
     counts = {1: 3, 2: 1}  # 4 tokens, vocabulary of 4: probabilities (3+1)/8, (1+1)/8, 1/8, 1/8
-    assert corpus.unigram_perplexity(counts, [1, 2, 3], 4) == pytest.approx((0.5 * 0.25 * 0.125) ** (-1 / 3))
+    assert unigram_perplexity(counts, [1, 2, 3], 4) == pytest.approx((0.5 * 0.25 * 0.125) ** (-1 / 3))
 
 
 def test_the_committed_model_beats_the_unigram_model_by_the_target():

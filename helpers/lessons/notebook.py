@@ -40,6 +40,6 @@ def show_markdown(text):
 
 def show_table(rows, headers):
     """Show rows as a table: rendered in JupyterLab, a GitHub-style text table in the notebook file."""
-    from tabulate import tabulate
+    from helpers.measure.reports import markdown
 
-    show_markdown(tabulate(rows, headers, tablefmt="github", disable_numparse=True))
+    show_markdown(markdown(headers, rows))

@@ -18,7 +18,7 @@ def plot_long_run(run):
 
 def plot_quality(rows):
     """Perplexity, and KL divergence from FP32, against bytes per weight: a point per low-bit format, on the
-    fused path where it ran (helpers.tools.perplexity rows)."""
+    fused path where it ran (helpers.measure.perplexity rows)."""
     from helpers.runtime.memory import BYTES_PER_WEIGHT
 
     path = "fused" if any(row.path == "fused" for row in rows) else "torch"

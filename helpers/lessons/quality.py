@@ -9,7 +9,7 @@ import torch
 # The least each format agrees with FP32 (top-1, logits cosine), teacher-forced on data/sample_texts.json.
 # Measured on the random-weight tiny checkpoint, which the kernel tests use: sym_int4 0.75 / 0.969, asym_int4
 # 0.84 / 0.974, sym_int5 0.88 / 0.992, sym_int8 0.99 / 0.9998. The floors leave room for the rounding of
-# each CPU's kernels. What a format costs a trained model is measured by helpers.tools.perplexity.
+# each CPU's kernels. What a format costs a trained model is measured by helpers.measure.perplexity.
 AGREEMENT_FLOORS = {
     "sym_int4": (0.65, 0.95),
     "asym_int4": (0.65, 0.95),

@@ -1,9 +1,14 @@
-"""The client side of a load test: timed streams from an OpenAI-compatible server, and their latencies."""
+"""The client side of a load test: timed streams from an OpenAI-compatible server, their latencies, and a load
+test of streamed completions sent by many clients at once."""
 import json
+import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import requests
+
+from helpers.measure.workloads import QUESTIONS
 
 STALLED_S = 300  # a stream silent this long counts as an error
 
@@ -28,9 +33,11 @@ class LoadResult:
 
 
 def percentile(values, share):
-    """The value at `share` (0.5: the median) of the sorted values (the nearest rank); NaN for none."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))] if ordered else float("nan")
+    """The value at `share` (0.5: the median, 0.001 to 0.999) of the values, interpolated between the two nearest
+    as statistics.quantiles(method="inclusive") does; NaN for none."""
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=1000, method="inclusive")[round(share * 1000) - 1]
 
 
 def timed_stream(url, body, chat=False, until=None):
@@ -69,3 +76,40 @@ def by_clients(results):
 def latencies_ms(rounds, until):
     """Milliseconds from sending to the "first" or the "last" token, of every complete answer of the rounds."""
     return [ms for result in rounds for ms in getattr(result, f"{until}_ms")]
+
+
+def _stream(url, body):
+    """(text, ms to the first text or None, ms to the end, error or None) of one streamed completion."""
+    text, times, started, error = timed_stream(url, body)
+    if error:
+        return text, None, None, error
+    return text, (times[0] - started) * 1000 if times else None, (time.monotonic() - started) * 1000, None
+
+
+def load_test(url, model, clients, requests_count, max_tokens, count_tokens, prompts=QUESTIONS, time_limit_s=120):
+    """Send requests_count streamed greedy completions of the prompts (in turn) to url's /v1/completions,
+    `clients` at a time; after time_limit_s no more are sent (those running finish). count_tokens(text)
+    counts the tokens of an answer (a stream does not say; encoding the text again can give a token or so
+    fewer than were generated)."""
+    deadline = time.monotonic() + time_limit_s
+
+    def one(index):
+        if time.monotonic() > deadline:
+            return None
+        body = {"model": model, "prompt": prompts[index % len(prompts)], "max_tokens": max_tokens,
+                "temperature": 0, "stream": True}
+        return _stream(url + "/v1/completions", body)
+
+    result, start = LoadResult(clients), time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        answers = [answer for answer in pool.map(one, range(requests_count)) if answer is not None]
+    result.seconds, result.sent = time.monotonic() - start, len(answers)
+    for text, first_ms, last_ms, error in answers:
+        if error:
+            result.errors.append(error)
+            continue
+        result.tokens += count_tokens(text)
+        result.last_ms.append(last_ms)
+        if first_ms is not None:
+            result.first_ms.append(first_ms)
+    return result

@@ -6,6 +6,7 @@ import ast
 import datetime
 import hashlib
 import re
+import sys
 from pathlib import Path
 
 import psutil
@@ -18,8 +19,8 @@ from helpers.runtime.paths import REPO_ROOT
 
 # The kernel source, and the code that loads a model and runs it: what a decoding figure depends on.
 DECODING_CODE = ["helpers/runtime/rwkv4_decode.c", "helpers/runtime/fused_decode.py", "helpers/runtime/batching.py",
-                 "helpers/runtime/loading.py", "helpers/runtime/tensor_loading.py", "helpers/runtime/low_bit_cache.py",
-                 "helpers/runtime/rwkv_cpu.py"]
+                 "helpers/runtime/loading.py", "helpers/runtime/checkpoint_files.py", "helpers/runtime/tensor_loading.py",
+                 "helpers/runtime/low_bit_cache.py", "helpers/runtime/rwkv_cpu.py"]
 CODE = {
     "kernel": ["helpers/runtime/rwkv4_decode.c"],  # helpers/tools/kernel_sweep.py times the kernel alone
     "decoding": DECODING_CODE,
@@ -67,6 +68,11 @@ def fingerprint(kind, root=REPO_ROOT):
     for name in CODE[kind]:
         digest.update(name.encode() + b"\0" + code_of(Path(root) / name).encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def command_line(module, argv=None):
+    """How a run was asked for, as its provenance records it: `python -m MODULE ARGS` (argv, else this process's)."""
+    return " ".join([f"python -m {module}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def instruction_sets(info):

@@ -7,6 +7,8 @@ import re
 import statistics
 from pathlib import Path
 
+from tabulate import tabulate
+
 from helpers.measure import provenance
 from helpers.measure.client import LoadResult, by_clients, latencies_ms, percentile
 from helpers.measure.results import ChatTurn, PromptRun, SoakResult, read_run
@@ -40,6 +42,11 @@ def prompts_run(name):
     return run, PromptRun(**{**result, "chat": [ChatTurn(**turn) for turn in result["chat"]]})
 
 
+def markdown(headers, rows):
+    """A Markdown table (GitHub's), its cells shown as given: the callers format their numbers."""
+    return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
+
+
 def load_summary(result):
     """How far each low-bit load peaked above the model it loaded, and how long it took."""
     lines = [f"{label(r)}: load peak {r['peak_load_rss_gib']:.2f} GiB, {r['peak_load_rss_gib'] - r['steady_rss_gib']:+.2f} "
@@ -60,20 +67,16 @@ def markdown_table(result):
         f"tokens; the read bandwidth is each option's median between its tokens, the best read "
         f"{max(r['best_bandwidth_gbs'] for r in result['records']):.1f} GB/s. " + provenance.caption(result["provenance"]),
         "",
-        "| option | load s | peak load RSS GiB | steady RSS GiB | weights in RAM GiB | prefill ms | decode ms/token | tokens/s "
-        "| weight GiB read/token | bound ms | decode / bound | decode / best-read bound | decode / fp32 | tokens = fp32's |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["records"]:
-        ratio = f"{r['decode_ms'] / fp32['decode_ms']:.3f}" if fp32 else "-"
-        lines.append(
-            f"| {label(r)} | {r['load_s']:.2f} | {r['peak_load_rss_gib']:.2f} | {r['steady_rss_gib']:.2f} "
-            f"| {r['model_bytes'] / GIB:.2f} "
-            f"| {r['prefill_ms']:.0f} | {r['decode_ms']:.1f} | {1000 / r['decode_ms']:.1f} "
-            f"| {r['weight_bytes'] / GIB:.2f} | {r['bound_ms']:.1f} | {r['decode_ms'] / r['bound_ms']:.2f} "
-            f"| {r['decode_ms'] / r['best_bound_ms']:.2f} | {ratio} | {r['same_tokens']:.0%} |"
-        )
-    return "\n".join(lines)
+    headers = ["option", "load s", "peak load RSS GiB", "steady RSS GiB", "weights in RAM GiB", "prefill ms",
+               "decode ms/token", "tokens/s", "weight GiB read/token", "bound ms", "decode / bound",
+               "decode / best-read bound", "decode / fp32", "tokens = fp32's"]
+    rows = [[label(r), f"{r['load_s']:.2f}", f"{r['peak_load_rss_gib']:.2f}", f"{r['steady_rss_gib']:.2f}",
+             f"{r['model_bytes'] / GIB:.2f}", f"{r['prefill_ms']:.0f}", f"{r['decode_ms']:.1f}", f"{1000 / r['decode_ms']:.1f}",
+             f"{r['weight_bytes'] / GIB:.2f}", f"{r['bound_ms']:.1f}", f"{r['decode_ms'] / r['bound_ms']:.2f}",
+             f"{r['decode_ms'] / r['best_bound_ms']:.2f}", f"{r['decode_ms'] / fp32['decode_ms']:.3f}" if fp32 else "-",
+             f"{r['same_tokens']:.0%}"] for r in result["records"]]
+    return "\n".join(lines) + "\n" + markdown(headers, rows)
 
 
 def by_batch(record):
@@ -96,17 +99,17 @@ def batch_table(result):
         return ""
     lines = [f"Batched decoding, shape {result['shape']}: {BATCH_STEPS} steps of one token per sequence, median step "
              f"and its range over {BATCH_ROUNDS} rounds; the bound is one read of the weights per step (the option's "
-             f"bandwidth in the decoding table). " + provenance.caption(result["provenance"]),
-             "", "| option | batch | step ms | range ms | aggregate tokens/s | x batch 1 | step / bound "
-             "| sequences with their tokens alone |", "|---|---|---|---|---|---|---|---|"]
+             f"bandwidth in the decoding table). " + provenance.caption(result["provenance"]), ""]
+    headers = ["option", "batch", "step ms", "range ms", "aggregate tokens/s", "x batch 1", "step / bound",
+               "sequences with their tokens alone"]
+    cells = []
     for record, b in rows:
         gain = batch_gain(record, b["batch"])
-        speedup = f"{gain:.2f}" if gain is not None else "-"
         low, high = b["step_ms_range"]
-        lines.append(f"| {label(record)} | {b['batch']} | {b['step_ms']:.1f} | {low:.1f} to {high:.1f} "
-                     f"| {b['aggregate_tokens_per_s']:.1f} | {speedup} | {b['step_over_bound']:.2f} "
-                     f"| {b['same_tokens_as_alone']:.0%} |")
-    return "\n".join(lines)
+        cells.append([label(record), str(b["batch"]), f"{b['step_ms']:.1f}", f"{low:.1f} to {high:.1f}",
+                      f"{b['aggregate_tokens_per_s']:.1f}", f"{gain:.2f}" if gain is not None else "-",
+                      f"{b['step_over_bound']:.2f}", f"{b['same_tokens_as_alone']:.0%}"])
+    return "\n".join(lines) + "\n" + markdown(headers, cells)
 
 
 def fused_summary(result):
@@ -160,22 +163,21 @@ def targets_table(result):
                          f"{speedup:.2f}x, {same:.0%} of sequences", speedup >= 3.5 and same == 1.0))
     if not rows:
         return ""
-    lines = ["| target | this run | met |", "|---|---|---|"]
-    lines += [f"| {target} | {figure} | {'yes' if met else 'no'} |" for target, figure, met in rows]
-    return "\n".join(lines)
+    return markdown(["target", "this run", "met"], [[target, figure, "yes" if met else "no"] for target, figure, met in rows])
 
 
 def summary_table(result):
     """The README's table: per option and build, prefill, decode and its bound, and batch 8 against batch 1."""
-    lines = [provenance.caption(result["provenance"]) + f" Shape {result['shape']}, {result['layout']} layout.", "",
-             f"| option (build) | prefill ms ({PROMPT_TOKENS} tokens) | decode ms/token | decode / bound "
-             "| batch 8: tokens/s, x batch 1 | peak load RSS GiB | steady RSS GiB |", "|---|---|---|---|---|---|---|"]
+    headers = ["option (build)", f"prefill ms ({PROMPT_TOKENS} tokens)", "decode ms/token", "decode / bound",
+               "batch 8: tokens/s, x batch 1", "peak load RSS GiB", "steady RSS GiB"]
+    rows = []
     for r in result["records"]:
         gain = batch_gain(r, 8)
         batched = f"{by_batch(r)[8]['aggregate_tokens_per_s']:.1f}, {gain:.2f}x" if gain is not None else "-"
-        lines.append(f"| {label(r)} | {r['prefill_ms']:.0f} | {r['decode_ms']:.1f} | {r['decode_ms'] / r['bound_ms']:.2f} "
-                     f"| {batched} | {r['peak_load_rss_gib']:.2f} | {r['steady_rss_gib']:.2f} |")
-    return "\n".join(lines)
+        rows.append([label(r), f"{r['prefill_ms']:.0f}", f"{r['decode_ms']:.1f}", f"{r['decode_ms'] / r['bound_ms']:.2f}",
+                     batched, f"{r['peak_load_rss_gib']:.2f}", f"{r['steady_rss_gib']:.2f}"])
+    return (provenance.caption(result["provenance"]) + f" Shape {result['shape']}, {result['layout']} layout.\n\n"
+            + markdown(headers, rows))
 
 
 def with_caption(table):
@@ -274,35 +276,33 @@ def soak_table(settings, result):
            f"{result.outcomes.get('refused', 0)} ({result.refused_429})", result.outcomes.get("cancelled", 0),
            result.outcomes.get("lost", 0), f"{result.seconds / 60:.1f}", f"{first:.0f}", f"{last:.0f}",
            f"{result.rss_growth:+.1%}"]
+    row = [str(cell) for cell in row]
     queue = settings["max_queue"] if settings["max_queue"] is not None else settings["max_batch"]
     return "\n".join([
         provenance.caption(settings["provenance"]) + f" {settings['model']}, one worker (--max-batch "
         f"{settings['max_batch']}, --max-queue {queue}). A cancelled request was decoded at most "
         f"{result.worker['most_steps_after_cancel']} step(s) after the worker saw its client go; \"cancelled\" counts "
         "the clients that closed their stream early (the worker's own count leaves out those already answered).", "",
-        "| " + " | ".join(SOAK_HEADERS) + " |", "|" + "---|" * len(SOAK_HEADERS),
-        "| " + " | ".join(map(str, row)) + " |"])
+        markdown(SOAK_HEADERS, [row])])
 
 
 def serving_markdown(settings, results):
     """A committed load test as markdown: its provenance and settings, the table, and the batched step's line."""
     lines = [f"{settings['model']}: {settings['requests']} requests of {settings['max_tokens']} tokens per client count, "
              f"{settings['rounds']} rounds (tokens/s: median and range). " + provenance.caption(settings["provenance"]), "",
-             "| " + " | ".join(LOAD_HEADERS) + " |", "|" + "---|" * len(LOAD_HEADERS),
-             *["| " + " | ".join(map(str, row)) + " |" for row in load_rows(results)]]
+             markdown(LOAD_HEADERS, load_rows(results))]
     return "\n".join(lines + (["", step_line(settings, results)] if settings.get("step_tokens_per_s") else []))
 
 
 def chat_table(turns):
     """Markdown: per turn, its prompt tokens, the tokens read and the first token's ms (medians over rounds)."""
     median = statistics.median
-    lines = ["| turn | prompt tokens | read, cache on | first token ms, cache on | without the cache | "
-             "new message alone (tokens read) | cache on / alone |", "|---|---|---|---|---|---|---|"]
-    for turn in turns:
-        lines.append(f"| {turn.turn} | {turn.prompt_tokens} | {median(turn.cached_read):.0f} | {median(turn.cached_ms):.0f} "
-                     f"| {median(turn.uncached_ms):.0f} | {median(turn.alone_ms):.0f} ({median(turn.alone_read):.0f}) "
-                     f"| {median(turn.cached_ms) / median(turn.alone_ms):.2f} |")
-    return "\n".join(lines)
+    headers = ["turn", "prompt tokens", "read, cache on", "first token ms, cache on", "without the cache",
+               "new message alone (tokens read)", "cache on / alone"]
+    return markdown(headers, [[str(turn.turn), str(turn.prompt_tokens), f"{median(turn.cached_read):.0f}",
+                               f"{median(turn.cached_ms):.0f}", f"{median(turn.uncached_ms):.0f}",
+                               f"{median(turn.alone_ms):.0f} ({median(turn.alone_read):.0f})",
+                               f"{median(turn.cached_ms) / median(turn.alone_ms):.2f}"] for turn in turns])
 
 
 def summary_lines(run, settings):
@@ -331,3 +331,13 @@ def prompts_markdown(settings, run):
     """A committed run as markdown: its provenance, the chat's turns, and the three scenarios' lines."""
     return "\n".join([f"{settings['model']}, {settings['rounds']} rounds (medians). " + provenance.caption(settings["provenance"]),
                       "", chat_table(run.chat), "", *[f"- {line}" for line in summary_lines(run, settings)]])
+
+
+def quality_table(rows):
+    """The rows of helpers.measure.perplexity as a Markdown table."""
+    def number(value, digits):
+        return "" if value is None else f"{value:.{digits}f}"
+
+    return markdown(["format", "path", "perplexity", "KL mean", "KL p99", "top-1 = FP32", "tokens"],
+                    [[row.format, row.path, f"{row.perplexity:.3f}", number(row.kl_mean, 5), number(row.kl_p99, 4),
+                      number(row.top1_agreement, 4), str(row.tokens)] for row in rows])

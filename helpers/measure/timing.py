@@ -8,6 +8,7 @@ import torch
 
 from helpers.runtime.batching import decode_step, read_prompt
 from helpers.runtime.memory import rss_bytes
+from helpers.runtime.prompt import DEFAULT_N_PREDICT, check_n_predict, format_prompt
 
 
 def seconds(fn):
@@ -91,3 +92,34 @@ def measure_batches(model, prompts, batches, steps, rounds):
             same = sum(g == a for g, a in zip(generated, alone)) / batch
             measured[batch].same_as_alone = min(measured[batch].same_as_alone, same)
     return measured
+
+
+@dataclass
+class Generation:
+    prompt: str  # the formatted prompt
+    output: str  # decoded prompt + answer, as the upstream example prints it
+    seconds: float
+    new_tokens: int
+
+    def report(self):
+        return "\n".join([
+            f"Inference time: {self.seconds} s",
+            "-" * 20 + " Prompt " + "-" * 20,
+            self.prompt,
+            "-" * 20 + " Output " + "-" * 20,
+            self.output,
+        ])
+
+
+def generate(model, tokenizer, prompt, n_predict=DEFAULT_N_PREDICT, **generate_kwargs):
+    """Format the prompt, generate greedily (unless told otherwise) and time it."""
+    formatted = format_prompt(prompt)
+    check_n_predict(n_predict, model.config.context_length)
+    input_ids = tokenizer(formatted, return_tensors="pt").input_ids
+    generate_kwargs.setdefault("do_sample", False)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        output = model.generate(input_ids, max_new_tokens=n_predict, pad_token_id=0, **generate_kwargs)
+        seconds = time.perf_counter() - start
+    text = tokenizer.decode(output[0], skip_special_tokens=True)
+    return Generation(formatted, text, seconds, output.shape[1] - input_ids.shape[1])

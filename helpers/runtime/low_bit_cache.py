@@ -13,7 +13,7 @@ from pathlib import Path
 
 from helpers.runtime import settings
 from helpers.runtime.paths import MODELS_DIR, REPO_ROOT
-from helpers.runtime.tensor_loading import WEIGHT_FILES, checkpoint_files
+from helpers.runtime.checkpoint_files import WEIGHT_FILES, checkpoint_files
 
 CACHE_DIR = MODELS_DIR / "low-bit"
 MANIFEST = "low_bit_cache.json"  # written last: a cache without it is unfinished

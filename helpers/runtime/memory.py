@@ -83,6 +83,13 @@ def rss_bytes():
     return psutil.Process().memory_info().rss
 
 
+def peak_rss_bytes():
+    """This process's peak RSS so far, its own alone: Linux's VmHWM. (getrusage's ru_maxrss is no use here: a
+    process that a parent started through vfork begins with the parent's peak, which then counts as its own.)"""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
 class PeakRss:
     """Context manager sampling this process's RSS in a thread; `.peak` and `.end` in bytes."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from helpers.runtime import settings
 from helpers.runtime.errors import UserError
 from helpers.runtime.paths import TRAINED_MODEL_DIR
-from helpers.runtime.tensor_loading import checkpoint_files
+from helpers.runtime.checkpoint_files import checkpoint_files
 
 # The real RWKV-4 World models on the Hugging Face hub, with their fp16 download size in GB.
 HUB_MODELS = {

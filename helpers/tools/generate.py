@@ -8,47 +8,13 @@ a line on stderr says which happened.
 """
 import argparse
 import sys
-import time
-from dataclasses import dataclass
 
+from helpers.measure.timing import generate
 from helpers.runtime.prompt import DEFAULT_N_PREDICT, DRAGON_PROMPT, check_n_predict, format_prompt
 from helpers.runtime import settings, startup
 from helpers.runtime.errors import UserError
 from helpers.runtime.formats import LOW_BIT_FORMATS
 from helpers.runtime.models import resolve_model
-
-
-@dataclass
-class Generation:
-    prompt: str  # the formatted prompt
-    output: str  # decoded prompt + answer, as the upstream example prints it
-    seconds: float
-    new_tokens: int
-
-    def report(self):
-        return "\n".join([
-            f"Inference time: {self.seconds} s",
-            "-" * 20 + " Prompt " + "-" * 20,
-            self.prompt,
-            "-" * 20 + " Output " + "-" * 20,
-            self.output,
-        ])
-
-
-def generate(model, tokenizer, prompt, n_predict=DEFAULT_N_PREDICT, **generate_kwargs):
-    """Format the prompt, generate greedily (unless told otherwise) and time it."""
-    import torch
-
-    formatted = format_prompt(prompt)
-    check_n_predict(n_predict, model.config.context_length)
-    input_ids = tokenizer(formatted, return_tensors="pt").input_ids
-    generate_kwargs.setdefault("do_sample", False)
-    with torch.inference_mode():
-        start = time.perf_counter()
-        output = model.generate(input_ids, max_new_tokens=n_predict, pad_token_id=0, **generate_kwargs)
-        seconds = time.perf_counter() - start
-    text = tokenizer.decode(output[0], skip_special_tokens=True)
-    return Generation(formatted, text, seconds, output.shape[1] - input_ids.shape[1])
 
 
 def parse_args(argv):

@@ -85,7 +85,7 @@ def main(argv=None):
     cpus = os.cpu_count()
     counts = [int(n) for n in args.threads.split(",")] if args.threads else sorted(
         {min(2**i, cpus) for i in range(cpus.bit_length() + 1)})
-    result = sweep(args.shape, counts, kernel, " ".join(["python -m helpers.tools.kernel_sweep", *(argv or sys.argv[1:])]))
+    result = sweep(args.shape, counts, kernel, provenance.command_line("helpers.tools.kernel_sweep", argv))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0 if "error" not in result else 1

@@ -26,50 +26,13 @@ import psutil
 import requests
 
 from helpers.measure import provenance
-from helpers.measure.client import STALLED_S, LoadResult, timed_stream
-from helpers.measure.reports import LOAD_HEADERS, load_rows, soak_table, step_line
+from helpers.measure.client import STALLED_S, load_test
+from helpers.measure.reports import serving_markdown, soak_table
 from helpers.measure.results import SoakResult
 from helpers.measure.workloads import QUESTIONS, batch_prompts
 from helpers.runtime import startup
 from helpers.runtime.settings import add_flags, from_flags
 from helpers.runtime.errors import UserError, one_line_errors
-
-
-def _stream(url, body):
-    """(text, ms to the first text or None, ms to the end, error or None) of one streamed completion."""
-    text, times, started, error = timed_stream(url, body)
-    if error:
-        return text, None, None, error
-    return text, (times[0] - started) * 1000 if times else None, (time.monotonic() - started) * 1000, None
-
-
-def load_test(url, model, clients, requests_count, max_tokens, count_tokens, prompts=QUESTIONS, time_limit_s=120):
-    """Send requests_count streamed greedy completions of the prompts (in turn) to url's /v1/completions,
-    `clients` at a time; after time_limit_s no more are sent (those running finish). count_tokens(text)
-    counts the tokens of an answer (a stream does not say; encoding the text again can give a token or so
-    fewer than were generated)."""
-    deadline = time.monotonic() + time_limit_s
-
-    def one(index):
-        if time.monotonic() > deadline:
-            return None
-        body = {"model": model, "prompt": prompts[index % len(prompts)], "max_tokens": max_tokens,
-                "temperature": 0, "stream": True}
-        return _stream(url + "/v1/completions", body)
-
-    result, start = LoadResult(clients), time.monotonic()
-    with ThreadPoolExecutor(clients) as pool:
-        answers = [answer for answer in pool.map(one, range(requests_count)) if answer is not None]
-    result.seconds, result.sent = time.monotonic() - start, len(answers)
-    for text, first_ms, last_ms, error in answers:
-        if error:
-            result.errors.append(error)
-            continue
-        result.tokens += count_tokens(text)
-        result.last_ms.append(last_ms)
-        if first_ms is not None:
-            result.first_ms.append(first_ms)
-    return result
 
 
 SOAK_MEASURED_AFTER = 200  # the worker's memory is read after this many requests, and after the last
@@ -190,7 +153,7 @@ def main(argv=None):
         bandwidths.append(read_bandwidth_gbs(threads))
     except UserError as error:
         sys.exit(f"Error: {error}")
-    command = " ".join(["python -m helpers.tools.load_test", *(argv if argv is not None else sys.argv[1:])])
+    command = provenance.command_line("helpers.tools.load_test", argv)
     made = provenance.stamp("serving", command, threads, bandwidths)
     if args.soak:
         run = {"model": model, "max_batch": args.max_batch, "max_queue": args.max_queue, "provenance": made,
@@ -201,13 +164,7 @@ def main(argv=None):
     else:
         run = {"model": model, "max_tokens": args.max_tokens, "requests": args.requests, "rounds": args.rounds,
                "provenance": made, "results": [asdict(result) for result in results], "step_tokens_per_s": steps}
-        from tabulate import tabulate
-
-        print(f"{model}: {args.requests} requests of {args.max_tokens} tokens per count, {args.rounds} rounds. "
-              + provenance.caption(made))
-        print(tabulate(load_rows(results), LOAD_HEADERS, tablefmt="github", disable_numparse=True))
-        if steps:
-            print(step_line(run, results))
+        print(serving_markdown(run, results))
     if args.json:
         args.json.write_text(json.dumps(run, indent=1))
     return 0

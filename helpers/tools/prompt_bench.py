@@ -183,7 +183,7 @@ def main(argv=None):
         bandwidths.append(read_bandwidth_gbs(threads))
     except (UserError, RuntimeError) as error:
         sys.exit(f"Error: {error}")
-    command = " ".join(["python -m helpers.tools.prompt_bench", *(argv if argv is not None else sys.argv[1:])])
+    command = provenance.command_line("helpers.tools.prompt_bench", argv)
     settings = {"model": client.model, "turns": args.turns, "clients": args.clients, "system_tokens": args.system_tokens,
                 "streams": args.streams, "rounds": args.rounds,
                 "provenance": provenance.stamp("serving", command, threads, bandwidths)}

@@ -10,7 +10,6 @@ its time against the reference's in the same round.
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
@@ -66,7 +65,7 @@ def main(argv=None):
     if args.tokens < 1 or args.rounds < 1:
         parser.error("--tokens and --rounds must be at least 1")
     result = measure(args.tokens, args.rounds)
-    command = " ".join(["python -m helpers.tools.tokenizer_speed", *(sys.argv[1:] if argv is None else argv)])
+    command = provenance.command_line("helpers.tools.tokenizer_speed", argv)
     result["provenance"] = provenance.stamp("tokenizer", command, 1, None)
     print(f"{result['tokens']} tokens of the held-out play, {args.rounds} alternating rounds. "
           f"{provenance.caption(result['provenance'])}")

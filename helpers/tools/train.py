@@ -31,6 +31,7 @@ from tqdm import tqdm
 from helpers.tools import corpus
 from helpers.runtime.shapes import VOCAB_SIZE
 from helpers.measure.checkpoints import TRAINED_WEIGHTS, make_tensor, vocabulary_file
+from helpers.measure.perplexity import unigram_perplexity
 from helpers.runtime.cpu import cpu_info
 from helpers.runtime.rwkv_cpu import wkv_recurrence
 from helpers.runtime.tokenization_rwkv_world import RWKVWorldTokenizer
@@ -236,7 +237,7 @@ def train(steps=STEPS, seed=SEED, threads=2, out=TRAINED_WEIGHTS):
     held_out_world_ids = encode(tokenizer, held_out)
     ids, held_out_ids = model.compact(train_ids), model.compact(held_out_world_ids)
     untrained = held_out_perplexity(model, held_out_ids)
-    unigram = corpus.unigram_perplexity(counts, held_out_world_ids, VOCAB_SIZE)
+    unigram = unigram_perplexity(counts, held_out_world_ids, VOCAB_SIZE)
     print(f"{len(train_ids):,} training tokens ({len(counts):,} distinct ids), {len(held_out_ids):,} held out. "
           f"Held-out perplexity: untrained {untrained:,.0f}, unigram {unigram:.1f}.", flush=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.99), eps=1e-8)
