@@ -98,6 +98,12 @@ class Micro(tuple):
         return f"micro checkpoints in {self[0]['bin'].parent}"
 
 
+def copy_of(micro, layout, folder):
+    """A copy of the micro checkpoint of one layout, in folder, to damage."""
+    shutil.copytree(micro[0][layout], folder)
+    return folder
+
+
 def assert_same(loaded, original):
     assert loaded.keys() == original.keys()
     for name, tensor in original.items():
@@ -248,8 +254,7 @@ def test_a_state_dict_saved_by_torch_loads(micro, tmp_path):
     from transformers import AutoModelForCausalLM
 
     folders, original = micro
-    folder = tmp_path / "state_dict"
-    shutil.copytree(folders["safetensors"], folder)
+    folder = copy_of(micro, "safetensors", tmp_path / "state_dict")
     (folder / "model.safetensors").unlink()
     state_dict = AutoModelForCausalLM.from_pretrained(folders["safetensors"], torch_dtype=torch.float16).state_dict()
     assert hasattr(state_dict, "_metadata")
@@ -258,9 +263,7 @@ def test_a_state_dict_saved_by_torch_loads(micro, tmp_path):
 
 
 def test_an_empty_state_dict_is_refused_in_one_line(micro, tmp_path):
-    folders, _ = micro
-    folder = tmp_path / "empty"
-    shutil.copytree(folders["bin"], folder)
+    folder = copy_of(micro, "bin", tmp_path / "empty")
     torch.save({}, folder / "pytorch_model.bin")
     with pytest.raises(UserError, match="holds no tensors"):
         load(folder)
@@ -268,8 +271,7 @@ def test_an_empty_state_dict_is_refused_in_one_line(micro, tmp_path):
 
 def test_a_link_out_of_the_folder_is_refused_unread(micro, tmp_path):
     folders, _ = micro
-    folder = tmp_path / "linked"
-    shutil.copytree(folders["bin"], folder)
+    folder = copy_of(micro, "bin", tmp_path / "linked")
     (folder / "pytorch_model.bin").unlink()
     (folder / "pytorch_model.bin").symlink_to(folders["bin"] / "pytorch_model.bin")
     with opens_recorded() as opened, pytest.raises(UserError, match="leads outside .* copy the file there"):
@@ -317,9 +319,7 @@ def same_sized(header):
     ("huge shape", "its shape and dtype make it"),
 ])
 def test_a_forged_safetensors_entry_is_refused(micro, tmp_path, forge, message):
-    folders, _ = micro
-    folder = tmp_path / "forged"
-    shutil.copytree(folders["safetensors"], folder)
+    folder = copy_of(micro, "safetensors", tmp_path / "forged")
 
     def change(header):
         first, second = same_sized(header)
@@ -348,9 +348,7 @@ def saved_bin(folder, state_dict):
 def test_tensors_sharing_a_storage_are_refused(micro, tmp_path):
     """save_pretrained never shares a storage between two tensors; a forged reference could make one tensor read
     another's bytes."""
-    folders, _ = micro
-    folder = tmp_path / "shared"
-    shutil.copytree(folders["bin"], folder)
+    folder = copy_of(micro, "bin", tmp_path / "shared")
     state_dict = torch.load(folder / "pytorch_model.bin", weights_only=True)
     first, second = [name for name, tensor in state_dict.items() if tensor.shape == state_dict["rwkv.ln_out.weight"].shape][:2]
     state_dict[second] = state_dict[first]
@@ -361,9 +359,7 @@ def test_tensors_sharing_a_storage_are_refused(micro, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.float64, torch.int8])
 def test_a_bin_of_another_dtype_is_refused(micro, tmp_path, dtype):
-    folders, _ = micro
-    folder = tmp_path / "other-dtype"
-    shutil.copytree(folders["bin"], folder)
+    folder = copy_of(micro, "bin", tmp_path / "other-dtype")
     state_dict = torch.load(folder / "pytorch_model.bin", weights_only=True)
     state_dict["head.weight"] = state_dict["head.weight"].to(dtype)
     saved_bin(folder, state_dict)
@@ -373,9 +369,7 @@ def test_a_bin_of_another_dtype_is_refused(micro, tmp_path, dtype):
 
 def test_a_storage_larger_than_its_member_is_refused(micro, tmp_path):
     """The numel a storage's reference claims must be the bytes its zip member holds."""
-    folders, _ = micro
-    folder = tmp_path / "overrun"
-    shutil.copytree(folders["bin"], folder)
+    folder = copy_of(micro, "bin", tmp_path / "overrun")
     path = folder / "pytorch_model.bin"
     data = path.read_bytes()
 
