@@ -24,7 +24,7 @@ from helpers.runtime.errors import UserError
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 TORCH_STORAGE_DTYPES = {"HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16, "FloatStorage": torch.float32}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # each alone, or in shards listed by NAME.index.json
-MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on its JSON header
+MAX_HEADER_BYTES = 100 * 2**20  # on the JSON header: about safetensors' own limit (100 MB)
 ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we skip, name length, extra field length
 # What a damaged or forged file makes the parsers raise (json, struct, zipfile, pickle, and the checks here).
 PARSE_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, OverflowError, EOFError, RecursionError,
