@@ -62,12 +62,9 @@ def label(record):
 
 def markdown_table(result):
     fp32 = next((r for r in result["records"] if r["option"] == "hf_fp32"), None)
-    lines = [
-        f"Shape {result['shape']} ({result['layout']} layout), {PROMPT_TOKENS}-token prompt, median of {DECODE_TOKENS} greedy "
-        f"tokens; the read bandwidth is each option's median between its tokens, the best read "
-        f"{max(r['best_bandwidth_gbs'] for r in result['records']):.1f} GB/s. " + provenance.caption(result["provenance"]),
-        "",
-    ]
+    caption = (f"Shape {result['shape']} ({result['layout']} layout), {PROMPT_TOKENS}-token prompt, median of {DECODE_TOKENS} "
+               f"greedy tokens; the read bandwidth is each option's median between its tokens, the best read "
+               f"{max(r['best_bandwidth_gbs'] for r in result['records']):.1f} GB/s. " + provenance.caption(result["provenance"]))
     headers = ["option", "load s", "peak load RSS GiB", "steady RSS GiB", "weights in RAM GiB", "prefill ms",
                "decode ms/token", "tokens/s", "weight GiB read/token", "bound ms", "decode / bound",
                "decode / best-read bound", "decode / fp32", "tokens = fp32's"]
@@ -76,7 +73,7 @@ def markdown_table(result):
              f"{r['weight_bytes'] / GIB:.2f}", f"{r['bound_ms']:.1f}", f"{r['decode_ms'] / r['bound_ms']:.2f}",
              f"{r['decode_ms'] / r['best_bound_ms']:.2f}", f"{r['decode_ms'] / fp32['decode_ms']:.3f}" if fp32 else "-",
              f"{r['same_tokens']:.0%}"] for r in result["records"]]
-    return "\n".join(lines) + "\n" + markdown(headers, rows)
+    return f"{caption}\n\n{markdown(headers, rows)}"
 
 
 def by_batch(record):
@@ -97,9 +94,9 @@ def batch_table(result):
     rows = [(r, b) for r in result["records"] for b in r.get("batches", [])]
     if not rows:
         return ""
-    lines = [f"Batched decoding, shape {result['shape']}: {BATCH_STEPS} steps of one token per sequence, median step "
-             f"and its range over {BATCH_ROUNDS} rounds; the bound is one read of the weights per step (the option's "
-             f"bandwidth in the decoding table). " + provenance.caption(result["provenance"]), ""]
+    caption = (f"Batched decoding, shape {result['shape']}: {BATCH_STEPS} steps of one token per sequence, median step "
+               f"and its range over {BATCH_ROUNDS} rounds; the bound is one read of the weights per step (the option's "
+               f"bandwidth in the decoding table). " + provenance.caption(result["provenance"]))
     headers = ["option", "batch", "step ms", "range ms", "aggregate tokens/s", "x batch 1", "step / bound",
                "sequences with their tokens alone"]
     cells = []
@@ -109,7 +106,7 @@ def batch_table(result):
         cells.append([label(record), str(b["batch"]), f"{b['step_ms']:.1f}", f"{low:.1f} to {high:.1f}",
                       f"{b['aggregate_tokens_per_s']:.1f}", f"{gain:.2f}" if gain is not None else "-",
                       f"{b['step_over_bound']:.2f}", f"{b['same_tokens_as_alone']:.0%}"])
-    return "\n".join(lines) + "\n" + markdown(headers, cells)
+    return f"{caption}\n\n{markdown(headers, cells)}"
 
 
 def fused_summary(result):
@@ -276,7 +273,6 @@ def soak_table(settings, result):
            f"{result.outcomes.get('refused', 0)} ({result.refused_429})", result.outcomes.get("cancelled", 0),
            result.outcomes.get("lost", 0), f"{result.seconds / 60:.1f}", f"{first:.0f}", f"{last:.0f}",
            f"{result.rss_growth:+.1%}"]
-    row = [str(cell) for cell in row]
     queue = settings["max_queue"] if settings["max_queue"] is not None else settings["max_batch"]
     return "\n".join([
         provenance.caption(settings["provenance"]) + f" {settings['model']}, one worker (--max-batch "

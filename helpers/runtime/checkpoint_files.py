@@ -187,7 +187,7 @@ def _safetensors_entries(path, size):
 
 
 class _StateDictIndex(pickle.Unpickler):
-    """Unpickles the data.pkl of a torch.save zip into {name: (storage key, dtype, byte offset, shape)},
+    """Unpickles the data.pkl of a torch.save zip into {name: (storage key, TensorEntry in its storage, storage numel)},
     reading no tensor data and allowing only what a state dict of tensors holds (an OrderedDict with its
     _metadata, torch's tensor rebuild, the fp16, bf16 and fp32 storage types): unlike torch.load, no code
     from the file runs."""
