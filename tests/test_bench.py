@@ -126,7 +126,7 @@ def test_a_run_of_other_code_is_refused(tmp_path, monkeypatch):
         reports.render("old", "summary")
 
 
-@pytest.mark.parametrize("markdown", ["README.md", "data/bench/README.md"])
+@pytest.mark.parametrize("markdown", ["docs/benchmarks.md", "docs/serving.md", "data/bench/README.md"])
 def test_rendered_tables_are_their_runs(markdown):
     """Each table between rendered markers is what its committed run renders now (python -m helpers.tools.bench --refresh)."""
     blocks = reports.rendered_blocks((REPO_ROOT / markdown).read_text())

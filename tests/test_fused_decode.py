@@ -242,21 +242,43 @@ except MemoryError as error:
     assert "MemoryError: the fused step could not allocate its buffers for 1 sequence(s) of 50000 token(s)" in result.stdout
 
 
-@needs_fused_step
-def test_a_library_with_other_structs_is_refused_with_one_line(monkeypatch):
-    path = fused_decode.build_library()
-    native = fused_decode.load_library()
-    fused_decode.check_abi(native, path)  # the structs mirrored here are the library's
-    wider = type("Layer", (ctypes.Structure,), {"_fields_": fused_decode.Layer._fields_ + [("added", ctypes.c_void_p)]})
-    monkeypatch.setattr(fused_decode, "Layer", wider)
-    with pytest.raises(RuntimeError, match=r"structs, and this code expects interface 1 with \d+ and \d+ bytes: rebuild "
-                                           r"it with `make install`") as raised:
+def built_from(source_text, tmp_path, monkeypatch):
+    """A library compiled (quickly, -O0) from source_text instead of rwkv4_decode.c, and its path."""
+    tmp_path.mkdir(exist_ok=True)
+    source = tmp_path / "rwkv4_decode.c"
+    source.write_text(source_text)
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_decode, "SOURCE", source)
+        patch.setenv("RWKV_KERNEL_CACHE", str(tmp_path / "kernels"))
+        path = fused_decode.build_library("avx2", ["-O0"])
+    return ctypes.CDLL(str(path)), path
+
+
+def refusal(native, path):
+    with pytest.raises(RuntimeError) as raised:
         fused_decode.check_abi(native, path)
-    assert "\n" not in str(raised.value)
-    monkeypatch.undo()
-    monkeypatch.setattr(fused_decode, "ABI_VERSION", fused_decode.ABI_VERSION + 1)
-    with pytest.raises(RuntimeError, match="has interface 1 "):
-        fused_decode.check_abi(native, path)
+    assert "\n" not in str(raised.value) and str(raised.value).endswith("rebuild it with `make install`")
+    return str(raised.value)
+
+
+@pytest.mark.skipif("avx2" not in RUNNABLE, reason="this CPU cannot run the avx2 build")
+def test_a_library_with_fields_or_formats_in_another_order_is_refused_with_one_line(tmp_path, monkeypatch):
+    source = fused_decode.SOURCE.read_text()
+    fused_decode.check_abi(*built_from(source, tmp_path / "same", monkeypatch))  # the same source passes
+    swapped_fields = source.replace("*attention_key, *attention_value,", "*attention_value, *attention_key,")
+    swapped_formats = source.replace("enum { SYM_INT4, ASYM_INT4,", "enum { ASYM_INT4, SYM_INT4,")
+    assert swapped_fields != source and swapped_formats != source
+    assert "Layer: attention_key@56 where the library has attention_key@64" in refusal(
+        *built_from(swapped_fields, tmp_path / "fields", monkeypatch))
+    assert "formats: sym_int4=34 where the library has asym_int4=36" in refusal(
+        *built_from(swapped_formats, tmp_path / "formats", monkeypatch))
+    native, path = built_from(source, tmp_path / "same", monkeypatch)
+    with monkeypatch.context() as patch:  # the Python side's list in another order
+        patch.setattr(fused_decode, "FORMATS", ("asym_int4", "sym_int4", "sym_int5", "sym_int8"))
+        assert "formats: asym_int4=34 where the library has sym_int4=34" in refusal(native, path)
+    older = source.replace("int rwkv4_interface(", "int rwkv4_interface_renamed(")
+    native, path = built_from(older, tmp_path / "older", monkeypatch)
+    assert "built from older source, which does not describe its interface" in refusal(native, path)
 
 
 @needs_fused_step

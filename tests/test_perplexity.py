@@ -11,7 +11,7 @@ from helpers.runtime.paths import HELD_OUT_TEXT
 from helpers.runtime.loading import load_hf_model, load_tokenizer
 from conftest import run_cli
 
-TOKENS = 2048  # of the held-out text, which every format reads (as notebook 02 does)
+TOKENS = 2048  # of the held-out text, which every format reads (as notebook 08 does)
 # What each format may cost the trained model on them: (largest perplexity increase over FP32, largest mean
 # KL divergence from FP32 in nats). Measured on an Intel Xeon, fused and torch paths: sym_int4 +0.81%,
 # 0.0176; asym_int4 +0.65%, 0.0138; sym_int5 -0.31%, 0.0040; sym_int8 +0.07%, 0.00023 (on the whole play,

@@ -26,7 +26,8 @@ from helpers.tools.load_test import soak
 from helpers.serving.scheduler import Overloaded, Scheduler, SchedulerStopped
 from helpers.measure.timing import batched_greedy
 from helpers.serving.stack import Stack, core_groups, free_port
-from helpers.serving.worker import AnswerText, parse_cpus
+from helpers.serving.rwkv_worker import AnswerText
+from helpers.serving.worker import parse_cpus
 from helpers.runtime.cpu import _parse_proc_cpuinfo, cpu_info
 from helpers.runtime.errors import UserError
 from helpers.runtime.paths import REPO_ROOT
@@ -538,14 +539,14 @@ def test_a_dead_model_thread_fails_every_request_at_once(tiny_model):
 
 
 def test_a_worker_whose_model_thread_died_answers_with_an_error_and_reports_itself_unhealthy(tiny_source):
-    from helpers.serving.api_server import create_error_response  # first: it keeps FastChat from logging into the current folder
     from fastapi.testclient import TestClient
     from fastchat.serve import base_model_worker
 
-    from helpers.serving.worker import _make_worker_class, install_routes
+    from helpers.serving.api_server import create_error_response
+    from helpers.serving.rwkv_worker import RwkvWorker, install_routes
 
-    worker = _make_worker_class()(tiny_source, MODEL, "sym_int4", 2, controller_addr="http://127.0.0.1:9",
-                                  worker_addr="http://127.0.0.1:9")
+    worker = RwkvWorker(tiny_source, MODEL, "sym_int4", 2, controller_addr="http://127.0.0.1:9",
+                        worker_addr="http://127.0.0.1:9")
     install_routes(base_model_worker.app, worker)
     with TestClient(base_model_worker.app) as http:
         assert http.get("/health").json() == {"status": "ok"}
@@ -588,23 +589,24 @@ def test_penalties_by_hand():
 
 
 def test_answer_text_holds_back_a_possible_stop_and_cuts_at_a_stop():
-    pieces = {1: "Answer", 2: ": yes", 3: "\n", 4: "\nUser", 5: "\xe2", 6: "\x82\xac"}
-
-    def decode(ids):
-        return "".join(pieces[i] for i in ids).encode("latin-1").decode("utf-8", errors="replace")
-
-    answer = AnswerText(decode, ["\n\n"], {0})
+    pieces = {1: b"Answer", 2: b": yes", 3: b"\n", 4: b"\nUser", 5: b"\xe2", 6: b"\x82", 7: b"\xac"}
+    answer = AnswerText(pieces, ["\n\n"], {0})
     for token in (1, 2, 3):
         answer.add(token)
     assert (answer.text, answer.visible, answer.finish) == ("Answer: yes\n", "Answer: yes", None)
     answer.add(4)
     assert (answer.text, answer.finish, answer.tokens) == ("Answer: yes", "stop", [1, 2, 3, 4])
-    euro = AnswerText(decode, [], {0})
-    euro.add(5)
-    assert euro.text == ""  # half a character waits
-    euro.add(6)
+    euro = AnswerText(pieces, [], {0})
+    for token in (5, 6):
+        euro.add(token)
+        assert euro.text == ""  # a character split over three tokens waits for all of them
+    euro.add(7)
     euro.add(0)
-    assert (euro.text, euro.finish, euro.tokens) == ("\u20ac", "stop", [5, 6])
+    assert (euro.text, euro.finish, euro.tokens) == ("\u20ac", "stop", [5, 6, 7])
+    cut = AnswerText(pieces, [], {0})
+    cut.add(5)
+    cut.end("length")  # max_tokens reached inside a character
+    assert (cut.text, cut.finish) == ("\ufffd", "length")
 
 
 def test_core_lists():

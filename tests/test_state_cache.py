@@ -12,7 +12,7 @@ from helpers.runtime.sampling import Sampling
 from helpers.serving import scheduler as scheduler_module
 from helpers.serving.scheduler import MIN_CHUNK, Request, Scheduler, _Reading, _shared_turns
 from helpers.serving.state_cache import StateCache, state_bytes
-from helpers.serving.worker import turn_boundaries
+from helpers.serving.rwkv_worker import turn_boundaries
 
 NEW_TOKENS = 12
 

@@ -97,3 +97,27 @@ def test_a_vocabulary_line_whose_length_is_wrong_is_refused(tmp_path):
     bad.write_text("1 'ab' 3\n", encoding="utf-8")
     with pytest.raises(ValueError, match="is not an RWKV World vocabulary: line \"1 'ab' 3\" says 3 bytes for a token of 2"):
         read_vocab(bad)
+
+
+def test_streamed_pieces_are_exactly_the_decoded_text(tokenizer, reference):
+    """Pieces of any ids (bytes of split characters, invalid bytes, the end of text, ids without a token), joined,
+    are the reference tokenizer's bytes decoded at once."""
+    from hypothesis import example, given, settings, strategies as st
+
+    from helpers.runtime.whole_characters import WholeCharacters, token_bytes
+
+    single_bytes = sorted(idx for idx, token in reference.idx2token.items() if len(token) == 1 and token[0] >= 0x80)
+    table = token_bytes(tokenizer)
+    euro = [reference.token2idx[bytes([byte])] for byte in "\u20ac".encode()]
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
+    @example(euro[:1] + [0] * 4 + euro[1:])  # a character's bytes six tokens apart
+    @given(st.lists(st.one_of(st.integers(0, 65535), st.sampled_from(single_bytes)), max_size=40))
+    def check(ids):
+        characters = WholeCharacters(table)
+        pieces = [characters.add(idx) for idx in ids] + [characters.end()]
+        known = [idx for idx in ids if idx in reference.idx2token]
+        assert "".join(pieces) == reference.decodeBytes(known).decode("utf-8", errors="replace")
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+
+    check()

@@ -15,7 +15,7 @@ def measured(**speeds):
 def test_a_winner_beats_every_other_round():
     assert tuning.winner(measured(a=[10, 11, 12], b=[13, 14, 15])) == "b"
     assert tuning.winner(measured(a=[10, 11, 13.5], b=[13, 14, 15])) is None  # ranges overlap
-    assert "no measurable difference here" in tuning.verdict("threads", measured(a=[1, 2, 3], b=[2, 3, 4]))
+    assert "no measurable difference between the best two here" in tuning.verdict("threads", measured(a=[1, 2, 3], b=[2, 3, 4]))
 
 
 def test_a_winner_leads_by_more_than_the_reference_moved():
@@ -42,19 +42,32 @@ def test_commands_follow_the_choices():
     client, server, notes = tuning.recommended_commands(16, "Intel OpenMP, jemalloc", "taskset -c 0-15",
                                                         info=TWO_SOCKETS, numactl=False)
     assert client == "source bigdl-llm-init -j\nOMP_NUM_THREADS=16 taskset -c 0-15 python -m helpers.tools.generate"
-    assert server.splitlines() == ["source bigdl-llm-init -j",
-                                   "OMP_NUM_THREADS=8 taskset -c 0-7 python -m helpers.tools.generate &",
-                                   "OMP_NUM_THREADS=8 taskset -c 8-15 python -m helpers.tools.generate &"]
-    assert notes == ["numactl is not installed (`apt install numactl`): pinning uses taskset, which cannot place memory"]
+    assert server.splitlines() == ["source bigdl-llm-init -j", "python -m helpers.serving --workers 2 --port 8000"]
+    assert notes == ["numactl is not installed (`apt install numactl`): each worker is pinned to its socket's cores, "
+                     "but its memory is not placed on that socket"]
     _, server, notes = tuning.recommended_commands(8, info=TWO_SOCKETS, numactl=True)
-    assert "OMP_NUM_THREADS=8 numactl -C 8-15 -m 1 python -m helpers.tools.generate &" in server and notes == []
+    assert server.splitlines()[1:3] == [
+        f"numactl --cpunodebind={socket} --membind={socket} python -m helpers.serving.worker --controller-address "
+        f"http://127.0.0.1:21001 --port {21002 + socket} &" for socket in (0, 1)]
+    assert server.splitlines()[-1].startswith("python -m helpers.serving.api_server ") and notes == []
 
 
-def test_one_socket_says_why_client_and_server_are_the_same():
+def test_one_socket_says_what_sets_the_server_apart():
     client, server, notes = tuning.recommended_commands(2, info=CpuInfo("GenuineIntel", "test", 2, 1, frozenset()),
                                                         numactl=True)
-    assert client == server == "OMP_NUM_THREADS=2 python -m helpers.tools.generate"
-    assert any("one socket" in note and "the same" in note for note in notes)
+    assert client == "OMP_NUM_THREADS=2 python -m helpers.tools.generate"
+    assert server == "python -m helpers.serving --workers 1 --port 8000"
+    assert any("one socket" in note and "many users' sequences" in note for note in notes)
+
+
+def test_a_verdict_sets_each_configuration_against_the_reference():
+    lines = tuning.verdict("kernels", {tuning.REFERENCE: tuning.Measured([100, 101, 102]),
+                                       **measured(fused=[99, 101, 103], torch=[18, 19, 20])}).splitlines()
+    assert lines[0].startswith("kernels: fused is fastest here")
+    assert lines[1:] == ["  fused: 1.00x as fast as the reference, within the spread",
+                         "  torch: 5.3x slower than the reference, beyond the spread"]
+    assert "  b: 1.27x faster than the reference" in tuning.verdict("threads", {tuning.REFERENCE: tuning.Measured([11, 11, 11]),
+                                                                             **measured(b=[13, 14, 15])})
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""What notebook 02 measures: FP32 against low-bit loading, side by side in one kernel."""
+"""What notebooks 02 and 09 measure: FP32 against low-bit loading, side by side in one kernel."""
 import contextlib
 import gc
 import time

@@ -8,7 +8,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from helpers.measure.timing import timed_greedy_decode
 from helpers.runtime.prompt import check_n_predict, format_prompt
-from helpers.runtime.whole_characters import WholeCharacters
+from helpers.runtime.whole_characters import WholeCharacters, token_bytes
 
 
 @dataclass
@@ -31,7 +31,7 @@ class _TextStreamer(BaseStreamer):
 
     def __init__(self, tokenizer, result, on_text, started):
         self.result, self.on_text, self.started = result, on_text, started
-        self.characters = WholeCharacters(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+        self.characters = WholeCharacters(token_bytes(tokenizer))
         self.prompt_seen = False
 
     def put(self, value):
@@ -42,13 +42,15 @@ class _TextStreamer(BaseStreamer):
             self.result.first_token_s = time.perf_counter() - self.started
         self.result.tokens += 1
         for token in value.flatten().tolist():
-            piece = self.characters.add(token)  # "" while a split UTF-8 character waits
-            self.result.text += piece
-            if piece and self.on_text:
-                self.on_text(piece)
+            self._show(self.characters.add(token))  # "" while a split UTF-8 character waits
 
     def end(self):
-        pass
+        self._show(self.characters.end())  # U+FFFD for a character whose bytes did not all come
+
+    def _show(self, piece):
+        self.result.text += piece
+        if piece and self.on_text:
+            self.on_text(piece)
 
 
 class _StopWhenSet(StoppingCriteria):

@@ -140,13 +140,32 @@ def winner(measured):
     return best if others and min(measured[best].speeds) > max(others) and lead > drift(measured) else None
 
 
+def against_reference(label, measured):
+    """'LABEL: 5.4x slower than the reference, beyond the spread': a configuration's median against the
+    reference's, and whether their rounds lie apart by more than the reference moved."""
+    m, reference = measured[label], measured[REFERENCE]
+    factor = m.median / reference.median
+    apart = ((min(m.speeds) > max(reference.speeds) or max(m.speeds) < min(reference.speeds))
+             and abs(factor - 1) > drift(measured))
+    times = max(factor, 1 / factor)
+    times = f"{times:.2f}x" if times < 2 else f"{times:.1f}x"
+    pace = f"{factor:.2f}x as fast as" if 0.995 <= factor < 1.005 else (
+        f"{times} faster than" if factor > 1 else f"{times} slower than")
+    return f"{label}: {pace} the reference, {'beyond' if apart else 'within'} the spread"
+
+
 def verdict(title, measured):
+    """The winner (or that there is none), then every configuration against the reference."""
     best, lead = _ranked(measured)
     moved = f"the reference moved {drift(measured):.0%} over the same rounds"
     if winner(measured):
-        return f"{title}: {best} is fastest here, {lead:.0%} ahead, beyond the rounds' spread ({moved})"
-    return (f"{title}: no measurable difference here (best: {best}, {lead:.0%} ahead, within the rounds' spread "
-            f"or the drift: {moved})")
+        head = f"{title}: {best} is fastest here, {lead:.0%} ahead, beyond the rounds' spread ({moved})"
+    else:
+        head = (f"{title}: no measurable difference between the best two here (best: {best}, {lead:.0%} ahead, "
+                f"within the rounds' spread or the drift: {moved})")
+    if REFERENCE not in measured:
+        return head
+    return "\n".join([head, *(f"  {against_reference(label, measured)}" for label in measured if label != REFERENCE)])
 
 
 def drift_rows(sections):
@@ -226,25 +245,28 @@ def measured_choices(threads_measured, runtime_measured, pinning_measured):
 
 def recommended_commands(threads, runtime=None, pinning=None, info=None, numactl=None):
     """(client command, server commands, notes) for the chosen settings (None: no preloaded libraries, not
-    pinned) on a machine (info and numactl: this one's). The notes say what could not be measured there
-    and why the two commands are the same where they are."""
+    pinned) on a machine (info and numactl: this one's). A client runs one process; a server runs the serving
+    stack (helpers.serving), one worker per socket on that socket's cores (each worker runs a thread per
+    physical core it has). The notes say what could not be measured there."""
     cpus = range(info.physical_cores) if info else None  # a described machine's, numbered core by core
     info = info or cpu_info()
     numactl = bool(shutil.which("numactl")) if numactl is None else numactl
     init = [f"source bigdl-llm-init {RUNTIMES[runtime]}".rstrip()] if runtime else []
     pin = pinnings(threads, info, cpus)[pinning] if pinning else ()
     client = "\n".join([*init, " ".join([f"OMP_NUM_THREADS={threads}", *pin, "python -m helpers.tools.generate"])])
-    per_socket = max(1, info.physical_cores // info.sockets)
-    server = list(init) if info.sockets > 1 else [client]  # one socket: one process, as measured
-    for socket in range(info.sockets if info.sockets > 1 else 0):
-        cores = f"{socket * per_socket}-{(socket + 1) * per_socket - 1}"
-        place = f"numactl -C {cores} -m {socket}" if numactl else f"taskset -c {cores}"
-        server.append(f"OMP_NUM_THREADS={per_socket} {place} python -m helpers.tools.generate &")
+    if info.sockets > 1 and numactl:
+        controller = "http://127.0.0.1:21001"
+        server = [*init, f"python -m fastchat.serve.controller --port {controller.rsplit(':', 1)[1]} &"]
+        server += [f"numactl --cpunodebind={socket} --membind={socket} python -m helpers.serving.worker "
+                   f"--controller-address {controller} --port {21002 + socket} &" for socket in range(info.sockets)]
+        server.append(f"python -m helpers.serving.api_server --controller-address {controller} --port 8000")
+    else:  # one worker per socket, each pinned to its share of the cores (helpers.serving.stack)
+        server = [*init, f"python -m helpers.serving --workers {info.sockets} --port 8000"]
     notes = [note for note, applies in (
-        ("numactl is not installed (`apt install numactl`): pinning uses taskset, which cannot place memory",
-         not numactl),
-        ("one socket: a server runs one process on all of its cores, as a client does, so the two commands are "
-         "the same", info.sockets == 1),
+        ("numactl is not installed (`apt install numactl`): each worker is pinned to its socket's cores, but its "
+         "memory is not placed on that socket", not numactl and info.sockets > 1),
+        ("one socket: the server is one worker on all its physical cores, decoding many users' sequences together "
+         "(notebook 09); the client decodes one, on the threads measured above", info.sockets == 1),
     ) if applies]
     return client, "\n".join(server), notes
 

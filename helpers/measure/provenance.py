@@ -20,13 +20,13 @@ from helpers.runtime.paths import REPO_ROOT
 # The kernel source, and the code that loads a model and runs it: what a decoding figure depends on.
 DECODING_CODE = ["helpers/runtime/rwkv4_decode.c", "helpers/runtime/fused_decode.py", "helpers/runtime/batching.py",
                  "helpers/runtime/loading.py", "helpers/runtime/checkpoint_files.py", "helpers/runtime/tensor_loading.py",
-                 "helpers/runtime/low_bit_cache.py", "helpers/runtime/rwkv_cpu.py"]
+                 "helpers/runtime/low_bit_cache.py", "helpers/runtime/rwkv_cpu.py", "helpers/runtime/rwkv_state.py"]
 CODE = {
     "kernel": ["helpers/runtime/rwkv4_decode.c"],  # helpers/tools/kernel_sweep.py times the kernel alone
     "decoding": DECODING_CODE,
     "tokenizer": ["helpers/runtime/tokenization_rwkv_world.py"],  # helpers/tools/tokenizer_speed.py
     "serving": DECODING_CODE + ["helpers/serving/scheduler.py", "helpers/serving/state_cache.py", "helpers/serving/worker.py",
-                                "helpers/serving/api_server.py", "helpers/serving/http.py"],
+                                "helpers/serving/rwkv_worker.py", "helpers/serving/api_server.py", "helpers/serving/http.py"],
 }
 ISA = [("AVX-512 VNNI", {"avx512_vnni", *AVX512}), ("AVX-512", AVX512), ("AVX-VNNI", {"avx_vnni"}),
        ("AMX", {"amx_tile", "amx_int8"}), ("AVX2", {"avx2"})]

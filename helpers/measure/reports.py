@@ -1,4 +1,4 @@
-"""The committed runs as the README, data/bench/README.md and the notebooks show them: each run's loader
+"""The committed runs as docs/, data/bench/README.md and the notebooks show them: each run's loader
 (helpers.measure.results reads and checks the file), every Markdown table and summary line rendered from it,
 and the rendered blocks of a Markdown file (`<!-- rendered: NAME KIND -->`), which
 `python -m helpers.tools.bench --refresh FILE` rewrites from the runs.
@@ -164,7 +164,7 @@ def targets_table(result):
 
 
 def summary_table(result):
-    """The README's table: per option and build, prefill, decode and its bound, and batch 8 against batch 1."""
+    """docs/benchmarks.md's table: per option and build, prefill, decode and its bound, and batch 8 against batch 1."""
     headers = ["option (build)", f"prefill ms ({PROMPT_TOKENS} tokens)", "decode ms/token", "decode / bound",
                "batch 8: tokens/s, x batch 1", "peak load RSS GiB", "steady RSS GiB"]
     rows = []

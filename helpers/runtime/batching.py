@@ -10,7 +10,7 @@ on the sequences' own tensors; through torch the states are stacked for the call
 """
 import torch
 
-from helpers.runtime.fused_decode import check_token_ids
+from helpers.runtime.rwkv_state import check_token_ids
 
 
 def read_prompt(model, input_ids):

@@ -8,10 +8,10 @@ layer norms, token shift, WKV and channel mix in place. `make install` compiles 
 runs (python -m helpers.tools.build_kernels: AVX-512 VNNI, AVX-VNNI or plain AVX2, KERNELS; all three
 compute the same logits) into the kernel cache, a folder outside the project (RWKV_KERNEL_CACHE); one
 missing there is compiled on first use. A process runs the fastest build, or the one the fused_kernel
-setting names (to test or measure another CPU's path). The library reports its interface (ABI) and a
-library built from other source is refused. Without a C compiler or AVX2, or for other formats, models
-run through the torch path, and the first load says why (decoding_path). The fused_decode setting
-(RWKV_FUSED_DECODE=0) turns it off.
+setting names (to test or measure another CPU's path). The library describes its interface (the formats'
+names, order and block bytes, every struct field's offset) and one that differs from this side's is
+refused. Without a C compiler or AVX2, or for other formats, models run through the torch path, and the
+first load says why (decoding_path). The fused_decode setting (RWKV_FUSED_DECODE=0) turns it off.
 """
 import contextlib
 import ctypes
@@ -27,11 +27,12 @@ import torch
 from helpers.runtime import settings
 from helpers.runtime.cpu import cpu_info
 from helpers.runtime.formats import LOW_BIT_FORMATS as FORMATS  # the kernel's format numbers are their indices
+from helpers.runtime.rwkv_state import check_token_ids, start_state
 
 SOURCE = Path(__file__).with_name("rwkv4_decode.c")  # package data: an installed (not editable) package has it too
 DEFAULT_CACHE = Path.home() / ".cache" / "rwkv-int4-notebooks" / "kernels"
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra"]
-ABI_VERSION = 1  # rwkv4_decode.c's ABI_VERSION: the Layer and Model structs below, and the functions' arguments
+ABI_VERSION = 2  # rwkv4_decode.c's ABI_VERSION: raised when a function's arguments change (check_abi sees the rest)
 BASE = ("avx2", "fma", "f16c")  # every build
 # Fastest first: the CPU flags each build needs, and its compiler flags. Each build is compiled for
 # exactly its instructions (not -march=native), so a forced build is the one its CPUs run.
@@ -44,12 +45,6 @@ BLOCK = 64
 BLOCK_BYTES = [34, 36, 42, 68]  # bytes of a block of 64 weights in each format (rwkv4_decode.c's block_bytes)
 OUT_OF_MEMORY = -1  # what the library's functions return when they could not allocate their buffers
 ROWS_PER_STEP = 8  # rows % 8 == 0: the kernel computes 8 rows at a time
-
-
-def check_token_ids(ids, vocab):
-    """ValueError unless every id in the tensor ids is one of the vocabulary's 0 .. vocab - 1."""
-    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
-        raise ValueError(f"token ids must be between 0 and {vocab - 1}, the model's vocabulary")
 
 
 class Layer(ctypes.Structure):
@@ -146,19 +141,39 @@ def check_warnings(kernel):
         _compile(_compiler(), [*FLAGS, *kernel_flags, "-Werror"], Path(scratch) / "check.so")
 
 
+def interface():
+    """The interface line (rwkv4_decode.c's rwkv4_interface) that the structs and formats here stand for."""
+    formats = " ".join(f"{name}={size}" for name, size in zip(FORMATS, BLOCK_BYTES))
+
+    def described(struct):
+        fields = " ".join(f"{name}@{getattr(struct, name).offset}" for name, _ in struct._fields_)
+        return f"{struct.__name__} {ctypes.sizeof(struct)}: {fields}"
+
+    return f"version {ABI_VERSION}; block {BLOCK}; formats: {formats}; {described(Layer)}; {described(Model)}"
+
+
 def check_abi(native, path):
-    """RuntimeError (one line) unless the library's interface is the one the ctypes structs here mirror."""
-    version, layer_bytes, model_bytes = (ctypes.c_int32() for _ in range(3))
-    try:
-        native.rwkv4_abi(ctypes.byref(version), ctypes.byref(layer_bytes), ctypes.byref(model_bytes))
-    except AttributeError:
-        version.value = 0  # built before the library reported its interface
-    found = (version.value, layer_bytes.value, model_bytes.value)
-    expected = (ABI_VERSION, ctypes.sizeof(Layer), ctypes.sizeof(Model))
+    """RuntimeError (one line) unless the library's interface line is the one this code builds: its version, the
+    formats' names, order and block bytes, and every struct field's offset."""
+    if not hasattr(native, "rwkv4_interface"):
+        raise RuntimeError(f"{path} was built from older source, which does not describe its interface; rebuild it "
+                           "with `make install`")
+    text = ctypes.create_string_buffer(4096)
+    length = native.rwkv4_interface(text, len(text))
+    found = text.value.decode() if 0 <= length < len(text) else "an interface too long to read"
+    expected = interface()
     if found != expected:
-        raise RuntimeError(f"{path} has interface {found[0]} with {found[1]}- and {found[2]}-byte structs, and this "
-                           f"code expects interface {expected[0]} with {expected[1]} and {expected[2]} bytes: "
+        raise RuntimeError(f"{path} was built from other source: this code expects {_first_difference(expected, found)}; "
                            "rebuild it with `make install`")
+
+
+def _first_difference(expected, found):
+    """'Layer: attention_key@56 where the library has attention_value@56', from two interface lines."""
+    for mine, theirs in zip(expected.split("; "), found.split("; ")):
+        if mine != theirs:
+            words = next(((a, b) for a, b in zip(mine.split(), theirs.split()) if a != b), (mine, theirs))
+            return f"{mine.split()[0].rstrip(':')}: {words[0]} where the library has {words[1]}"
+    return f"{expected!r} where the library has {found!r}"
 
 
 def load_library(kernel=None, extra_flags=()):
@@ -291,11 +306,7 @@ class FusedForward:
                                           and s.is_contiguous() for s in state)))
 
     def new_state(self, sequences=1):
-        """The state transformers starts from: zeros, and a running maximum of -1e30."""
-        model = self.model
-        state = [torch.zeros(sequences, model.hidden, model.layers) for _ in range(5)]
-        state[4] -= 1e30
-        return state
+        return start_state(self.model.hidden, self.model.layers, sequences)
 
     def __call__(self, input_ids, state=None, all_logits=True):
         """(logits [sequences, tokens or 1, vocab], state): reads the tokens of each row of input_ids as a

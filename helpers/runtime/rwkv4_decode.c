@@ -17,7 +17,9 @@
    the same code in the same order, so all three compute bit-identical logits. */
 #include <immintrin.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -56,7 +58,7 @@ const char *rwkv4_kernel(void) { return KERNEL_NAME; }
      sym_int8   fp32 scale d, 64 signed bytes q                 w = q d
    Nibble byte j holds weight j (low) and weight j + 32 (high); high bit j belongs to weight j. */
 enum { SYM_INT4, ASYM_INT4, SYM_INT5, SYM_INT8 };
-static const int block_bytes[] = {34, 36, 42, 68};
+static const int block_bytes[] = {[SYM_INT4] = 34, [ASYM_INT4] = 36, [SYM_INT5] = 42, [SYM_INT8] = 68};
 
 #if defined(KERNEL_AVX2)
 /* maddubs multiplies unsigned by signed bytes into 16-bit sums of pairs: sym_int8's weights stay
@@ -472,13 +474,48 @@ typedef struct {
     const Layer *layer;
 } Model;
 
-/* The interface's version (raised when a struct or a function's arguments change) and the structs' sizes:
-   the loader (fused_decode.py) mirrors both structs with ctypes and refuses a library that disagrees. */
-#define ABI_VERSION 1
-void rwkv4_abi(int32_t *version, int32_t *layer_bytes, int32_t *model_bytes) {
-    *version = ABI_VERSION;
-    *layer_bytes = (int32_t)sizeof(Layer);
-    *model_bytes = (int32_t)sizeof(Model);
+/* The interface the loader (fused_decode.py) mirrors with ctypes, as one line of text: its version, the block
+   size, each format's name and block bytes in enum order, and the offset of every field of both structs and
+   their sizes. The loader refuses a library whose line differs from the one it builds from its own side. */
+#define ABI_VERSION 2
+static const char *const format_names[] = {[SYM_INT4] = "sym_int4", [ASYM_INT4] = "asym_int4",
+                                           [SYM_INT5] = "sym_int5", [SYM_INT8] = "sym_int8"};
+typedef struct {
+    const char *name;
+    size_t offset;
+} Field;
+#define FIELD(type, name) {#name, offsetof(type, name)}
+static const Field layer_fields[] = {
+    FIELD(Layer, ln1_weight), FIELD(Layer, ln1_bias), FIELD(Layer, ln2_weight), FIELD(Layer, ln2_bias),
+    FIELD(Layer, attention_mix), FIELD(Layer, time_first), FIELD(Layer, decay), FIELD(Layer, attention_key),
+    FIELD(Layer, attention_value), FIELD(Layer, attention_receptance), FIELD(Layer, attention_output),
+    FIELD(Layer, feed_forward_mix), FIELD(Layer, feed_forward_key), FIELD(Layer, feed_forward_receptance),
+    FIELD(Layer, feed_forward_value), FIELD(Layer, output_scale)};
+static const Field model_fields[] = {
+    FIELD(Model, layers), FIELD(Model, hidden), FIELD(Model, intermediate), FIELD(Model, vocab),
+    FIELD(Model, rescale_every), FIELD(Model, format), FIELD(Model, eps), FIELD(Model, embeddings),
+    FIELD(Model, ln0_weight), FIELD(Model, ln0_bias), FIELD(Model, ln_out_weight), FIELD(Model, ln_out_bias),
+    FIELD(Model, head), FIELD(Model, layer)};
+
+static int describe_struct(char *text, size_t size, const char *name, const Field *fields, int count, size_t bytes) {
+    int used = snprintf(text, size, "; %s %zu:", name, bytes);
+    for (int i = 0; i < count && used >= 0 && (size_t)used < size; i++)
+        used += snprintf(text + used, size - used, " %s@%zu", fields[i].name, fields[i].offset);
+    return used;
+}
+
+/* Writes the interface line into text (size bytes); returns its length (larger than size - 1 when cut). */
+int rwkv4_interface(char *text, int size) {
+    int used = snprintf(text, size, "version %d; block %d; formats:", ABI_VERSION, BLOCK);
+    for (int f = 0; f < (int)(sizeof format_names / sizeof *format_names) && used < size; f++)
+        used += snprintf(text + used, size - used, " %s=%d", format_names[f], block_bytes[f]);
+    if (used < size)
+        used += describe_struct(text + used, size - used, "Layer", layer_fields,
+                                sizeof layer_fields / sizeof *layer_fields, sizeof(Layer));
+    if (used < size)
+        used += describe_struct(text + used, size - used, "Model", model_fields,
+                                sizeof model_fields / sizeof *model_fields, sizeof(Model));
+    return used;
 }
 
 static inline float sum8(__m256 v) {

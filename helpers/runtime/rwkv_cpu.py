@@ -27,6 +27,7 @@ import torch
 from transformers.models.rwkv.modeling_rwkv import RwkvCausalLMOutput
 
 from helpers.runtime.fused_decode import FusedForward
+from helpers.runtime.rwkv_state import NO_MAXIMUM
 
 
 def _linear(module, x):
@@ -62,7 +63,7 @@ def wkv_recurrence(module, key, value, layer_state=None):
     or from the start of a text when it is None; returns (output, (num, den, max_state))."""
     if layer_state is None:
         zeros = torch.zeros_like(key[:, 0])
-        layer_state = (zeros, zeros, zeros - 1e38)
+        layer_state = (zeros, zeros, torch.full_like(zeros, NO_MAXIMUM))
     num, den, max_state = layer_state
     output = torch.empty_like(key)
     for position in range(key.shape[1]):

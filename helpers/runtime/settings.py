@@ -1,6 +1,6 @@
 """Every setting the project takes from the environment, read in this one module: its variable, type,
 default, meaning and, for the RWKV_* ones, the command-line flag that sets it on each tool it affects.
-The README's settings table lists SETTINGS.
+docs/setup.md's settings table lists SETTINGS.
 
 Nothing is read at import: `read()` reads the environment when a tool starts, and a tool's flags
 (`add_flags`, then `from_flags`) override it. `export()` writes the RWKV_* ones back for the processes

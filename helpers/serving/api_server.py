@@ -26,8 +26,10 @@ temperature or top_p out of range: 400 with one line), plus:
   FastChat adds the chat template's stop, a blank line, to every request, which cut a continued text at
   its first blank line.
 It refuses to listen on an address other hosts can reach without API keys.
-FastChat's handlers look up create_error_response, check_model, get_worker_address, get_gen_params and
-generate_completion_stream in their module when called; this module puts its own versions there.
+FastChat's handlers look up create_error_response, check_model, get_worker_address, get_gen_params,
+generate_completion_stream and fetch_remote in their module when called: install() puts this module's versions
+there and its routes on FastChat's app, once, before the server starts (main does). Every request to the
+controller and the workers goes through one HTTP client, opened with the server and closed with it.
 """
 import argparse
 import json
@@ -40,7 +42,6 @@ from helpers.runtime.errors import one_line_errors
 settings.keep_fastchat_logs_on_stdout()  # before fastchat is imported
 settings.keep_fastchat_app_settings_out_of_the_environment()  # main() gives FastChat its settings itself
 
-import aiohttp  # noqa: E402
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from fastapi import Depends, HTTPException, Request  # noqa: E402
@@ -59,6 +60,7 @@ from helpers.serving.http import (CLIENT_GONE, StreamWhileClientListens, closes_
 from helpers.serving.limits import MAX_CHOICES, max_tokens_problem, no_keys_problem, sampling_problem  # noqa: E402
 
 STATUS_TIMEOUT_S = 2.0
+FETCH_TIMEOUT_S = fastchat_api.fetch_timeout.total  # FastChat's, for a whole answer that is not streamed
 WORKER_CHOICES = 4  # the controller's choices of worker tried for one request
 HEALTH_CACHE_S = 1.0  # /health asks no key: its answer is reused this long, so calling it costs the workers little
 app = fastchat_api.app
@@ -125,8 +127,32 @@ def _chat_problem(request):
     return _limits_problem(request)
 
 
+_http = {}  # "client": this server's one httpx.AsyncClient, while it runs
+
+
+async def _open_client():
+    _http["client"] = httpx.AsyncClient(headers=fastchat_api.headers,
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
+
+async def _close_client():
+    await _http.pop("client").aclose()
+
+
+async def fetch_remote(url, payload=None, name=None):
+    """FastChat's fetch_remote on this server's client: the answer's JSON (its field `name` where one is named,
+    all of it for ""), its bytes without a name, or an error's JSON text for a status other than 200."""
+    response = await _http["client"].post(url, json=payload, timeout=FETCH_TIMEOUT_S)
+    if response.status_code != 200:
+        return json.dumps({"text": response.reason_phrase, "error_code": ErrorCode.INTERNAL_ERROR})
+    if name is None:
+        return response.content
+    answer = response.json()
+    return answer[name] if name else answer
+
+
 async def check_model(request):
-    models = await fastchat_api.fetch_remote(fastchat_api.app_settings.controller_address + "/list_models", None, "models")
+    models = await fetch_remote(fastchat_api.app_settings.controller_address + "/list_models", None, "models")
     if not models:
         raise NoWorker(request.model)
     if request.model not in models:
@@ -162,7 +188,7 @@ async def _answer(request, connection, problem_of, prepare, fastchat_handler):
         return _error(str(error), status=503, code=ErrorCode.CONTROLLER_NO_WORKER)
     except WorkersFull as error:
         return _overloaded(str(error), error.retry_after_s)
-    except aiohttp.ClientError:
+    except httpx.TransportError:
         return _error(_controller_silent(), status=503, code=ErrorCode.CONTROLLER_NO_WORKER)
 
 
@@ -236,15 +262,6 @@ def _checked_route(path, problem_of, prepare=lambda request: None):
     app.post(path, dependencies=[Depends(fastchat_api.check_api_key)])(checked)
 
 
-_checked_route("/v1/completions", _completion_problem)
-_checked_route("/v1/chat/completions", _chat_problem, prepare=_world_turns)
-# FastChat's own API (no checks, a 500 for an unknown model) and its embeddings, which call the worker's
-# get_embeddings: this worker has none.
-remove_routes(app, "/api/v1/chat/completions", "/api/v1/token_check", "/v1/embeddings", "/v1/engines/{model_name}/embeddings")
-
-
-@app.post("/v1/embeddings", dependencies=[Depends(fastchat_api.check_api_key)])
-@app.post("/v1/engines/{model_name}/embeddings", dependencies=[Depends(fastchat_api.check_api_key)])
 async def embeddings(request: EmbeddingsRequest, model_name: str = None):
     return _error("this server has no embeddings: RWKV-4 World is trained to continue text, not to place texts near "
                   "similar ones; use a sentence-embedding model for search or clustering", code=ErrorCode.INVALID_MODEL)
@@ -253,7 +270,6 @@ async def embeddings(request: EmbeddingsRequest, model_name: str = None):
 _health = {"until": 0.0, "answer": None}
 
 
-@app.get("/health")
 async def health():
     """200 while every model the controller lists has a worker that can answer, else 503 with one line
     (as llama.cpp's server answers /health). Asks no API key; its answer is reused for HEALTH_CACHE_S."""
@@ -266,7 +282,7 @@ async def health():
 async def _check_health():
     controller = fastchat_api.app_settings.controller_address
     try:
-        models = await fastchat_api.fetch_remote(controller + "/list_models", None, "models")
+        models = await fetch_remote(controller + "/list_models", None, "models")
         busy = []
         for model in models:
             try:
@@ -275,14 +291,13 @@ async def _check_health():
                 busy.append(str(error))
     except NoWorker as error:
         return unavailable(str(error))
-    except (aiohttp.ClientError, ValueError, TypeError):
+    except (httpx.HTTPError, ValueError, TypeError):
         return unavailable(_controller_silent())
     if not models:
         return unavailable("no worker has registered with the controller yet; start one (python -m helpers.serving.worker)")
     return {"status": "ok", "models": models, **({"note": "; ".join(busy)} if busy else {})}
 
 
-@app.exception_handler(RequestValidationError)
 async def malformed_body(request, exc):
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
@@ -291,7 +306,6 @@ async def malformed_body(request, exc):
     return _error(f"malformed request body: {where}: {first.get('msg')}", code=ErrorCode.VALIDATION_TYPE_ERROR)
 
 
-@app.exception_handler(HTTPException)
 async def no_key(request, exc):
     """FastChat's 401 has an empty message: say what to send."""
     if exc.status_code == 401:
@@ -302,8 +316,7 @@ async def no_key(request, exc):
 
 async def _worker_status(address):
     try:
-        async with httpx.AsyncClient() as client:
-            response = await client.post(address + "/worker_get_status", timeout=STATUS_TIMEOUT_S)
+        response = await _http["client"].post(address + "/worker_get_status", timeout=STATUS_TIMEOUT_S)
         return response.json() if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
@@ -316,10 +329,10 @@ async def get_worker_address(model_name):
     controller = fastchat_api.app_settings.controller_address
     retry_after_s = []  # of each full worker
     for _ in range(WORKER_CHOICES):
-        address = await fastchat_api.fetch_remote(controller + "/get_worker_address", {"model": model_name}, "address")
+        address = await fetch_remote(controller + "/get_worker_address", {"model": model_name}, "address")
         status = await _worker_status(address) if address else None
         if status is None:
-            await fastchat_api.fetch_remote(controller + "/refresh_all_workers")
+            await fetch_remote(controller + "/refresh_all_workers")
         elif status.get("healthy") and status["room"] > 0:
             return address
         elif status.get("healthy"):
@@ -338,7 +351,7 @@ def _error_event(text, code, retry_after_s=None):
 async def generate_completion_stream(payload, worker_addr):
     """FastChat's stream from a worker, with the text so far in each chunk as FastChat's handlers expect (the
     worker sends only what is new), ending with an error event if the worker goes away mid-answer."""
-    from_worker, text = closes_with_response(fastchat_stream(payload, worker_addr)), ""
+    from_worker, text = closes_with_response(_worker_stream(payload, worker_addr)), ""
     try:
         async for content in from_worker:
             if content.get("error_code"):
@@ -369,13 +382,41 @@ def create_error_response(code, message):
     return _error(message, status=500 if code // 100 >= 500 else 400, code=code)
 
 
-fastchat_stream = fastchat_api.generate_completion_stream
+async def _worker_stream(payload, worker_addr):
+    """A worker's stream of JSON chunks, each ended by b"\\0", as FastChat reads it, on this server's client."""
+    async with _http["client"].stream("POST", worker_addr + "/worker_generate_stream", json=payload,
+                                      timeout=fastchat_api.WORKER_API_TIMEOUT) as response:
+        buffer = b""
+        async for raw in response.aiter_raw():
+            *chunks, buffer = (buffer + raw).split(b"\0")
+            for chunk in chunks:
+                if chunk:
+                    yield json.loads(chunk)
+
+
 fastchat_gen_params = fastchat_api.get_gen_params
-fastchat_api.create_error_response = create_error_response
-fastchat_api.get_gen_params = get_gen_params
-fastchat_api.check_model = check_model
-fastchat_api.get_worker_address = get_worker_address
-fastchat_api.generate_completion_stream = generate_completion_stream
+
+
+def install():
+    """This module's checks, routes and functions in FastChat's API server (its app and module); once."""
+    if fastchat_api.fetch_remote is fetch_remote:
+        return  # installed already
+    _checked_route("/v1/completions", _completion_problem)
+    _checked_route("/v1/chat/completions", _chat_problem, prepare=_world_turns)
+    # FastChat's own API (no checks, a 500 for an unknown model) and its embeddings, which call the worker's
+    # get_embeddings: this worker has none.
+    remove_routes(app, "/api/v1/chat/completions", "/api/v1/token_check", "/v1/embeddings",
+                  "/v1/engines/{model_name}/embeddings")
+    for path in ("/v1/embeddings", "/v1/engines/{model_name}/embeddings"):
+        app.post(path, dependencies=[Depends(fastchat_api.check_api_key)])(embeddings)
+    app.get("/health")(health)
+    app.exception_handler(RequestValidationError)(malformed_body)
+    app.exception_handler(HTTPException)(no_key)
+    app.add_event_handler("startup", _open_client)
+    app.add_event_handler("shutdown", _close_client)
+    for function in (create_error_response, get_gen_params, check_model, get_worker_address, generate_completion_stream,
+                     fetch_remote):
+        setattr(fastchat_api, function.__name__, function)
 
 
 @one_line_errors
@@ -394,6 +435,7 @@ def main(argv=None):
         sys.exit(2)
     fastchat_api.app_settings.controller_address = args.controller_address
     fastchat_api.app_settings.api_keys = keys or None
+    install()
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from helpers.runtime.batching import decode_step, read_tokens
+from helpers.runtime.rwkv_state import start_state
 from helpers.runtime.sampling import Sampling
 from helpers.serving.state_cache import STATE_CACHE_MB, StateCache
 
@@ -93,13 +94,6 @@ class _Running:
     read_ids: list  # the tokens the state has read: the prompt, then every token of the answer but the last
     count: int = 1
     counts: dict = field(default_factory=dict)  # {token id: times in the answer}, for the penalties
-
-
-def start_state(config):
-    """The state before any token, as transformers starts it: zeros, and a running maximum of -1e30."""
-    state = [torch.zeros(1, config.hidden_size, config.num_hidden_layers) for _ in range(5)]
-    state[4] -= 1e30
-    return state
 
 
 class Scheduler:
@@ -272,7 +266,9 @@ class Scheduler:
                        for other, shared in item.waits_for):
                     continue
                 item.read, item.state = self.cache.longest_prefix(item.request.prompt_ids) if self.cache else (0, None)
-                item.state, item.started = item.state or start_state(self.model.config), item.read
+                config = self.model.config
+                item.state = item.state or start_state(config.hidden_size, config.num_hidden_layers)
+                item.started = item.read
             startable.append(item)
         budget = self._budget()
         length = min(startable[0].next_stop() - startable[0].read, budget)

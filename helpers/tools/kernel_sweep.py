@@ -6,7 +6,7 @@ It needs torch and a C compiler, not bigdl-llm: it builds rwkv4_decode.c with th
 runtime uses (helpers.runtime.fused_decode: the fastest build this CPU runs, or --fused-kernel's, with that
 build's flags, not -march=native), fills one token's worth of sym_int4 matrices of the shape (every block
 linear and the head) with random blocks, and for each thread count times reading them all once, as a
-decoding step does, next to torch's read bandwidth with as many threads. Results for notebook 04, with
+decoding step does, next to torch's read bandwidth with as many threads. Results for notebook 09, with
 their provenance (helpers.measure.provenance).
 """
 import argparse

@@ -8,7 +8,7 @@ kinds, to see that every one is answered or refused with a line and that the wor
                                         [--json data/bench/soak-NAME.json]
 
 The command starts the serving stack (one worker) on the model, runs the client counts in turn, `--rounds`
-times over (or the soak), and prints a table (the notebook 07 shows the committed runs). `--step` also
+times over (or the soak), and prints a table (notebooks 10 and 11 show the committed runs). `--step` also
 times the batched decoding step alone (helpers.tools.bench's, as many sequences as the most clients) after each
 round, in this process while the worker idles: the server's ceiling, measured side by side.
 """
@@ -55,7 +55,8 @@ def _one_line_refusal(response, expected=""):
 
 def soak_request(url, model, index, headers=None):
     """(outcome, detail) of the soak's request number index: one in 20 is malformed, one in 10 is cancelled
-    after its first event, the others are streamed or whole completions of 1 to 64 tokens, greedy or sampled."""
+    after its first event, the others are streamed or whole completions of 1 to 64 tokens, greedy or sampled.
+    A client refused with 429 waits the Retry-After it was given before it sends its next request."""
     headers = {"Content-Type": "application/json", **(headers or {})}
     try:
         if index % 20 == 7:
@@ -70,6 +71,8 @@ def soak_request(url, model, index, headers=None):
             if response.status_code != 200:
                 ok = _one_line_refusal(response)
                 lost = ("lost", f"HTTP {response.status_code}: {response.text[:200]}")
+                if ok and response.status_code == 429:  # as the openai client does: wait until a place is free
+                    time.sleep(int(response.headers["Retry-After"]))
                 return ("refused", str(response.status_code)) if ok else lost
             if index % 10 == 3:
                 next(response.iter_lines())
@@ -121,10 +124,8 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="write the run here")
     args = parser.parse_args(argv)
     startup.start(from_flags(args))
-    from helpers.measure.bandwidth import read_bandwidth_gbs
-    from helpers.runtime.models import resolve_model
-    from helpers.runtime.loading import load_model, load_tokenizer
-    from helpers.serving.stack import Stack
+    from helpers.measure.serving_run import serving_run
+    from helpers.runtime.loading import load_model
 
     try:
         clients = [int(count) for count in args.clients.split(",")]
@@ -133,28 +134,22 @@ def main(argv=None):
     if args.soak is not None and (len(clients) != 1 or args.soak < 1):
         parser.error("--soak takes a number of requests and one client count (--clients 16)")
     try:
-        source = resolve_model(args.model)
-        tokenizer = load_tokenizer(source)
-        threads = psutil.cpu_count(logical=False) or 1
-        bandwidths = [read_bandwidth_gbs(threads)]
-        with Stack(model=source.location, max_batch=args.max_batch, max_queue=args.max_queue) as stack:
-            model = requests.get(stack.url + "/health", timeout=10).json()["models"][0]
+        with serving_run(args.model, max_batch=args.max_batch, max_queue=args.max_queue) as serving:
+            stack, model = serving.stack, serving.model
             if args.soak:
                 worker = psutil.Process(stack.workers[0].popen.pid)
                 result = soak(stack.url, model, args.soak, clients[0], lambda: worker.memory_info().rss / 2**20)
                 result.worker = requests.post(stack.workers[0].url + "/worker_get_status", timeout=10).json()
             else:
-                alone = load_model(source, report=lambda line: None) if args.step else None
+                alone = load_model(serving.source, report=lambda line: None) if args.step else None
                 results, steps = [], []
                 for _ in range(args.rounds):
                     results += [load_test(stack.url, model, count, args.requests, args.max_tokens,
-                                          lambda text: len(tokenizer(text).input_ids)) for count in clients]
+                                          lambda text: len(serving.tokenizer(text).input_ids)) for count in clients]
                     steps += [step_tokens_per_s(alone, max(clients))] if args.step else []
-        bandwidths.append(read_bandwidth_gbs(threads))
     except UserError as error:
         sys.exit(f"Error: {error}")
-    command = provenance.command_line("helpers.tools.load_test", argv)
-    made = provenance.stamp("serving", command, threads, bandwidths)
+    made = serving.stamp(provenance.command_line("helpers.tools.load_test", argv))
     if args.soak:
         run = {"model": model, "max_batch": args.max_batch, "max_queue": args.max_queue, "provenance": made,
                "soak": asdict(result)}

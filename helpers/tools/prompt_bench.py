@@ -8,7 +8,7 @@ prompt is read (their gaps between tokens before and during it).
                                            [--json data/bench/prompts-NAME.json]
 
 The command starts the serving stack (one worker, its default state cache) on the model and prints three
-tables; notebook 07 shows the committed run. A request that must not use the cache begins with a line no
+tables; notebook 10 shows the committed run. A request that must not use the cache begins with a line no
 other request has (a session number), so it reads everything, as a server without the cache would.
 """
 import argparse
@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-import psutil
 import requests
 
 from helpers.measure import provenance
@@ -160,19 +159,13 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="write the run here")
     args = parser.parse_args(argv)
     startup.start(from_flags(args))
-    from helpers.measure.bandwidth import read_bandwidth_gbs
-    from helpers.runtime.models import resolve_model
-    from helpers.runtime.loading import load_tokenizer
-    from helpers.serving.stack import Stack
+    from helpers.measure.serving_run import serving_run
 
     try:
-        source = resolve_model(args.model)
-        tokenizer = load_tokenizer(source)
-        threads = psutil.cpu_count(logical=False) or 1
-        bandwidths = [read_bandwidth_gbs(threads)]
-        long_prompt = cut_text(tokenizer, args.long_tokens, start=args.system_tokens)
-        with Stack(model=source.location, max_batch=max(args.clients, args.streams + 1)) as stack:
-            client = Client(stack, requests.get(stack.url + "/health", timeout=10).json()["models"][0])
+        with serving_run(args.model, max_batch=max(args.clients, args.streams + 1)) as serving:
+            tokenizer = serving.tokenizer
+            long_prompt = cut_text(tokenizer, args.long_tokens, start=args.system_tokens)
+            client = Client(serving.stack, serving.model)
             run = PromptRun(chat=chat_turns(client, args.turns, args.rounds))
             run.shared_ms, run.separate_ms = system_prompt_rounds(
                 client, cut_text(tokenizer, args.system_tokens), args.clients, args.rounds)
@@ -180,13 +173,11 @@ def main(argv=None):
                 client, long_prompt, args.streams)
             run.long_prompt_tokens = len(tokenizer(long_prompt).input_ids)
             run.worker = client.worker_status()
-        bandwidths.append(read_bandwidth_gbs(threads))
     except (UserError, RuntimeError) as error:
         sys.exit(f"Error: {error}")
-    command = provenance.command_line("helpers.tools.prompt_bench", argv)
     settings = {"model": client.model, "turns": args.turns, "clients": args.clients, "system_tokens": args.system_tokens,
                 "streams": args.streams, "rounds": args.rounds,
-                "provenance": provenance.stamp("serving", command, threads, bandwidths)}
+                "provenance": serving.stamp(provenance.command_line("helpers.tools.prompt_bench", argv))}
     print(prompts_markdown(settings, run))
     if args.json:
         args.json.write_text(json.dumps({**settings, "run": asdict(run)}, indent=1))

@@ -1,0 +1,55 @@
+"""The lessons read as lessons: short, the scaffold in place, no test code in what a learner sees."""
+import json
+import re
+
+import pytest
+
+from helpers.runtime.paths import REPO_ROOT
+
+NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
+MAX_CELLS, MAX_WORDS = 25, 1200
+SCAFFOLD = ["**What you will learn:**", "**Before you start:**", "**Runs in:**", "## What you learned", "**Next:**",
+            "**Further reading:**"]
+
+
+def cells(path):
+    return json.loads(path.read_text())["cells"]
+
+
+def markdown(path):
+    return "\n".join("".join(cell["source"]) for cell in cells(path) if cell["cell_type"] == "markdown")
+
+
+def is_ci(cell):
+    return "ci" in cell["metadata"].get("tags", [])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_a_lesson_is_short(path):
+    count, words = len(cells(path)), len(markdown(path).split())
+    print(f"{path.name}: {count} cells, {words} words of Markdown")
+    assert count <= MAX_CELLS and words <= MAX_WORDS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_a_lesson_has_the_scaffold_and_speaks_to_a_learner(path):
+    text = markdown(path)
+    assert [part for part in SCAFFOLD if part not in text] == []
+    assert re.findall(r"(?i)\b(issues?|targets?)\b", text) == []  # a lesson's reader has no issues or targets
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_checks_live_in_hidden_cells_kept_for_ci(path):
+    code = [cell for cell in cells(path) if cell["cell_type"] == "code"]
+    assert [cell["source"] for cell in code if not is_ci(cell) and re.search(r"^\s*assert\b", "".join(cell["source"]), re.M)] == []
+    assert all(cell["metadata"].get("jupyter", {}).get("source_hidden") for cell in code if is_ci(cell))
+
+
+def test_the_checks_see_an_assert_in_a_learners_cell(tmp_path):
+    planted = tmp_path / "planted.ipynb"
+    notebook = json.loads(NOTEBOOKS[0].read_text())
+    notebook["cells"].append({"cell_type": "code", "metadata": {}, "source": ["x = 1\n", "assert x == 1"], "outputs": [],
+                              "execution_count": None})
+    planted.write_text(json.dumps(notebook))
+    with pytest.raises(AssertionError):
+        test_checks_live_in_hidden_cells_kept_for_ci(planted)
