@@ -304,7 +304,7 @@ def test_no_request_the_servers_own_schema_allows_gets_a_server_error(stack):
 
     budget_ends = time.monotonic() + SCHEMA_BUDGET_S
 
-    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(st.data())
     def any_request(data):
