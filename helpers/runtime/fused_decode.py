@@ -168,7 +168,7 @@ def check_abi(native, path):
 
 
 def _first_difference(expected, found):
-    """'Layer: attention_key@56 where the library has attention_value@56', from two interface lines."""
+    """'Layer: attention_key@56 where the library has attention_key@64', from two interface lines."""
     for mine, theirs in zip(expected.split("; "), found.split("; ")):
         if mine != theirs:
             words = next(((a, b) for a, b in zip(mine.split(), theirs.split()) if a != b), (mine, theirs))
