@@ -7,8 +7,8 @@ import torch
 from helpers.runtime.batching import decode_step, read_prompt
 from helpers.runtime.loading import load_low_bit_model
 
-PROMPTS = ["Question: Tell me about dragons.\n\nAnswer:", "Hi", "User: What is the capital of France?\n\nAssistant:",
-           "The quick brown fox", "1, 2, 3,", "Once upon a time", "Q", "User: hello\n\nAssistant:", "Bonjour"]
+PROMPTS = ["Question: Tell me about dragons.\n\nAnswer:", "Hi", "User: What is the capital of France?\n\nAI:",
+           "The quick brown fox", "1, 2, 3,", "Once upon a time", "Q", "User: hello\n\nAI:", "Bonjour"]
 NEW_TOKENS = 10
 
 

@@ -63,14 +63,15 @@ def test_bench_reads_the_hub_layout_and_its_cache(tmp_path):
         assert all(b["same_tokens_as_alone"] == 1.0 and b["aggregate_tokens_per_s"] > 0 for b in record["batches"])
 
 
-def test_a_peak_is_the_measuring_process_own(tmp_path):
-    """A checkpoint built in the process that starts the measuring worker (as bench builds a missing one) does
-    not count in the worker's load peak: the peak of a 430m build here is over 2 GiB, the tiny load's far less."""
+def test_a_peak_is_the_measuring_process_own():
+    """Memory the process that starts the measuring worker used (bench's builds a missing checkpoint first) does
+    not count in the worker's load peak: 2.5 GiB touched here, the tiny load's peak far less."""
     from helpers.runtime.memory import GIB, peak_rss_bytes
     from helpers.tools.bench import run_worker
 
-    checkpoints.build_checkpoint("430m", tmp_path / "430m", "hub")
-    assert peak_rss_bytes() > 2 * GIB
+    touched = torch.ones(int(2.5 * GIB) // 4)
+    del touched
+    assert peak_rss_bytes() > 2.5 * GIB
     record = run_worker("sym_int4", "tiny", threads=1)
     assert record["steady_rss_gib"] * 0.9 <= record["peak_load_rss_gib"] < peak_rss_bytes() / GIB - 1
 
@@ -158,3 +159,19 @@ def test_a_percentile_interpolates_as_numpy_does():
     for share in (0.05, 0.5, 0.95, 0.99):
         assert percentile(values, share) == pytest.approx(numpy.percentile(values, share * 100))
     assert percentile([3.0], 0.99) == 3.0 and percentile([], 0.5) != percentile([], 0.5)  # NaN for none
+
+
+def test_the_last_level_cache_counts_each_instance_once(tmp_path):
+    from helpers.measure.bandwidth import last_level_cache_bytes
+
+    def cache(cpu, index, level, size, shared):
+        folder = tmp_path / f"cpu{cpu}" / "cache" / f"index{index}"
+        folder.mkdir(parents=True)
+        for name, text in (("level", level), ("size", size), ("shared_cpu_list", shared)):
+            (folder / name).write_text(f"{text}\n")
+
+    for cpu in range(4):  # two L3 instances of 32 MiB, each shared by two CPUs; an L2 of each CPU's own
+        cache(cpu, 2, 2, "1024K", cpu)
+        cache(cpu, 3, 3, "32768K", "0-1" if cpu < 2 else "2-3")
+    assert last_level_cache_bytes(tmp_path) == 64 * 2**20
+    assert last_level_cache_bytes(tmp_path / "none") == 0

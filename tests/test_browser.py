@@ -199,7 +199,7 @@ def test_chat_box_in_jupyterlab(jupyterlab, page, screenshots):
     message.fill("Hello! Who are you?")
     page.get_by_role("button", name="Send").click()
     transcript = page.locator(".chat-transcript")
-    transcript.locator("b", has_text="Assistant:").wait_for(timeout=30_000)
+    transcript.locator("b", has_text="AI:").wait_for(timeout=30_000)
     page.locator(".chat-status", has_text="tokens").wait_for(timeout=60_000)
     assert "Hello! Who are you?" in transcript.inner_text()
     message.fill("And then?")

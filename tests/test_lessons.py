@@ -20,6 +20,13 @@ def markdown(path):
     return "\n".join("".join(cell["source"]) for cell in cells(path) if cell["cell_type"] == "markdown")
 
 
+def shown_outputs(path):
+    """The text a learner sees under the code cells: printed, and displayed as Markdown or plain text."""
+    return "\n".join("".join(output.get("text", "") or output.get("data", {}).get("text/markdown", ""))
+                     for cell in cells(path) if cell["cell_type"] == "code" and not is_ci(cell)
+                     for output in cell.get("outputs", []))
+
+
 def is_ci(cell):
     return "ci" in cell["metadata"].get("tags", [])
 
@@ -35,7 +42,8 @@ def test_a_lesson_is_short(path):
 def test_a_lesson_has_the_scaffold_and_speaks_to_a_learner(path):
     text = markdown(path)
     assert [part for part in SCAFFOLD if part not in text] == []
-    assert re.findall(r"(?i)\b(issues?|targets?)\b", text) == []  # a lesson's reader has no issues or targets
+    # a lesson's reader has no issues or targets, in its text or in what its cells print
+    assert re.findall(r"(?i)\b(issues?|targets?)\b", text + shown_outputs(path)) == []
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)

@@ -9,6 +9,7 @@ import torch
 from helpers.runtime.batching import read_tokens
 from helpers.runtime.loading import load_model
 from helpers.runtime.sampling import Sampling
+from helpers.runtime.whole_characters import token_bytes
 from helpers.serving import scheduler as scheduler_module
 from helpers.serving.scheduler import MIN_CHUNK, Request, Scheduler, _Reading, _shared_turns
 from helpers.serving.state_cache import StateCache, state_bytes
@@ -67,13 +68,30 @@ def test_the_cache_stays_within_its_memory_and_evicts_the_least_recently_used():
     assert cache.status()["state_cache_entries"] == 3
 
 
+def test_a_prompt_finds_the_tokens_of_the_longest_cached_text_it_begins_with(tokenizer):
+    # The texts come from the World vocabulary's bytes, not from the tokenizer: " " then " I" is a way to write
+    # "  I" that the tokenizer does not take ("  " then "I"), and "é" is two bytes that may come in two tokens.
+    vocabulary = token_bytes(tokenizer)
+    ids_of = {text: token for token, text in vocabulary.items()}
+    cache = StateCache(max_bytes=10 * 2**20, text_of=lambda ids: b"".join(vocabulary[token] for token in ids))
+    space, space_i = ids_of[b" "], ids_of[b" I"]
+    assert tokenizer("  I am").input_ids[:2] != [space, space_i]
+    cache.put([space, space_i], fake_state(1))
+    cache.put([space], fake_state(2))
+    assert cache.longest_text("  I am".encode()) == ([space, space_i], 3)
+    assert cache.longest_text("  I".encode()) == ([space], 1)  # something is left to read
+    assert cache.longest_text("I am".encode()) == ([], 0)
+    cache.put([ids_of[b"\xc3"]], fake_state(3))  # the first byte of "é" alone: the rest is not a text
+    assert cache.longest_text("é".encode()) == ([], 0)
+
+
 def test_turn_boundaries_are_after_each_blank_line(tokenizer):
-    prompt = "You are kind.\n\nUser: hi\n\nAssistant: Hello.\n\nUser: more\n\nAssistant:"
+    prompt = "You are kind.\n\nUser: hi\n\nAI: Hello.\n\nUser: more\n\nAI:"
     ids = tokenizer(prompt).input_ids
     boundaries = turn_boundaries(tokenizer.convert_ids_to_tokens(ids))
     texts = [tokenizer.decode(ids[:b]) for b in boundaries]
-    assert texts == ["You are kind.\n\n", "You are kind.\n\nUser: hi\n\n", "You are kind.\n\nUser: hi\n\nAssistant: Hello.\n\n",
-                     "You are kind.\n\nUser: hi\n\nAssistant: Hello.\n\nUser: more\n\n"]
+    assert texts == ["You are kind.\n\n", "You are kind.\n\nUser: hi\n\n", "You are kind.\n\nUser: hi\n\nAI: Hello.\n\n",
+                     "You are kind.\n\nUser: hi\n\nAI: Hello.\n\nUser: more\n\n"]
     assert turn_boundaries([b"a\n\n", b"b"]) == [1]  # tokenizers that give bytes
 
 

@@ -70,7 +70,7 @@ class ChatBox:
         return dataclasses.replace(self.defaults, **{name: slider.value for name, slider in self.sliders.items()})
 
     def _show(self):
-        lines = [f"<b>User:</b> {html.escape(user)}<br><b>Assistant:</b> {html.escape(answer)}" for user, answer in self.turns]
+        lines = [f"<b>User:</b> {html.escape(user)}<br><b>AI:</b> {html.escape(answer)}" for user, answer in self.turns]
         self.transcript.value = "<br><br>".join(lines)
 
     def send(self):

@@ -43,3 +43,15 @@ def show_table(rows, headers):
     from helpers.measure.reports import markdown
 
     show_markdown(markdown(headers, rows))
+
+
+def low_bit_folder(source, low_bit="sym_int4"):
+    """The folder save_low_bit wrote for the model (notebook 02's low-bit cache, the tokenizer's files beside
+    the weights), converted and saved the first time."""
+    from helpers.runtime.loading import load_cached_low_bit_model
+    from helpers.runtime.low_bit_cache import cache_dir, cache_problem
+
+    folder = cache_dir(source, low_bit)
+    if cache_problem(source, folder):
+        load_cached_low_bit_model(source, low_bit)
+    return folder

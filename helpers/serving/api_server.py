@@ -21,7 +21,8 @@ temperature or top_p out of range: 400 with one line), plus:
 - a worker's stream carries only the text each chunk adds (helpers.serving.worker); FastChat's handlers get
   the text so far, as from FastChat's own workers;
 - a client that goes stops its work at once, streamed or not (helpers.serving.http);
-- a blank line inside a chat message becomes a line break (in the World format it ends a turn);
+- a blank line inside a chat message becomes a line break (in the World format it ends a turn), and an answer
+  sent back keeps the spaces it began with, so that a chat's history is the text the model read and wrote;
 - a completion (a prompt, not a chat) stops only where the request says, as OpenAI's completions do:
   FastChat adds the chat template's stop, a blank line, to every request, which cut a continued text at
   its first blank line.
@@ -160,10 +161,14 @@ async def check_model(request):
 
 
 def _world_turns(request):
-    """A blank line ends a turn in the World format: inside a chat message it becomes a line break."""
+    """A blank line ends a turn in the World format: inside a chat message it becomes a line break. An answer
+    sent back keeps the spaces it began with but one, which the template writes after "AI:", so that the
+    history reads as the model wrote it (the worker then finds its state)."""
     if not isinstance(request.messages, str):
         for message in request.messages:
-            message["content"] = chat_message(message["content"])
+            text = message["content"]
+            spaces = len(text) - len(text.lstrip(" ")) if message["role"] == "assistant" else 0
+            message["content"] = " " * max(0, spaces - 1) + chat_message(text)
 
 
 def _null_means_default(request):
@@ -188,7 +193,7 @@ async def _answer(request, connection, problem_of, prepare, fastchat_handler):
         return _error(str(error), status=503, code=ErrorCode.CONTROLLER_NO_WORKER)
     except WorkersFull as error:
         return _overloaded(str(error), error.retry_after_s)
-    except httpx.TransportError:
+    except httpx.HTTPError:
         return _error(_controller_silent(), status=503, code=ErrorCode.CONTROLLER_NO_WORKER)
 
 

@@ -111,10 +111,11 @@ class Tokens:
         return tokens
 
 
-# The World chat format, "System\n\nUser: ...\n\nAssistant:" (the system part only when one is sent),
-# is what FastChat's FALCON_CHAT style writes with these roles and separator.
+# The World chat format, "System\n\nUser: ...\n\nAI:" (the system part only when one is sent; User and AI
+# are a pair BlinkDL's RWKV-4 World card names for chat), is what FastChat's FALCON_CHAT style writes with
+# these roles and separator.
 world_chat = Conversation(
-    name="rwkv-world", roles=("User", "Assistant"), sep_style=SeparatorStyle.FALCON_CHAT, sep="\n\n",
+    name="rwkv-world", roles=("User", "AI"), sep_style=SeparatorStyle.FALCON_CHAT, sep="\n\n",
     stop_str="\n\n", stop_token_ids=[0],
 )
 
@@ -128,7 +129,21 @@ class RwkvWorker(BaseModelWorker):
         self.token_bytes = token_bytes(self.tokenizer)
         self.model = load_model(source, low_bit, report=print)
         self.context_len = self.model.config.context_length
-        self.scheduler = Scheduler(self.model, max_batch, max_queue, queue_timeout_s, state_cache_mb)
+        self.scheduler = Scheduler(self.model, max_batch, max_queue, queue_timeout_s, state_cache_mb, self._text_of)
+
+    def _text_of(self, ids):
+        """The UTF-8 bytes token ids stand for; None where one stands for none (the end of text)."""
+        try:
+            return b"".join(self.token_bytes[token] for token in ids)
+        except KeyError:
+            return None
+
+    def _token_ids(self, prompt):
+        """The prompt's token ids: those of the longest text the state cache holds that it begins with (a chat's
+        history, as the model read and wrote it), then the rest's."""
+        data = prompt.encode()
+        known, length = self.scheduler.cache.longest_text(data) if self.scheduler.cache else ([], 0)
+        return known + self.tokenizer(data[length:].decode()).input_ids
 
     def make_conv_template(self, conv_template=None, model_path=None):
         return world_chat.copy()
@@ -175,7 +190,7 @@ class RwkvWorker(BaseModelWorker):
         if problem:
             raise UserError(problem)
         try:
-            prompt_ids = self.tokenizer(prompt).input_ids
+            prompt_ids = self._token_ids(prompt)
         except UnicodeError:
             raise UserError("the prompt is not valid Unicode text") from None
         except ValueError as error:  # a byte the vocabulary has no token for

@@ -100,10 +100,10 @@ class Scheduler:
     """Runs the model in one thread for every request; submit() and cancel() from any thread."""
 
     def __init__(self, model, max_batch=16, max_queue=None, queue_timeout_s=QUEUE_TIMEOUT_S,
-                 state_cache_mb=STATE_CACHE_MB):
+                 state_cache_mb=STATE_CACHE_MB, text_of=None):
         self.model, self.max_batch, self.queue_timeout_s = model, max_batch, queue_timeout_s
         self.max_queue = max_batch if max_queue is None else max_queue
-        self.cache = StateCache(state_cache_mb * 2**20) if state_cache_mb > 0 else None
+        self.cache = StateCache(state_cache_mb * 2**20, text_of) if state_cache_mb > 0 else None
         self.lock = threading.Condition()
         self.waiting, self.reading, self.running = deque(), [], []  # reading: prompts being read, oldest first
         self.closed, self.stopped = False, None  # stopped: what every request gets once the model thread failed
