@@ -61,3 +61,29 @@ def test_the_checks_see_an_assert_in_a_learners_cell(tmp_path):
     planted.write_text(json.dumps(notebook))
     with pytest.raises(AssertionError):
         test_checks_live_in_hidden_cells_kept_for_ci(planted)
+
+
+# What a model cell may take from helpers: the one self-contained repair file, and the optional fused step.
+COPYABLE = {"helpers.runtime.rwkv_cpu", "helpers.runtime.fused_decode"}
+
+
+def helpers_imported_by_model_cells(path):
+    """The helpers modules imported by a learner's code cells that call bigdl-llm, those outside COPYABLE."""
+    return [module for cell in cells(path) if cell["cell_type"] == "code" and not is_ci(cell)
+            and re.search(r"^\s*(?:from|import) bigdl\.llm", "".join(cell["source"]), re.M)
+            for module in re.findall(r"^\s*(?:from|import) (helpers[\w.]*)", "".join(cell["source"]), re.M)
+            if module not in COPYABLE]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_model_cells_can_be_copied_with_the_repair_file_alone(path):
+    assert helpers_imported_by_model_cells(path) == []
+
+
+def test_the_copy_check_sees_a_loader_of_ours_in_a_model_cell(tmp_path):
+    planted = tmp_path / "planted.ipynb"
+    notebook = json.loads(NOTEBOOKS[0].read_text())
+    notebook["cells"].append({"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": [
+        "from bigdl.llm.transformers import AutoModelForCausalLM\n", "from helpers.runtime.loading import load_model"]})
+    planted.write_text(json.dumps(notebook))
+    assert helpers_imported_by_model_cells(planted) == ["helpers.runtime.loading"]

@@ -1,6 +1,8 @@
 """The CPU INT4 path: every bigdl-llm loading API runs on CPU and stays close to HF fp32."""
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,7 +66,31 @@ def test_optimize_model_api_matches(tiny_source, input_ids, sym_int4_logits):
     from helpers.runtime.rwkv_cpu import repair_for_cpu
 
     model = AutoModelForCausalLM.from_pretrained(tiny_source.location, torch_dtype=torch.float16)
-    assert torch.allclose(logits_for(repair_for_cpu(optimize_model(model)), input_ids), sym_int4_logits, atol=1e-4)
+    model = fused_decode.use_fused_step(repair_for_cpu(optimize_model(model)))
+    assert torch.allclose(logits_for(model, input_ids), sym_int4_logits, atol=1e-4)
+
+
+def test_the_repair_file_runs_on_its_own(tiny_source, input_ids, tmp_path):
+    """rwkv_cpu.py copied beside a script, with every import of the project failing: bigdl-llm's load_in_4bit
+    model, repaired, gives the logits of the torch path in process."""
+    from helpers.runtime import rwkv_cpu
+
+    shutil.copy(rwkv_cpu.__file__, tmp_path)
+    script = f"""
+import sys
+sys.modules["helpers"] = None  # importing anything of the project fails
+import torch
+from bigdl.llm.transformers import AutoModelForCausalLM
+from rwkv_cpu import repair_for_cpu
+
+model = AutoModelForCausalLM.from_pretrained({str(tiny_source.location)!r}, load_in_4bit=True, trust_remote_code=True)
+with torch.inference_mode():
+    torch.save(repair_for_cpu(model)(torch.tensor({input_ids.tolist()})).logits, "logits.pt")
+"""
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True, capture_output=True)
+    with fused_decode.torch_path(load_low_bit_model(tiny_source, "sym_int4")) as model:
+        expected = logits_for(model, input_ids)
+    assert torch.allclose(torch.load(tmp_path / "logits.pt"), expected, atol=1e-4)
 
 
 @pytest.fixture

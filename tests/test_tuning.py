@@ -93,3 +93,10 @@ def test_the_two_socket_server_of_the_committed_sweep():
     fastest = min(sweep["records"], key=lambda record: record["kernel_ms"])
     assert tuning.fastest_threads(sweep) == fastest["threads"]
     assert ("older kernel" in tuning.sweep_caption(sweep)) != sweep["current"]  # a stale sweep says so
+
+
+def test_a_configuration_s_shell_line_sets_what_its_process_gets():
+    line = tuning.shell_line(2, {"RWKV_FUSED_KERNEL": "avx2"}, ("taskset", "-c", "0-1"), init="-t")
+    assert line == "source bigdl-llm-init -t; RWKV_FUSED_KERNEL=avx2 OMP_NUM_THREADS=2 taskset -c 0-1 python my_script.py"
+    assert tuning.shell_line(4) == "OMP_NUM_THREADS=4 python my_script.py"
+    assert tuning.shell_line(1, init="").startswith("source bigdl-llm-init; ")

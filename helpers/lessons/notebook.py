@@ -47,11 +47,7 @@ def show_table(rows, headers):
 
 def low_bit_folder(source, low_bit="sym_int4"):
     """The folder save_low_bit wrote for the model (notebook 02's low-bit cache, the tokenizer's files beside
-    the weights), converted and saved the first time."""
-    from helpers.runtime.loading import load_cached_low_bit_model
-    from helpers.runtime.low_bit_cache import cache_dir, cache_problem
+    the weights), as a string for load_low_bit; converted and saved the first time."""
+    from helpers.runtime.loading import ensure_cache
 
-    folder = cache_dir(source, low_bit)
-    if cache_problem(source, folder):
-        load_cached_low_bit_model(source, low_bit)
-    return folder
+    return str(ensure_cache(source, low_bit))

@@ -73,21 +73,35 @@ def thread_counts():
 @dataclass
 class Measured:
     speeds: list  # decode tokens/s, one per round
+    command: str = ""  # the shell line that runs a script of one's own in the same configuration
 
     @property
     def median(self):
         return statistics.median(self.speeds)
 
 
+def shell_line(threads, env=None, prefix=(), init=None):
+    """The line that runs `python my_script.py` with `threads` OpenMP threads, after `source bigdl-llm-init INIT`
+    (where init is not None), with the variables env and under the command prefix (taskset, numactl)."""
+    source = [f"source bigdl-llm-init {init}".rstrip() + ";"] if init is not None else []
+    assignments = [f"{name}={value}" for name, value in (env or {}).items()]
+    return " ".join([*source, *assignments, f"OMP_NUM_THREADS={threads}", *prefix, "python my_script.py"])
+
+
 def measure_in_rounds(configurations, rounds=ROUNDS):
-    """{label: Measured} for REFERENCE and {label: dict(threads=..., env=..., prefix=...)}, in alternating
-    rounds; each configuration's process starts (and loads the model) once."""
+    """{label: Measured} for REFERENCE and {label: dict(threads=..., env=..., prefix=..., init=...)} (init: the
+    options of `source bigdl-llm-init` whose environment the process gets), in alternating rounds; each
+    configuration's process starts (and loads the model) once."""
     configurations = {REFERENCE: dict(threads=cpu_info().physical_cores), **configurations}
-    processes = {label: _Configuration(**settings) for label, settings in configurations.items()}
+    processes = {}
+    for label, settings in configurations.items():
+        init = settings.get("init")
+        env = {**(settings.get("env") or {}), **(runtime_env(init) if init is not None else {})}
+        processes[label] = _Configuration(settings["threads"], env, settings.get("prefix", ()))
     try:
         for process in processes.values():  # no measurement while another process is still loading
             process.wait_until_loaded()
-        measured = {label: Measured([]) for label in configurations}
+        measured = {label: Measured([], shell_line(**settings)) for label, settings in configurations.items()}
         for _ in range(rounds):
             for label, process in processes.items():
                 measured[label].speeds.append(process.tokens_per_s())
@@ -98,12 +112,12 @@ def measure_in_rounds(configurations, rounds=ROUNDS):
 
 
 def rows(measured):
-    return [(label, f"{m.median:.1f} tokens/s", f"{min(m.speeds):.1f} to {max(m.speeds):.1f}")
+    return [(label, f"{m.median:.1f} tokens/s", f"{min(m.speeds):.1f} to {max(m.speeds):.1f}", f"`{m.command}`")
             for label, m in measured.items()]
 
 
 def headers(title):
-    return [title, "median decode speed", f"range over {ROUNDS} rounds"]
+    return [title, "median decode speed", f"range over {ROUNDS} rounds", "the same for a script of yours"]
 
 
 def batch_rows(measured):

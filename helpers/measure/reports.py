@@ -194,9 +194,9 @@ def render(name, kind):
     """The table KIND (a RENDERERS key, or a serving run's "soak", "serving" or "prompts") of the committed run
     data/bench/NAME.json."""
     if kind in ("soak", "serving"):  # a serving run
-        return {"soak": soak_table, "serving": serving_markdown}[kind](*serving_run(name))
+        return soak_table(*serving_run(name)) if kind == "soak" else serving_markdown(*serving_run(name), targets=True)
     if kind == "prompts":
-        return prompts_markdown(*prompts_run(name))
+        return prompts_markdown(*prompts_run(name), targets=True)
     return RENDERERS[kind](decoding_run(name))
 
 
@@ -243,13 +243,13 @@ def _against(target, met, targets):
     return f"; target {target}: {'met' if met else 'missed'}" if targets else ""
 
 
-def step_line(settings, results, targets=True):
+def step_line(settings, results, targets=False):
     """The most clients' tokens/s against the batched step's own, each measured in every round of one run."""
     most = by_clients(results)[max(r.clients for r in results)]
     ratios = [result.tokens_per_s / step for result, step in zip(most, settings["step_tokens_per_s"])]
-    return (f"{most[0].clients} clients: {statistics.median(r.tokens_per_s for r in most):.0f} tokens/s, "
-            f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} to {max(ratios):.2f}) the batched step alone "
-            f"({statistics.median(settings['step_tokens_per_s']):.0f} tokens/s, {most[0].clients} sequences, measured "
+    return (f"{most[0].clients} clients: {statistics.median(r.tokens_per_s for r in most):.0f} tokens/s; round by round, "
+            f"{min(ratios):.2f}x to {max(ratios):.2f}x the batched step alone (median {statistics.median(ratios):.2f}x; the "
+            f"step: {statistics.median(settings['step_tokens_per_s']):.0f} tokens/s, {most[0].clients} sequences, measured "
             f"after each round{_against('at least 0.85x', round(statistics.median(ratios), 2) >= 0.85, targets)})")
 
 
@@ -287,7 +287,7 @@ def soak_table(settings, result):
         markdown(SOAK_HEADERS, [row])])
 
 
-def serving_markdown(settings, results, targets=True):
+def serving_markdown(settings, results, targets=False):
     """A committed load test as markdown: its provenance and settings, the table, and the batched step's line."""
     lines = [f"{settings['model']}: {settings['requests']} requests of {settings['max_tokens']} tokens per client count, "
              f"{settings['rounds']} rounds (tokens/s: median and range). " + provenance.caption(settings["provenance"]), "",
@@ -306,7 +306,7 @@ def chat_table(turns):
                                f"{median(turn.cached_ms) / median(turn.alone_ms):.2f}"] for turn in turns])
 
 
-def summary_lines(run, settings, targets=True):
+def summary_lines(run, settings, targets=False):
     """One line per scenario, each with its target and whether it was met (where targets is True)."""
     median = statistics.median
     shared, separate = percentile(run.shared_ms, 0.5), percentile(run.separate_ms, 0.5)
@@ -327,7 +327,7 @@ def summary_lines(run, settings, targets=True):
     ]
 
 
-def prompts_markdown(settings, run, targets=True):
+def prompts_markdown(settings, run, targets=False):
     """A committed run as markdown: its provenance, the chat's turns, and the three scenarios' lines."""
     return "\n".join([f"{settings['model']}, {settings['rounds']} rounds (medians). " + provenance.caption(settings["provenance"]),
                       "", chat_table(run.chat), "", *[f"- {line}" for line in summary_lines(run, settings, targets)]])

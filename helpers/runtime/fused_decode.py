@@ -352,10 +352,17 @@ class FusedForward:
                                  f"(this model's hidden size and layers), not {len(state)}: {found}")
 
 
+def use_fused_step(model):
+    """Let a model repaired by rwkv_cpu.repair_for_cpu run token ids through the fused step, where this CPU and
+    the model's weights allow it (else it stays on torch; decoding_path says why). Returns the model."""
+    model.fused_forward = FusedForward.for_model(model)
+    return model
+
+
 @contextlib.contextmanager
 def torch_path(model):
     """Within the block, the model runs through torch and bigdl's kernels (to compare the two)."""
-    fused, model.fused_forward = model.fused_forward, None
+    fused, model.fused_forward = getattr(model, "fused_forward", None), None
     try:
         yield model
     finally:

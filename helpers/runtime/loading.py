@@ -1,9 +1,9 @@
 """Load RWKV-4 as HF transformers reference models or as bigdl-llm low-bit models that run on CPU.
 
 Every low-bit path (this project's tensor-by-tensor loader and bigdl-llm's ``from_pretrained(load_in_4bit /
-load_in_low_bit)``, ``optimize_model()`` and ``load_low_bit``) goes through ``repair_for_cpu``; see
-helpers.runtime.rwkv_cpu for why. ``load_model``, what the CLI, notebooks and playground call, converts a model once
-into a low-bit cache (data/models/low-bit/) and loads it from there afterwards.
+load_in_low_bit)``, ``optimize_model()`` and ``load_low_bit``) goes through ``repair_for_cpu`` (see
+helpers.runtime.rwkv_cpu for why), then ``use_fused_step``. ``load_model``, what the CLI, notebooks and playground
+call, converts a model once into a low-bit cache (data/models/low-bit/) and loads it from there afterwards.
 """
 import logging
 import pickle
@@ -22,7 +22,6 @@ from helpers.runtime.startup import start
 from helpers.runtime.tensor_loading import mapped_low_bit_cache, quantized_from_checkpoint
 
 
-
 def _low_bit_model_class():
     """bigdl-llm's AutoModelForCausalLM, imported on first use: after start() chose the native library."""
     from bigdl.llm.transformers import AutoModelForCausalLM
@@ -38,6 +37,11 @@ def _check_low_bit(low_bit):
         raise UserError(f"Unknown low-bit format {low_bit!r}; choose one of {', '.join(LOW_BIT_FORMATS)}.")
     require_avx2()
     start()
+
+
+def _for_cpu(model):
+    """A bigdl low-bit model repaired for CPU, with the fused step where it runs."""
+    return fused_decode.use_fused_step(repair_for_cpu(model))
 
 
 def load_tokenizer(source):
@@ -73,11 +77,11 @@ def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True, loader="
         raise UserError(f"Unknown loader {loader!r}; choose 'tensor_by_tensor' or 'from_pretrained'.")
     check_fits(source.config, low_bit, loader)
     if loader == "tensor_by_tensor":
-        return repair_for_cpu(quantized_from_checkpoint(source.location, low_bit, rescale=optimize_model))
+        return _for_cpu(quantized_from_checkpoint(source.location, low_bit, rescale=optimize_model))
     model = _low_bit_model_class().from_pretrained(
         source.location, load_in_low_bit=low_bit, optimize_model=optimize_model, trust_remote_code=True
     )
-    return repair_for_cpu(model)
+    return _for_cpu(model)
 
 
 def _convert_into_cache(source, low_bit, folder):
@@ -85,6 +89,20 @@ def _convert_into_cache(source, low_bit, folder):
     save_cache(model, source, folder)
     del model
     release_freed_memory()
+
+
+def ensure_cache(source, low_bit="sym_int4", report=print):
+    """The model's low-bit cache folder (save_low_bit's layout, the tokenizer's files beside the weights), for
+    bigdl-llm's load_low_bit or load_cached_low_bit_model; converted and saved first where it is missing,
+    unfinished or stale, which report is told."""
+    folder = cache_dir(source, low_bit)
+    problem = cache_problem(source, folder)
+    if problem:
+        start = time.perf_counter()
+        _convert_into_cache(source, low_bit, folder)
+        report(f"Converted {source.name} to {low_bit} in {time.perf_counter() - start:.1f} s ({problem}) and saved it "
+               f"in {shown_path(folder)}.")
+    return folder
 
 
 def load_cached_low_bit_model(source, low_bit="sym_int4", loader="mapped", report=print):
@@ -122,8 +140,8 @@ def _load_saved_low_bit(folder, config, low_bit, loader="mapped"):
         raise UserError(f"Unknown loader {loader!r}; choose 'mapped' or 'load_low_bit'.")
     check_fits(config, low_bit, "cache")
     if loader == "mapped":
-        return repair_for_cpu(mapped_low_bit_cache(folder, low_bit))
-    return repair_for_cpu(_low_bit_model_class().load_low_bit(str(folder), trust_remote_code=True))
+        return _for_cpu(mapped_low_bit_cache(folder, low_bit))
+    return _for_cpu(_low_bit_model_class().load_low_bit(str(folder), trust_remote_code=True))
 
 
 _decoding_path_reported = False

@@ -16,8 +16,11 @@ The forwards compute the same maths as transformers' RwkvSelfAttention / RwkvFee
 fewer tensor operations: one batched mix for key / value / receptance, the decay exponent computed
 once, and for a single token (decoding) bigdl's INT4 kernel called directly. Under generate() the
 head runs on the last position only, and a padded batch of prompts is read row by row, so that
-pads never enter a state. A low-bit model runs token ids (a prompt, a decoding step, or one step of
-a batch of sequences) in one native call instead, where helpers.runtime.fused_decode is available.
+pads never enter a state. Where ``model.fused_forward`` is set (helpers.runtime.fused_decode's
+``use_fused_step``), token ids (a prompt, a decoding step, or one step of a batch of sequences) run in
+that one native call instead.
+
+This file imports nothing else of the project: copy it beside a script of your own.
 """
 import ctypes
 import gc
@@ -26,8 +29,9 @@ import sys
 import torch
 from transformers.models.rwkv.modeling_rwkv import RwkvCausalLMOutput
 
-from helpers.runtime.fused_decode import FusedForward
-from helpers.runtime.rwkv_state import NO_MAXIMUM
+# The running maximum before any token: exp() of anything minus it is 0, so the first token alone counts
+# (transformers' value).
+NO_MAXIMUM = -1e30
 
 
 def _linear(module, x):
@@ -136,7 +140,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, inputs_embeds=N
     the head (65536 rows) runs for that position alone."""
     if state is None and attention_mask is not None and input_ids is not None and not attention_mask.bool().all():
         return _read_padded_prompts(self, input_ids, attention_mask, last_logits_only)
-    fused = self.fused_forward
+    fused = getattr(self, "fused_forward", None)
     plain_output = not (kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
                         or kwargs.get("return_dict") is False)
     if fused is not None and inputs_embeds is None and plain_output and fused.can_run(input_ids, state):
@@ -206,7 +210,6 @@ def repair_for_cpu(model):
     rwkv.layers_are_rescaled = True
     model.prepare_inputs_for_generation = prepare_inputs_for_generation.__get__(model, type(model))
     model.forward = causal_lm_forward.__get__(model, type(model))
-    model.fused_forward = FusedForward.for_model(model)
     model.eval()
     release_freed_memory()
     return model

@@ -5,9 +5,7 @@ and the channel mix, and the WKV recurrence's numerator, denominator and running
 """
 import torch
 
-# The running maximum before any token: exp() of anything minus it is 0, so the first token alone counts
-# (transformers' value).
-NO_MAXIMUM = -1e30
+from helpers.runtime.rwkv_cpu import NO_MAXIMUM
 
 
 def start_state(hidden, layers, sequences=1):

@@ -159,7 +159,7 @@ def main(argv=None):
     else:
         run = {"model": model, "max_tokens": args.max_tokens, "requests": args.requests, "rounds": args.rounds,
                "provenance": made, "results": [asdict(result) for result in results], "step_tokens_per_s": steps}
-        print(serving_markdown(run, results))
+        print(serving_markdown(run, results, targets=True))
     if args.json:
         args.json.write_text(json.dumps(run, indent=1))
     return 0

@@ -178,7 +178,7 @@ def main(argv=None):
     settings = {"model": client.model, "turns": args.turns, "clients": args.clients, "system_tokens": args.system_tokens,
                 "streams": args.streams, "rounds": args.rounds,
                 "provenance": serving.stamp(provenance.command_line("helpers.tools.prompt_bench", argv))}
-    print(prompts_markdown(settings, run))
+    print(prompts_markdown(settings, run, targets=True))
     if args.json:
         args.json.write_text(json.dumps({**settings, "run": asdict(run)}, indent=1))
     return 0
