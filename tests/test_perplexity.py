@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers.measure import perplexity
+from helpers.measure import perplexity, sensitivity
 from helpers.runtime.paths import HELD_OUT_TEXT
 from helpers.runtime.loading import load_hf_model, load_tokenizer
 from conftest import run_cli
@@ -61,6 +61,8 @@ def test_the_trained_model_beats_the_unigram_model(rows):
     (["--text", "/no/such/file.txt"], "Cannot read the text /no/such/file.txt"),
     (["--paths", "gpu"], "Unknown path in 'gpu'"),
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--per-matrix", "--formats", "sym_int4,sym_int8"], "--per-matrix measures one low-bit format at a time"),
+    (["--per-matrix", "--formats", "fp32"], "--per-matrix measures one low-bit format at a time"),
 ])
 def test_bad_input_gets_one_line(args, message):
     result = run_cli("helpers.tools.perplexity", *args)
@@ -82,3 +84,29 @@ def test_the_json_has_the_documented_rows(tmp_path):
     assert all(set(row) == {"format", "path", "perplexity", "kl_mean", "kl_p99", "top1_agreement", "tokens"}
                for row in rows)
     assert rows[1]["kl_mean"] < 0.01 and rows[2]["kl_mean"] is None and rows[0]["tokens"] == 40
+
+
+@pytest.mark.parametrize("kind", sensitivity.KINDS)
+def test_a_kind_quantized_alone_is_that_kind_s_linears_and_no_other(tiny_source, kind):
+    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
+
+    model = sensitivity.with_kind_quantized(tiny_source, "sym_int4", kind)
+    low_bit = {name for name, module in model.named_modules() if isinstance(module, LowBitLinear)}
+    layers = tiny_source.config["num_hidden_layers"]
+    assert low_bit == ({"head"} if kind == "head" else {f"rwkv.blocks.{layer}.{kind}" for layer in range(layers)})
+
+
+def test_per_matrix_rows_on_the_trained_model(trained_source, ids):
+    kinds = {row.kind: row for row in sensitivity.measure_kinds(trained_source, ids[:513], progress=False)}
+    assert list(kinds) == list(sensitivity.KINDS)
+    config = trained_source.config
+    hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    intermediate = config.get("intermediate_size") or 4 * hidden
+    linear_weights = vocab * hidden + layers * (5 * hidden * hidden + 2 * hidden * intermediate)
+    assert kinds["head"].weight_share == pytest.approx(vocab * hidden / linear_weights)
+    assert sum(row.weight_share for row in kinds.values()) == pytest.approx(1)
+    fp32 = perplexity.measure(trained_source, ids[:513], formats=["fp32"], paths=["torch"], progress=False)[0]
+    assert fp32.format == "fp32" and fp32.tokens == 512
+    for row in kinds.values():  # each moves the model a little, none more than the whole format may
+        assert 0 < row.kl_mean < BOUNDS["sym_int4"][1] and row.tokens == 512, row
+        assert row.perplexity <= fp32.perplexity * (1 + BOUNDS["sym_int4"][0]), row

@@ -41,6 +41,20 @@ def plot_quality(rows):
     plt.show()
 
 
+def plot_kinds(rows):
+    """KL divergence from FP32 when one kind of matrix alone is quantized, beside that kind's share of the
+    linear weights (helpers.measure.sensitivity rows)."""
+    kinds = [row.kind for row in rows]
+    fig, (divergence, share) = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+    divergence.barh(kinds, [row.kl_mean for row in rows])
+    divergence.set(xlabel="nats", title=f"Mean KL from FP32, {rows[0].format} in that matrix alone")
+    share.barh(kinds, [100 * row.weight_share for row in rows], color="grey")
+    share.set(xlabel="%", title="Share of the linear weights")
+    divergence.invert_yaxis()
+    fig.tight_layout()
+    plt.show()
+
+
 def plot_threads(measured):
     """Decode tokens/s against thread count, the median and the range of the rounds (helpers.lessons.tuning)."""
     measured = {int(label): m for label, m in measured.items() if label.isdigit()}  # the reference has its own row

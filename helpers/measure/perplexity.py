@@ -129,7 +129,7 @@ def measure(source, ids, formats=FORMATS, paths=PATHS, report=print, progress=Tr
             for path in paths:
                 if path == "torch" or model.fused_forward is not None:
                     streams[fmt, path] = Stream(model, through_torch=path == "torch")
-        rows += _run(streams, fp32, ids, ",".join(group) or "fp32", progress, fp32_row and not rows)
+        rows += read_beside_fp32(streams, fp32, ids, ",".join(group) or "fp32", progress, fp32_row and not rows)
         del model, streams
     counts = trained_token_counts()
     if counts:
@@ -151,7 +151,7 @@ def _groups(config, formats):
     return [formats] if together < 0.8 * available_bytes() else [[fmt] for fmt in formats]
 
 
-def _run(streams, fp32, ids, label, progress, fp32_row):
+def read_beside_fp32(streams, fp32, ids, label, progress, fp32_row):
     """Rows of the streams ({(format, path): Stream}), and FP32's own first where fp32_row, all reading ids
     chunk by chunk beside FP32."""
     reference = Stream(fp32) if fp32 is not None else None

@@ -341,3 +341,11 @@ def quality_table(rows):
     return markdown(["format", "path", "perplexity", "KL mean", "KL p99", "top-1 = FP32", "tokens"],
                     [[row.format, row.path, f"{row.perplexity:.3f}", number(row.kl_mean, 5), number(row.kl_p99, 4),
                       number(row.top1_agreement, 4), str(row.tokens)] for row in rows])
+
+
+def kinds_table(rows):
+    """The rows of helpers.measure.sensitivity (each kind of matrix quantized alone) as a Markdown table."""
+    return markdown(["format", "matrix quantized alone", "share of the linear weights", "perplexity", "KL mean", "KL p99",
+                     "top-1 = FP32", "tokens"],
+                    [[row.format, row.kind, f"{row.weight_share:.1%}", f"{row.perplexity:.3f}", f"{row.kl_mean:.5f}",
+                      f"{row.kl_p99:.4f}", f"{row.top1_agreement:.4f}", str(row.tokens)] for row in rows])
