@@ -40,8 +40,9 @@ def weight_shares(model):
     """{kind: its share of the model's linear weights}."""
     counts = dict.fromkeys(KINDS, 0)
     for name, module in model.named_modules():
-        if kind_of(name):
-            counts[kind_of(name)] += module.weight.numel()
+        kind = kind_of(name)
+        if kind:
+            counts[kind] += module.weight.numel()
     total = sum(counts.values())
     return {kind: count / total for kind, count in counts.items()}
 
