@@ -57,18 +57,20 @@ playground: install $(CHECKPOINT)
 # The OpenAI-compatible API on $(SERVE_HOST):$(PORT): FastChat's controller, $(WORKERS) RWKV worker(s), the API
 # server. API_KEYS=key1,key2 (or RWKV_API_KEYS in the environment): clients must send one; needed for a
 # SERVE_HOST other hosts can reach. STATE_CACHE_MB: each worker's memory for the states of prompt prefixes
-# (chat turns, system prompts) that later requests begin with. (The recipe is not echoed: it holds the keys.)
+# (chat turns, system prompts) that later requests begin with. LOW_BIT: the weights' format (sym_int4_head8: with
+# the head in sym_int8). (The recipe is not echoed: it holds the keys.)
 PORT ?= 8000
 WORKERS ?= 1
 MAX_BATCH ?= 16
 MAX_QUEUE ?= $(MAX_BATCH)
 STATE_CACHE_MB ?= 256
+LOW_BIT ?= sym_int4
 SERVE_HOST ?= 127.0.0.1
 # API_KEYS counts when given to make, not when another program's is in the environment
 SERVE_KEYS = $(if $(filter command line,$(origin API_KEYS)),$(API_KEYS),$(RWKV_API_KEYS))
 serve: install $(CHECKPOINT)
 	@RWKV_API_KEYS="$(SERVE_KEYS)" $(PY) -m helpers.serving --host $(SERVE_HOST) --port $(PORT) --workers $(WORKERS) \
-		--max-batch $(MAX_BATCH) --max-queue $(MAX_QUEUE) --state-cache-mb $(STATE_CACHE_MB)
+		--max-batch $(MAX_BATCH) --max-queue $(MAX_QUEUE) --state-cache-mb $(STATE_CACHE_MB) --low-bit $(LOW_BIT)
 
 clean:
 	rm -rf $(VENV) data/models build

@@ -10,7 +10,8 @@ from helpers.runtime.startup import start
 NATIVE_CHOICE = start()  # before anything imports bigdl.llm: chooses its native library for this CPU
 from helpers.measure.provenance import describe, instruction_sets, machine  # noqa: E402
 from helpers.runtime import cpu, fused_decode  # noqa: E402
-from helpers.runtime.loading import load_hf_model, load_tokenizer  # noqa: E402
+from helpers.lessons.quality import logits_for  # noqa: E402
+from helpers.runtime.loading import load_hf_model, load_low_bit_model, load_tokenizer  # noqa: E402
 from helpers.runtime.models import resolve_model  # noqa: E402
 from helpers.runtime.paths import DATA_DIR  # noqa: E402
 from helpers.runtime.settings import read as read_settings  # noqa: E402
@@ -69,6 +70,24 @@ def tokenizer(tiny_source):
 @pytest.fixture(scope="session")
 def fp32_model(tiny_source):
     return load_hf_model(tiny_source)
+
+
+@pytest.fixture(scope="session")
+def input_ids(tokenizer):
+    """The sample texts' token ids, [1, tokens]."""
+    return tokenizer("\n".join(SAMPLE_TEXTS.values()), return_tensors="pt").input_ids
+
+
+@pytest.fixture(scope="session")
+def sym_int4_logits(tiny_source, input_ids):
+    return logits_for(load_low_bit_model(tiny_source, "sym_int4"), input_ids)
+
+
+@pytest.fixture
+def cache_here(tmp_path, monkeypatch):
+    """The low-bit cache in a folder of the test's own; returns the lines the loads report."""
+    monkeypatch.setattr("helpers.runtime.low_bit_cache.CACHE_DIR", tmp_path / "cache")
+    return []
 
 
 def table_rows(markdown):

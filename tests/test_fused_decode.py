@@ -12,7 +12,6 @@ import zipfile
 import pytest
 import torch
 
-from conftest import SAMPLE_TEXTS
 from helpers.measure import provenance
 from helpers.lessons.quality import agreement, stepwise_logits
 from helpers.runtime import fused_decode
@@ -28,9 +27,9 @@ every_build = pytest.mark.parametrize("kernel", [
     for name in fused_decode.KERNELS])
 
 
-@pytest.fixture(scope="module")
-def input_ids(tokenizer):
-    return tokenizer("\n".join(SAMPLE_TEXTS.values()), return_tensors="pt").input_ids
+def formats_of(model):
+    """The kernel's numbers of the formats of a model's layers and head, as its fused step reads them."""
+    return model.fused_forward.model.format, model.fused_forward.model.head_format
 
 
 def decode_steps(model, input_ids, fused):
@@ -89,14 +88,14 @@ def test_every_build_computes_the_same_logits(tiny_source, input_ids, fp32_model
     assert model.fused_forward is not None, fused_decode.unavailable_reason
     results, build = [], fused_decode.load_library(kernel)
     for native in (build, fused_decode.load_library("avx2")):
-        fused = fused_decode.FusedForward(model, native, model.fused_forward.model.format)
+        fused = fused_decode.FusedForward(model, native, *formats_of(model))
         prompt_logits, state = fused(input_ids[:, :20])
         step_logits, _ = fused(input_ids[:, 20:21], [s.clone() for s in state])
         batch = fused.run(input_ids[0, 20:29].unsqueeze(1), [[s[0].clone() for s in state] for _ in range(9)])
         results.append((prompt_logits, step_logits, batch))
     for mine, plain_avx2 in zip(*results):
         assert torch.equal(mine, plain_avx2)
-    whole_prompt, _ = fused_decode.FusedForward(model, build, model.fused_forward.model.format)(input_ids)
+    whole_prompt, _ = fused_decode.FusedForward(model, build, *formats_of(model))(input_ids)
     assert agreement(reference, whole_prompt[0, 8:]).above_floor(low_bit)
 
 
@@ -112,6 +111,20 @@ def test_fused_decoding_agrees_with_fp32_as_closely_as_the_torch_path(tiny_sourc
     torch_path, fused = results
     assert fused.above_floor(low_bit), results
     assert fused.top1 >= torch_path.top1 - 0.03 and fused.cosine >= torch_path.cosine - 0.005, results
+
+
+@needs_fused_step
+def test_a_mix_runs_the_fused_step_with_the_heads_own_format(tiny_source, input_ids):
+    model = load_low_bit_model(tiny_source, "sym_int4_head8")
+    body, head = formats_of(model)
+    assert (fused_decode.FORMATS[body], fused_decode.FORMATS[head]) == ("sym_int4", "sym_int8")
+    torch_logits, _ = decode_steps(model, input_ids, fused=False)
+    result = agreement(torch_logits, decode_steps(model, input_ids, fused=True)[0])
+    assert result.top1 >= 0.9 and result.cosine >= 0.999, result
+    model.fused_forward.model.head_format = body  # a kernel that reads the head's 8-bit blocks as 4-bit ones
+    with torch.inference_mode():
+        planted = agreement(torch_logits, decode_steps(model, input_ids, fused=True)[0])
+    assert not planted.cosine >= 0.9, planted
 
 
 def test_a_linear_in_a_format_the_kernel_cannot_read_keeps_the_model_on_the_torch_path(tiny_source):
@@ -211,11 +224,12 @@ def test_weights_the_kernel_cannot_read_are_refused_when_it_is_built(tiny_source
     model = load_low_bit_model(tiny_source, "sym_int4")
     fused = model.fused_forward
     with pytest.raises(ValueError, match="reads layer 0's attention_key as .* torch.uint8 values; the model has"):
-        fused_decode.FusedForward(model, fused.native, fused_decode.FORMATS.index("sym_int8"))  # sizes of another format
+        sym_int8 = fused_decode.FORMATS.index("sym_int8")
+        fused_decode.FusedForward(model, fused.native, sym_int8, sym_int8)  # sizes of another format
     model.rwkv.blocks[3].ln2.weight.data = model.rwkv.blocks[3].ln2.weight.data.half()
     expected = "layer 3's ln2_weight as 256 contiguous torch.float32 values; the model has 256 contiguous torch.float16"
     with pytest.raises(ValueError, match=expected):
-        fused_decode.FusedForward(model, fused.native, fused.model.format)
+        fused_decode.FusedForward(model, fused.native, *formats_of(model))
 
 
 @needs_fused_step

@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from conftest import run_cli
+from helpers.runtime import fused_decode
 from helpers.tools import generate
 from helpers.measure.checkpoints import make_config
 from helpers.runtime.prompt import DRAGON_PROMPT, PROMPT_FORMAT
@@ -25,6 +26,14 @@ def test_defaults_print_the_upstream_layout(tokenizer):
     assert output.startswith(prompt)
     answer_ids = tokenizer(output[len(prompt):].rstrip("\n")).input_ids
     assert 30 <= len(answer_ids) <= 50  # 40 generated tokens; re-tokenizing text may merge or split a few
+
+
+def test_a_mix_runs_on_the_fused_step(tmp_path):
+    result = run_cli("helpers.tools.generate", "--low-bit", "sym_int4_head8", "--n-predict", "5",
+                     env={"RWKV_LOW_BIT_CACHE": "0"})
+    assert result.returncode == 0, result.stderr
+    assert "Decoding: helpers' fused step" in result.stderr or fused_decode.library() is None, result.stderr
+    assert result.stdout.count(SEPARATORS[1]) == 1
 
 
 def write_config(folder, **overrides):

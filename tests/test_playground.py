@@ -40,6 +40,17 @@ def test_generate_with_a_bad_model_path_shows_the_error_and_starts_nothing():
     assert playground.model is None and not playground.running
 
 
+def test_the_format_picked_is_the_one_loaded():
+    from bigdl.llm.transformers.low_bit_linear import ggml_tensor_qtype
+
+    playground = Playground()
+    playground.low_bit.value = "sym_int4_head8"
+    playground.load_button.click()
+    assert playground.message.endswith("; in sym_int4_head8."), playground.message
+    assert playground.model.head.qtype == ggml_tensor_qtype["sym_int8"]
+    assert playground.model.rwkv.blocks[0].attention.key.qtype == ggml_tensor_qtype["sym_int4"]
+
+
 def test_text_streams_in_a_second_generate_is_refused_and_stop_ends_the_run(playground):
     playground.prompt.value, playground.greedy.value, playground.n_predict.value = "Tell me about dragons.", True, 400
     playground.generate_button.click()

@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from helpers.runtime.models import resolve_model
 from helpers.runtime.errors import UserError
-from helpers.runtime.loading import LOW_BIT_FORMATS, load_cached_low_bit_model, load_low_bit_model
+from helpers.runtime.formats import LOW_BIT_FORMATS
+from helpers.runtime.loading import load_cached_low_bit_model, load_low_bit_model
 
 
 def parameters(model):
@@ -21,7 +22,8 @@ def assert_same_parameters(ours, bigdl):
         assert ours[name].dtype == bigdl[name].dtype and torch.equal(ours[name], bigdl[name]), name
 
 
-@pytest.mark.parametrize("low_bit, optimize_model", [(f, True) for f in LOW_BIT_FORMATS] + [("sym_int4", False)])
+@pytest.mark.parametrize("low_bit, optimize_model",
+                         [(f, True) for f in LOW_BIT_FORMATS] + [("sym_int4", False), ("sym_int4_head8", True)])
 def test_tensor_by_tensor_gives_bigdls_weights(tiny_source, low_bit, optimize_model):
     ours = load_low_bit_model(tiny_source, low_bit, optimize_model)
     bigdl = load_low_bit_model(tiny_source, low_bit, optimize_model, loader="from_pretrained")
@@ -92,6 +94,22 @@ def test_the_mapped_cache_gives_bigdls_load_low_bit_weights(tiny_source, tmp_pat
     bigdl = load_cached_low_bit_model(tiny_source, loader="load_low_bit")
     assert_same_parameters(parameters(mapped), parameters(bigdl))
     assert mapped.rwkv.embeddings.weight.dtype == torch.float16
+
+
+def test_a_mix_keeps_its_head_in_sym_int8_through_the_cache(tiny_source, tmp_path, monkeypatch):
+    from bigdl.llm.transformers.low_bit_linear import ggml_tensor_qtype
+
+    from helpers.runtime.memory import model_weight_bytes, weight_bytes
+
+    monkeypatch.setattr("helpers.runtime.low_bit_cache.CACHE_DIR", tmp_path)
+    converted = load_low_bit_model(tiny_source, "sym_int4_head8")
+    cached = load_cached_low_bit_model(tiny_source, "sym_int4_head8")
+    assert_same_parameters(parameters(cached), parameters(converted))
+    assert cached.head.qtype == ggml_tensor_qtype["sym_int8"]
+    assert {m.qtype for m in cached.rwkv.modules() if hasattr(m, "qtype")} == {ggml_tensor_qtype["sym_int4"]}
+    assert model_weight_bytes(cached) == pytest.approx(weight_bytes(tiny_source.config, "sym_int4_head8"), rel=0.01)
+    with pytest.raises(UserError, match="load_low_bit reads models in one format, and sym_int4_head8 mixes two"):
+        load_cached_low_bit_model(tiny_source, "sym_int4_head8", loader="load_low_bit")
 
 
 def _transparent_huge_pages():

@@ -8,6 +8,7 @@ import threading
 
 import ipywidgets as widgets
 
+from helpers.runtime.formats import CHOICES
 from helpers.runtime.models import resolve_model
 from helpers.runtime.prompt import check_n_predict, format_prompt
 from helpers.runtime.errors import UserError
@@ -31,6 +32,8 @@ class Playground:
         self.top_k = widgets.IntSlider(value=0, min=0, max=200, description="top_k (0: off)", style=style)
         self.model_path = widgets.Combobox(placeholder=DEFAULT_MODEL, options=[DEFAULT_MODEL], description="Model",
                                            layout=widgets.Layout(width="60%"), style=style)
+        self.low_bit = widgets.Dropdown(options=CHOICES, value="sym_int4", description="Format", style=style,
+                                        layout=widgets.Layout(width="25%"))
         self.load_button = widgets.Button(description="Load model", icon="download")
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.stop_button = widgets.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
@@ -46,7 +49,7 @@ class Playground:
         self.greedy.observe(lambda _: self._sync_sampling(), "value")
         self._sync_sampling()
         self.widget = widgets.VBox([
-            widgets.HBox([self.model_path, self.load_button]),
+            widgets.HBox([self.model_path, self.low_bit, self.load_button]),
             self.prompt,
             widgets.HBox([self.n_predict, self.greedy]),
             widgets.HBox([self.temperature, self.top_p, self.top_k]),
@@ -73,7 +76,8 @@ class Playground:
         return self._thread is not None and self._thread.is_alive()
 
     def load(self):
-        """Load the model named in the picker (empty or DEFAULT_MODEL: RWKV_MODEL, else the model trained here)."""
+        """Load the model named in the picker (empty or DEFAULT_MODEL: RWKV_MODEL, else the model trained here), in
+        the format chosen."""
         if self.running:
             return self._say("Wait for the generation to end, or press Stop, before loading a model.", error=True)
         from helpers.runtime.loading import load_model, load_tokenizer  # imports bigdl.llm, after setup()
@@ -83,10 +87,11 @@ class Playground:
             self._say("Loading...")
             source = resolve_model(name)
             reports = []  # whether it was converted or loaded from the low-bit cache, and where
-            self.model, self.tokenizer, self.source = load_model(source, report=reports.append), load_tokenizer(source), source
+            model = load_model(source, self.low_bit.value, report=reports.append)
+            self.model, self.tokenizer, self.source = model, load_tokenizer(source), source
         except UserError as error:
             return self._say(f"error: {error}", error=True)
-        self._say(" ".join([*reports, f"Ready: {source.producer()}; in sym_int4."]))
+        self._say(" ".join([*reports, f"Ready: {source.producer()}; in {self.low_bit.value}."]))
 
     def generate(self):
         """Start generating in a background thread; returns at once."""

@@ -19,14 +19,14 @@ import torch
 from tqdm import tqdm
 
 from helpers.runtime.errors import UserError
-from helpers.runtime.formats import LOW_BIT_FORMATS
+from helpers.runtime.formats import CHOICES
 from helpers.runtime.fused_decode import torch_path
 from helpers.runtime.memory import available_bytes, weight_bytes
 from helpers.runtime.paths import DATA_DIR
 from helpers.runtime.rwkv_cpu import repair_for_cpu
 from helpers.measure.checkpoints import trained_token_counts
 
-FORMATS = ("fp32",) + LOW_BIT_FORMATS
+FORMATS = ("fp32",) + CHOICES
 QUALITY_DIR = DATA_DIR / "quality"  # committed runs: python -m helpers.tools.perplexity --json data/quality/NAME.json
 PATHS = ("fused", "torch")
 CHUNK = 256  # tokens read per call; the state carries the rest

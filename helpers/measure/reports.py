@@ -12,8 +12,11 @@ from tabulate import tabulate
 from helpers.measure import provenance
 from helpers.measure.client import LoadResult, by_clients, latencies_ms, percentile
 from helpers.measure.results import ChatTurn, PromptRun, SoakResult, read_run
+from helpers.measure.perplexity import load_rows as load_quality_rows
+from helpers.measure.sensitivity import load_kind_rows
 from helpers.measure.workloads import BATCH_ROUNDS, BATCH_STEPS, DECODE_TOKENS, PROMPT_TOKENS, UNFUSED
-from helpers.runtime.memory import GIB
+from helpers.runtime.formats import CHOICES, body_and_head
+from helpers.runtime.memory import BITS_PER_WEIGHT, GIB
 
 
 def decoding_run(name):
@@ -177,6 +180,71 @@ def summary_table(result):
             + markdown(headers, rows))
 
 
+def _median_and_range(values, unit="", digits=1):
+    return f"{statistics.median(values):.{digits}f}{unit} ({min(values):.{digits}f} to {max(values):.{digits}f})"
+
+
+def rounds_table(result):
+    """helpers.tools.side_by_side's run: each option's decode time and its ratio to the first option's, round by
+    round (median and range), and what it holds in memory against the first option."""
+    records = result["records"]
+    first = records[0]
+    rounds = len(first["decode_ms"])
+    caption = (f"Shape {result['shape']} ({result['layout']} layout): {rounds} rounds, in each every option decodes "
+               f"{result['round_tokens']} greedy tokens in turn (its median ms per token); ratios are to "
+               f"{first['option']}'s in the same round. " + provenance.caption(result["provenance"]))
+    headers = ["option", "decode ms/token, median (range)", f"x {first['option']}, median (range)",
+               "prefill ms, median", "weights read per token GiB", f"x {first['option']}", "steady RSS GiB (x)",
+               "same greedy tokens as the first"]
+    rows = [[r["option"], _median_and_range(r["decode_ms"]),
+             _median_and_range([mine / theirs for mine, theirs in zip(r["decode_ms"], first["decode_ms"])], "x", 3),
+             f"{statistics.median(r['prefill_ms']):.0f}", f"{r['weight_bytes'] / GIB:.2f}",
+             f"{r['weight_bytes'] / first['weight_bytes']:.3f}x",
+             f"{r['steady_rss_gib']:.2f} ({r['steady_rss_gib'] / first['steady_rss_gib']:.3f}x)",
+             "yes" if r["same_tokens"] else "no"] for r in records]
+    return caption + "\n\n" + markdown(headers, rows)
+
+
+def bits(low_bit):
+    """'4.25' for a format, '4.25, head 8.5' for a mix: its bits per weight."""
+    body, head = body_and_head(low_bit)
+    return f"{BITS_PER_WEIGHT[body]:g}" if head == body else f"{BITS_PER_WEIGHT[body]:g}, head {BITS_PER_WEIGHT[head]:g}"
+
+
+def decode_ratios(run):
+    """{option: the median, over a side-by-side run's rounds, of its decode time over the first option's}."""
+    first = run["records"][0]["decode_ms"]
+    return {r["option"]: statistics.median(mine / theirs for mine, theirs in zip(r["decode_ms"], first))
+            for r in run["records"]}
+
+
+SIDE_BY_SIDE_RUNS = {"1.5B": "rounds-1b5-hub", "7B": "rounds-7b-hub"}  # notebook 12's and the README's
+
+
+def _percent(change):
+    """'+0.31%', and '+0.00%' for a change that rounds to zero either way."""
+    return f"{change if round(change, 4) else 0.0:+.2%}"
+
+
+def formats_table(quality_name, speed_runs=SIDE_BY_SIDE_RUNS):
+    """Per format and mix: its cost in the committed quality run quality_name (fused step) and its decode time
+    against sym_int4's in each committed side-by-side run of speed_runs ({shape: run name})."""
+    rows = load_quality_rows(quality_name)
+    fp32 = next(row for row in rows if row.format == "fp32")
+    fused = {row.format: row for row in rows if row.path == "fused"}
+    runs = {shape: read_run(name) for shape, name in speed_runs.items()}
+    ratios = [decode_ratios(run) for run in runs.values()]
+    headers = ["format", "bits per weight", "KL from FP32 (nats)", "perplexity against FP32", "top-1 = FP32"] + [
+        f"{shape} decode, x sym_int4" for shape in runs]
+    table = markdown(headers, [
+        [low_bit, bits(low_bit), f"{fused[low_bit].kl_mean:.4f}", _percent(fused[low_bit].perplexity / fp32.perplexity - 1),
+         f"{fused[low_bit].top1_agreement:.3f}"] + [f"{found[low_bit]:.2f}x" if low_bit in found else "-" for found in ratios]
+        for low_bit in CHOICES if low_bit in fused])
+    sources = [f"Quality: data/quality/{quality_name}.json (its machine and date: data/quality/README.md)."] + [
+        f"{shape}: {provenance.caption(run['provenance'])}" for shape, run in runs.items()]
+    return table + "\n\n" + "\n".join(f"- {line}" for line in sources)
+
+
 def with_caption(table):
     """A table renderer that puts the run's provenance above the table (for those whose own text has none)."""
     return lambda result: provenance.caption(result["provenance"]) + "\n\n" + table(result)
@@ -192,7 +260,14 @@ RENDERED = re.compile(r"(<!-- rendered: (\S+) (\S+) -->\n)((?:(?!<!-- rendered:)
 
 def render(name, kind):
     """The table KIND (a RENDERERS key, or a serving run's "soak", "serving" or "prompts") of the committed run
-    data/bench/NAME.json."""
+    data/bench/NAME.json (for "rounds", a side-by-side run); or, for "kinds" and "formats", of the quality run
+    data/quality/NAME.json."""
+    if kind == "kinds":
+        return kinds_table(load_kind_rows(name))
+    if kind == "formats":
+        return formats_table(name)
+    if kind == "rounds":  # helpers.tools.side_by_side's
+        return rounds_table(read_run(name))
     if kind in ("soak", "serving"):  # a serving run
         return soak_table(*serving_run(name)) if kind == "soak" else serving_markdown(*serving_run(name), targets=True)
     if kind == "prompts":

@@ -1,5 +1,6 @@
 """RWKV-4 forwards (a prompt, a decoding step, or a step of several sequences) in one native call on
-bigdl-llm's low-bit weights (FORMATS: sym_int4, asym_int4, sym_int5, sym_int8).
+bigdl-llm's low-bit weights (FORMATS: sym_int4, asym_int4, sym_int5, sym_int8; the layers in one of them,
+the head in the same or, in a mix, another).
 
 bigdl-llm's own INT4 kernel and the ~30 small torch operations per layer around it leave a token
 at about 2.7x the time its weights take to read. rwkv4_decode.c reads the same blocks with
@@ -32,7 +33,7 @@ from helpers.runtime.rwkv_state import check_token_ids, start_state
 SOURCE = Path(__file__).with_name("rwkv4_decode.c")  # package data: an installed (not editable) package has it too
 DEFAULT_CACHE = Path.home() / ".cache" / "rwkv-int4-notebooks" / "kernels"
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra"]
-ABI_VERSION = 2  # rwkv4_decode.c's ABI_VERSION: raised when a function's arguments change (check_abi sees the rest)
+ABI_VERSION = 3  # rwkv4_decode.c's ABI_VERSION: raised when a function's arguments change (check_abi sees the rest)
 BASE = ("avx2", "fma", "f16c")  # every build
 # Fastest first: the CPU flags each build needs, and its compiler flags. Each build is compiled for
 # exactly its instructions (not -march=native), so a forced build is the one its CPUs run.
@@ -57,7 +58,7 @@ class Layer(ctypes.Structure):
 
 class Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in ("layers", "hidden", "intermediate", "vocab", "rescale_every",
-                                                   "format")] + [
+                                                   "format", "head_format")] + [
         ("eps", ctypes.c_float)] + [(name, ctypes.c_void_p) for name in (
             "embeddings", "ln0_weight", "ln0_bias", "ln_out_weight", "ln_out_bias", "head")] + [
         ("layer", ctypes.POINTER(Layer))]
@@ -218,7 +219,7 @@ def decoding_path(model=None):
     native = library()
     if native is not None and (model is None or getattr(model, "fused_forward", None) is not None):
         return f"helpers' fused step, its {kernel_name(native)} build (compiled for this CPU)"
-    reason = unavailable_reason if native is None else "the model's weights are not in one format the fused step reads"
+    reason = unavailable_reason if native is None else "the model's weights are in formats the fused step does not read"
     return f"bigdl-llm's kernels through torch (slower than the fused step): {reason}"
 
 
@@ -235,11 +236,14 @@ def linear_format(linear, rows, cols):
 class FusedForward:
     """Runs a repaired bigdl low-bit RWKV-4 model on token ids, one or several sequences; see ``for_model``."""
 
-    def __init__(self, model, native, format_index):
+    def __init__(self, model, native, format_index, head_format_index):
         config, rwkv = model.config, model.rwkv
         hidden, intermediate, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
         self.native, self.keep = native, []  # keep: every tensor whose address the C structs hold
-        low_bit = lambda rows, cols: (torch.uint8, rows * cols // BLOCK * BLOCK_BYTES[format_index])  # noqa: E731
+
+        def low_bit(rows, cols, index=format_index):
+            return torch.uint8, rows * cols // BLOCK * BLOCK_BYTES[index]
+
         vector, square = (torch.float32, hidden), low_bit(hidden, hidden)
         self.layers = (Layer * config.num_hidden_layers)()
         for index, (layer, block) in enumerate(zip(self.layers, rwkv.blocks)):
@@ -262,12 +266,13 @@ class FusedForward:
         ln0 = rwkv.blocks[0].pre_ln
         self.model = Model(
             config.num_hidden_layers, hidden, intermediate, vocab,
-            config.rescale_every if rwkv.layers_are_rescaled else 0, format_index, config.layer_norm_epsilon,
+            config.rescale_every if rwkv.layers_are_rescaled else 0, format_index, head_format_index,
+            config.layer_norm_epsilon,
             self._pointer("embeddings", rwkv.embeddings.weight, torch.float16, vocab * hidden),
             self._pointer("ln0_weight", ln0.weight, *vector), self._pointer("ln0_bias", ln0.bias, *vector),
             self._pointer("ln_out_weight", rwkv.ln_out.weight, *vector),
             self._pointer("ln_out_bias", rwkv.ln_out.bias, *vector),
-            self._pointer("head", model.head.weight, *low_bit(vocab, hidden)),
+            self._pointer("head", model.head.weight, *low_bit(vocab, hidden, head_format_index)),
             self.layers,
         )
 
@@ -282,22 +287,23 @@ class FusedForward:
 
     @classmethod
     def for_model(cls, model):
-        """A FusedForward when every linear of the model is in one of FORMATS and the library is available,
-        else None."""
+        """A FusedForward when the layers' linears are all in one of FORMATS, the head in one of them too, and
+        the library is available; else None."""
         native = library()
         config, rwkv = model.config, model.rwkv
         hidden, intermediate = config.hidden_size, config.intermediate_size
-        formats = {linear_format(model.head, config.vocab_size, hidden)}
+        head_format, formats = linear_format(model.head, config.vocab_size, hidden), set()
         for block in rwkv.blocks:
             attention, feed_forward = block.attention, block.feed_forward
             square = [attention.key, attention.value, attention.receptance, attention.output, feed_forward.receptance]
             formats |= {linear_format(linear, hidden, hidden) for linear in square}
             formats |= {linear_format(feed_forward.key, intermediate, hidden),
                         linear_format(feed_forward.value, hidden, intermediate)}
-        if (native is None or len(formats) != 1 or None in formats or config.attention_hidden_size != hidden
+        if (native is None or len(formats) != 1 or None in formats | {head_format}
+                or config.attention_hidden_size != hidden
                 or rwkv.embeddings.weight.dtype != torch.float16):  # the kernel reads fp16 embeddings
             return None
-        return cls(model, native, formats.pop())
+        return cls(model, native, formats.pop(), head_format)
 
     def can_run(self, input_ids, state):
         """Token ids [sequences, tokens], from the start or continuing a state laid out as transformers makes it."""

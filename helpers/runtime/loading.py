@@ -14,7 +14,7 @@ import torch
 from helpers.runtime import fused_decode
 from helpers.runtime.cpu import require_avx2
 from helpers.runtime.errors import UserError
-from helpers.runtime.formats import LOW_BIT_FORMATS
+from helpers.runtime.formats import CHOICES, MIXES, body_and_head
 from helpers.runtime.low_bit_cache import cache_dir, cache_enabled, cache_problem, save_cache, shown_path
 from helpers.runtime.memory import check_fits
 from helpers.runtime.rwkv_cpu import release_freed_memory, repair_for_cpu
@@ -33,8 +33,8 @@ def _low_bit_model_class():
 def _check_low_bit(low_bit):
     """UserError for a format bigdl-llm has no kernel for here; then the native library is chosen (once), as
     it must be before bigdl-llm is first imported."""
-    if low_bit not in LOW_BIT_FORMATS:
-        raise UserError(f"Unknown low-bit format {low_bit!r}; choose one of {', '.join(LOW_BIT_FORMATS)}.")
+    if low_bit not in CHOICES:
+        raise UserError(f"Unknown low-bit format {low_bit!r}; choose one of {', '.join(CHOICES)}.")
     require_avx2()
     start()
 
@@ -65,9 +65,10 @@ def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True, loader="
     loader="tensor_by_tensor" reads the checkpoint (safetensors or pytorch_model.bin, single or sharded)
     one tensor at a time and quantizes it with bigdl-llm's own quantizer (helpers.runtime.tensor_loading): the
     weights of bigdl-llm's from_pretrained, at a fraction of its peak memory. loader="from_pretrained" calls
-    bigdl-llm's ``from_pretrained(load_in_low_bit=...)`` (load_in_4bit is the same as sym_int4).
-    optimize_model=True divides the layers' output weights as bigdl-llm does; False scales the layer
-    outputs instead. A folder written by save_low_bit keeps the format it was saved in.
+    bigdl-llm's ``from_pretrained(load_in_low_bit=...)`` (load_in_4bit is the same as sym_int4); for a mix,
+    with the head left out, then converted alone by ``optimize_model``. optimize_model=True divides the layers'
+    output weights as bigdl-llm does; False scales the layer outputs instead. A folder written by save_low_bit
+    keeps the format it was saved in.
     """
     saved_format = source.config.get("bigdl_transformers_low_bit")
     if saved_format:
@@ -78,9 +79,16 @@ def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True, loader="
     check_fits(source.config, low_bit, loader)
     if loader == "tensor_by_tensor":
         return _for_cpu(quantized_from_checkpoint(source.location, low_bit, rescale=optimize_model))
+    body, head = body_and_head(low_bit)
     model = _low_bit_model_class().from_pretrained(
-        source.location, load_in_low_bit=low_bit, optimize_model=optimize_model, trust_remote_code=True
+        source.location, load_in_low_bit=body, optimize_model=optimize_model, trust_remote_code=True,
+        modules_to_not_convert=["head"] if head != body else None,
     )
+    if head != body:
+        from bigdl.llm import optimize_model as convert
+
+        model = convert(model, low_bit=head, optimize_llm=False)  # converts what is still a torch Linear: the head
+        model.config.update({"bigdl_transformers_low_bit": low_bit})
     return _for_cpu(model)
 
 
@@ -112,25 +120,19 @@ def load_cached_low_bit_model(source, low_bit="sym_int4", loader="mapped", repor
     is told which happened and where. loader="mapped" memory-maps the weights (helpers.runtime.tensor_loading);
     "load_low_bit" calls bigdl-llm's.
     """
-    folder = cache_dir(source, low_bit)
-    start = time.perf_counter()
-    problem = cache_problem(source, folder)
-    if problem:
-        _convert_into_cache(source, low_bit, folder)
+    start, converted = time.perf_counter(), []
+    folder = ensure_cache(source, low_bit, converted.append)
     try:
         model = _load_saved_low_bit(folder, source.config, low_bit, loader)
     except (RuntimeError, UserError, ValueError, EOFError, pickle.UnpicklingError) as error:  # right sizes, bad bytes
-        if problem:
+        if converted:
             raise
-        problem = f"the cache did not load ({error})"
         _convert_into_cache(source, low_bit, folder)
+        converted.append(f"Converted {source.name} to {low_bit} (the cache did not load: {error}) and saved it in "
+                         f"{shown_path(folder)}.")
         model = _load_saved_low_bit(folder, source.config, low_bit, loader)
-    seconds = time.perf_counter() - start
-    where = shown_path(folder)
-    if problem:
-        report(f"Converted {source.name} to {low_bit} in {seconds:.1f} s ({problem}) and saved it in {where}.")
-    else:
-        report(f"Loaded {source.name} in {low_bit} from the cache in {where} in {seconds:.1f} s.")
+    report(converted[0] if converted else
+           f"Loaded {source.name} in {low_bit} from the cache in {shown_path(folder)} in {time.perf_counter() - start:.1f} s.")
     return model
 
 
@@ -139,6 +141,9 @@ def _load_saved_low_bit(folder, config, low_bit, loader="mapped"):
     if loader not in ("mapped", "load_low_bit"):
         raise UserError(f"Unknown loader {loader!r}; choose 'mapped' or 'load_low_bit'.")
     check_fits(config, low_bit, "cache")
+    if loader == "load_low_bit" and low_bit in MIXES:
+        raise UserError(f"bigdl-llm's load_low_bit reads models in one format, and {low_bit} mixes two; "
+                        "load it with loader='mapped'.")
     if loader == "mapped":
         return _for_cpu(mapped_low_bit_cache(folder, low_bit))
     return _for_cpu(_low_bit_model_class().load_low_bit(str(folder), trust_remote_code=True))

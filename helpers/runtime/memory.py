@@ -5,6 +5,7 @@ import time
 import psutil
 
 from helpers.runtime.errors import UserError
+from helpers.runtime.formats import body_and_head
 
 GIB = 1024**3
 
@@ -28,13 +29,16 @@ def parameter_counts(config):
 def weight_bytes(config, fmt):
     """Bytes of the weights in memory once loaded in `fmt`.
 
-    Low-bit models keep the embeddings in fp16 (helpers.runtime.rwkv_cpu) and the norms and mixing vectors in fp32.
+    Low-bit models keep the embeddings in fp16 (helpers.runtime.rwkv_cpu) and the norms and mixing vectors in fp32;
+    a mix keeps its head (as large as the embeddings) in another format than its layers.
     """
     linear, other = parameter_counts(config)
     if fmt in ("fp32", "bf16", "fp16"):
         return int((linear + other) * BYTES_PER_WEIGHT[fmt])
     embeddings = config["vocab_size"] * config["hidden_size"]
-    return int(linear * BYTES_PER_WEIGHT[fmt] + embeddings * 2 + (other - embeddings) * 4)
+    body, head = body_and_head(fmt)
+    return int((linear - embeddings) * BYTES_PER_WEIGHT[body] + embeddings * (BYTES_PER_WEIGHT[head] + 2)
+               + (other - embeddings) * 4)
 
 
 def checkpoint_bytes(config):

@@ -358,7 +358,7 @@ static void to_lanes(const Quantized *q, int group, int cols) {
 }
 
 typedef struct {
-    const uint8_t *weight; /* [rows, cols] in the model's format */
+    const uint8_t *weight; /* [rows, cols] in the format products() is given */
     int rows, cols;
     const float *x; /* [tokens][cols] */
     float *y;       /* [tokens][rows] */
@@ -459,14 +459,15 @@ typedef struct {
     const float *ln1_weight, *ln1_bias, *ln2_weight, *ln2_bias;
     const float *attention_mix; /* [3][hidden]: key, value, receptance */
     const float *time_first, *decay;
-    const uint8_t *attention_key, *attention_value, *attention_receptance, *attention_output; /* the model's format */
+    const uint8_t *attention_key, *attention_value, *attention_receptance, *attention_output; /* in Model.format */
     const float *feed_forward_mix; /* [2][hidden]: key, receptance */
     const uint8_t *feed_forward_key, *feed_forward_receptance, *feed_forward_value;
     float output_scale;
 } Layer;
 
 typedef struct {
-    int layers, hidden, intermediate, vocab, rescale_every, format; /* format: every linear's (SYM_INT4 ...) */
+    int layers, hidden, intermediate, vocab, rescale_every;
+    int format, head_format; /* every layer's linears' (SYM_INT4 ...), and the head's: a mix keeps it at more bits */
     float eps;
     const uint16_t *embeddings; /* fp16 [vocab][hidden] */
     const float *ln0_weight, *ln0_bias, *ln_out_weight, *ln_out_bias;
@@ -477,7 +478,7 @@ typedef struct {
 /* The interface the loader (fused_decode.py) mirrors with ctypes, as one line of text: its version, the block
    size, each format's name and block bytes in enum order, and the offset of every field of both structs and
    their sizes. The loader refuses a library whose line differs from the one it builds from its own side. */
-#define ABI_VERSION 2
+#define ABI_VERSION 3
 static const char *const format_names[] = {[SYM_INT4] = "sym_int4", [ASYM_INT4] = "asym_int4",
                                            [SYM_INT5] = "sym_int5", [SYM_INT8] = "sym_int8"};
 typedef struct {
@@ -493,9 +494,9 @@ static const Field layer_fields[] = {
     FIELD(Layer, feed_forward_value), FIELD(Layer, output_scale)};
 static const Field model_fields[] = {
     FIELD(Model, layers), FIELD(Model, hidden), FIELD(Model, intermediate), FIELD(Model, vocab),
-    FIELD(Model, rescale_every), FIELD(Model, format), FIELD(Model, eps), FIELD(Model, embeddings),
-    FIELD(Model, ln0_weight), FIELD(Model, ln0_bias), FIELD(Model, ln_out_weight), FIELD(Model, ln_out_bias),
-    FIELD(Model, head), FIELD(Model, layer)};
+    FIELD(Model, rescale_every), FIELD(Model, format), FIELD(Model, head_format), FIELD(Model, eps),
+    FIELD(Model, embeddings), FIELD(Model, ln0_weight), FIELD(Model, ln0_bias), FIELD(Model, ln_out_weight),
+    FIELD(Model, ln_out_bias), FIELD(Model, head), FIELD(Model, layer)};
 
 static int describe_struct(char *text, size_t size, const char *name, const Field *fields, int count, size_t bytes) {
     int used = snprintf(text, size, "; %s %zu:", name, bytes);
@@ -719,7 +720,7 @@ int rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens,
             layer_norm(x + ((size_t)s * tokens + t) * n, m->ln_out_weight, m->ln_out_bias, n, m->eps,
                        normed + ((size_t)s * per + t - (tokens - per)) * n);
     Product head = {m->head, m->vocab, n, normed, head_out};
-    products(&head, 1, count, m->format, threads, q);
+    products(&head, 1, count, m->head_format, threads, q);
     if (head_out != logits) {
         memcpy(logits, head_out, sizeof(float) * count * m->vocab);
         free(head_out);

@@ -23,6 +23,7 @@ import torch
 
 from helpers.runtime.checkpoint_files import WEIGHT_FILES, TensorFile, checkpoint_files, weight_files
 from helpers.runtime.errors import UserError
+from helpers.runtime.formats import body_and_head
 
 CHUNK_VALUES = 2**22  # weights read and quantized at once by each thread
 PAGE = 4096
@@ -106,7 +107,8 @@ def _skipped_init():
 
 
 def empty_low_bit_model(config_folder, low_bit):
-    """The RWKV-4 model of the folder's config on the meta device, its linears bigdl-llm LowBitLinears."""
+    """The RWKV-4 model of the folder's config on the meta device, its linears bigdl-llm LowBitLinears (in a
+    mix, the head in its own format: bigdl-llm's converter skips the head, then converts it alone)."""
     from bigdl.llm.ggml.quantize import ggml_tensor_qtype
     from bigdl.llm.transformers.convert import ggml_convert_low_bit
     from bigdl.llm.transformers.model import save_low_bit
@@ -114,9 +116,13 @@ def empty_low_bit_model(config_folder, low_bit):
     from transformers.modeling_utils import no_init_weights
 
     config = AutoConfig.from_pretrained(config_folder)
+    body, head = body_and_head(low_bit)
     with torch.device("meta"), no_init_weights(), _skipped_init():
         model = AutoModelForCausalLM.from_config(config)
-        model = ggml_convert_low_bit(model, ggml_tensor_qtype[low_bit], optimize_model=False, device="meta")
+        model = ggml_convert_low_bit(model, ggml_tensor_qtype[body], optimize_model=False, device="meta",
+                                     modules_to_not_convert=["head"] if head != body else None)
+        if head != body:  # the converter replaces only what is still a torch Linear
+            model = ggml_convert_low_bit(model, ggml_tensor_qtype[head], optimize_model=False, device="meta")
     model.config.update({"bigdl_transformers_low_bit": low_bit, "tie_word_embeddings": False})
     model.save_low_bit = save_low_bit.__get__(model, type(model))
     return model

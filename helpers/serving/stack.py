@@ -24,6 +24,7 @@ import requests
 from helpers.runtime import settings
 from helpers.runtime.cpu import cpu_info, cpu_list
 from helpers.runtime.errors import UserError, one_line_errors
+from helpers.runtime.formats import CHOICES, LOW_BIT_HELP
 from helpers.runtime.paths import REPO_ROOT
 from helpers.runtime.settings import child_environment
 from helpers.serving.limits import no_keys_problem
@@ -136,8 +137,9 @@ class Stack:
     """with Stack(workers=2) as stack: requests to stack.url; stack.workers[i].popen to stop one."""
 
     def __init__(self, port=None, workers=1, model=None, max_batch=16, max_queue=None, host=HOST, api_keys=None,
-                 state_cache_mb=None):
+                 state_cache_mb=None, low_bit="sym_int4"):
         self.model, self.max_batch, self.max_queue, self.state_cache_mb = model, max_batch, max_queue, state_cache_mb
+        self.low_bit = low_bit
         self.controller = Process("controller", "fastchat.serve.controller")
         # the keys travel in the environment, not on a command line other users can read
         self.api_server = Process("api_server", "helpers.serving.api_server", ["--controller-address", self.controller.url],
@@ -148,7 +150,8 @@ class Stack:
     def add_worker(self, cores=None, deadline=None):
         """Start one more worker (pinned to `cores`, as taskset -c lists them) and return it once the
         controller has registered it: what a worker on another host does with the controller's address."""
-        arguments = ["--controller-address", self.controller.url, "--max-batch", str(self.max_batch)]
+        arguments = ["--controller-address", self.controller.url, "--max-batch", str(self.max_batch),
+                     "--low-bit", self.low_bit]
         arguments += ["--max-queue", str(self.max_queue)] if self.max_queue is not None else []
         arguments += ["--state-cache-mb", str(self.state_cache_mb)] if self.state_cache_mb is not None else []
         arguments += ["--model", self.model] if self.model else []
@@ -244,6 +247,7 @@ def main(argv=None):
     parser.add_argument("--state-cache-mb", type=int, help="each worker's memory for the states of recent prompts' "
                         "prefixes (default: the worker's 256)")
     parser.add_argument("--host", default=HOST, help="the API server's address (another than loopback needs keys)")
+    parser.add_argument("--low-bit", default="sym_int4", choices=CHOICES, help=LOW_BIT_HELP)
     settings.add_flags(parser, "model", "api_keys", "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
     args = parser.parse_args(argv)
     chosen = settings.from_flags(args)
@@ -256,7 +260,7 @@ def main(argv=None):
     stack = None
     try:
         stack = Stack(args.port, args.workers, chosen.model, args.max_batch, args.max_queue, args.host, chosen.api_keys,
-                      args.state_cache_mb)
+                      args.state_cache_mb, args.low_bit)
         print(f"Starting the controller, {args.workers} worker(s) and the API server; logs in {LOG_DIR} ...", flush=True)
         stack.start()
         model = requests.get(stack.url + "/health", timeout=10).json()["models"][0]

@@ -47,13 +47,14 @@ class StateCache:
     def put(self, ids, state):
         """Keep a copy of `state`, the state after reading exactly `ids` (unless it alone is over max_bytes)."""
         key = _key(ids)
-        text = self.text_of(ids) if self.text_of else None
-        size = len(key) + len(text or b"") + state_bytes(state)
         with self.lock:
             if key in self.entries:
                 self.entries.move_to_end(key)
                 return
-            if size > self.max_bytes:
+        text = self.text_of(ids) if self.text_of else None  # outside the lock: the ids' text takes time to decode
+        size = len(key) + len(text or b"") + state_bytes(state)
+        with self.lock:
+            if key in self.entries or size > self.max_bytes:
                 return
             while self.bytes + size > self.max_bytes:
                 old_key, old_state = self.entries.popitem(last=False)

@@ -29,6 +29,7 @@ import requests
 from helpers.runtime import settings
 from helpers.runtime.cpu import cpu_info
 from helpers.runtime.errors import UserError
+from helpers.runtime.formats import CHOICES, LOW_BIT_HELP
 from helpers.runtime.startup import start
 from helpers.runtime.versions import warn_about_versions
 from helpers.serving.state_cache import STATE_CACHE_MB
@@ -77,7 +78,7 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=21002)
     parser.add_argument("--worker-address", help="how the controller reaches this worker (default: http://HOST:PORT)")
     parser.add_argument("--model-name", help="the name clients ask for (default: the model folder's name)")
-    parser.add_argument("--low-bit", default="sym_int4")
+    parser.add_argument("--low-bit", default="sym_int4", choices=CHOICES, help=LOW_BIT_HELP)
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     parser.add_argument("--max-queue", type=int, help="requests waiting for a place at most (default: --max-batch); "
                         "more are refused (the API answers 429)")

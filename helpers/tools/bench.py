@@ -2,7 +2,7 @@
 
     python -m helpers.tools.bench [--shape 1b5] [--layout hub] [--threads N] [--json PATH] [--plot PATH] [--options a,b]
                             [--batch 1,4,8,16] [--kernel auto,avx512,avxvnni,avx2]
-    python -m helpers.tools.bench --refresh docs/benchmarks.md docs/serving.md data/bench/README.md  # tables from the runs
+    python -m helpers.tools.bench --refresh README.md docs/benchmarks.md docs/serving.md data/bench/README.md  # tables
 
 Each option runs in its own fresh process, one after another, on the same checkpoint and prompt, in the
 offline checkpoint's safetensors layout or in the layout the hub ships (`--layout hub`: one
@@ -54,7 +54,7 @@ from helpers.runtime.memory import GIB, model_weight_bytes, peak_rss_bytes
 from helpers.runtime import startup
 
 OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained", "asym_int4", "sym_int5",
-           "sym_int8", "sym_int4_cache"]
+           "sym_int8", "sym_int4_head8", "sym_int4_cache"]
 BANDWIDTH_EVERY = 8  # decoded tokens between two bandwidth samples
 
 

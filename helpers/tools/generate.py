@@ -13,7 +13,7 @@ from helpers.measure.timing import generate
 from helpers.runtime.prompt import DEFAULT_N_PREDICT, DRAGON_PROMPT, check_n_predict, format_prompt
 from helpers.runtime import settings, startup
 from helpers.runtime.errors import UserError
-from helpers.runtime.formats import LOW_BIT_FORMATS
+from helpers.runtime.formats import CHOICES, LOW_BIT_HELP
 from helpers.runtime.models import resolve_model
 
 
@@ -23,7 +23,7 @@ def parse_args(argv):
                         help=settings.flag_help("model"))
     parser.add_argument("--prompt", default=DRAGON_PROMPT, help="prompt to infer")
     parser.add_argument("--n-predict", type=int, default=DEFAULT_N_PREDICT, help="max tokens to predict")
-    parser.add_argument("--low-bit", default="sym_int4", choices=LOW_BIT_FORMATS, help="weight format")
+    parser.add_argument("--low-bit", default="sym_int4", choices=CHOICES, help=LOW_BIT_HELP)
     settings.add_flags(parser, "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
     return parser.parse_args(argv)
 
