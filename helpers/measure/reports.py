@@ -184,6 +184,11 @@ def _median_and_range(values, unit="", digits=1):
     return f"{statistics.median(values):.{digits}f}{unit} ({min(values):.{digits}f} to {max(values):.{digits}f})"
 
 
+def round_ratios(record, first):
+    """A side-by-side record's decode time over the first option's, round by round."""
+    return [mine / theirs for mine, theirs in zip(record["decode_ms"], first["decode_ms"])]
+
+
 def rounds_table(result):
     """helpers.tools.side_by_side's run: each option's decode time and its ratio to the first option's, round by
     round (median and range), and what it holds in memory against the first option."""
@@ -197,7 +202,7 @@ def rounds_table(result):
                "prefill ms, median", "weights read per token GiB", f"x {first['option']}", "steady RSS GiB (x)",
                "same greedy tokens as the first"]
     rows = [[r["option"], _median_and_range(r["decode_ms"]),
-             _median_and_range([mine / theirs for mine, theirs in zip(r["decode_ms"], first["decode_ms"])], "x", 3),
+             _median_and_range(round_ratios(r, first), "x", 3),
              f"{statistics.median(r['prefill_ms']):.0f}", f"{r['weight_bytes'] / GIB:.2f}",
              f"{r['weight_bytes'] / first['weight_bytes']:.3f}x",
              f"{r['steady_rss_gib']:.2f} ({r['steady_rss_gib'] / first['steady_rss_gib']:.3f}x)",
@@ -213,9 +218,8 @@ def bits(low_bit):
 
 def decode_ratios(run):
     """{option: the median, over a side-by-side run's rounds, of its decode time over the first option's}."""
-    first = run["records"][0]["decode_ms"]
-    return {r["option"]: statistics.median(mine / theirs for mine, theirs in zip(r["decode_ms"], first))
-            for r in run["records"]}
+    first = run["records"][0]
+    return {r["option"]: statistics.median(round_ratios(r, first)) for r in run["records"]}
 
 
 SIDE_BY_SIDE_RUNS = {"1.5B": "rounds-1b5-hub", "7B": "rounds-7b-hub"}  # notebook 12's and the README's
