@@ -11,8 +11,8 @@ from helpers.runtime import fused_decode
 from helpers.runtime.paths import DATA_DIR, REPO_ROOT
 from helpers.tools import side_by_side
 
-KEYS = {"option", "load_s", "peak_load_rss_gib", "steady_rss_gib", "prefill_ms", "decode_ms", "bound_ms", "best_bound_ms",
-        "weight_bytes"}
+KEYS = {"option", "load_s", "peak_load_rss_gib", "steady_rss_gib", "prefill_ms", "first_prefill_ms", "decode_ms", "bound_ms",
+        "best_bound_ms", "multiply_add_bound_ms", "weight_bytes"}
 
 
 def test_bench_prints_a_table_and_writes_records(tmp_path):
@@ -39,6 +39,8 @@ def test_bench_prints_a_table_and_writes_records(tmp_path):
     assert int4["fused_decode"] == (fused_decode.library() is not None) and not unfused["fused_decode"]
     assert int4["kernel"] == (fused_decode.kernel_name(fused_decode.library()) if int4["fused_decode"] else None)
     assert int4["tokens"] == from_pretrained["tokens"]  # the same weights, loaded two ways
+    if int4["fused_decode"]:  # a token's multiply-adds alone take part of its time; the torch path has no such figure
+        assert 0 < int4["multiply_add_bound_ms"] < int4["decode_ms"] and unfused["multiply_add_bound_ms"] is None
     assert int4["peak_load_rss_gib"] < from_pretrained["peak_load_rss_gib"] - 0.05  # no whole fp16 model in memory
     # The bound's weights, counted from the checkpoint's own tensor list (not from the loaded model, as bench does):
     # every weight matrix but the embeddings, 4 bytes each in FP32, a block of 64 in 34 bytes in sym_int4.
@@ -88,19 +90,22 @@ def test_bench_rejects_an_unknown_kernel():
 
 
 def test_targets_say_what_each_run_met():
-    def record(option, kernel, decode_ms, bound_ms, prefill_ms, batches=()):
+    def record(option, kernel, decode_ms, bound_ms, prefill_ms, batches=(), multiply_add_bound_ms=None):
         return {"option": option, "kernel": kernel, "decode_ms": decode_ms, "bound_ms": bound_ms,
-                "prefill_ms": prefill_ms, "batches": list(batches)}
+                "prefill_ms": prefill_ms, "batches": list(batches), "multiply_add_bound_ms": multiply_add_bound_ms}
 
     batch = lambda size, tokens_per_s, same=1.0: {"batch": size, "aggregate_tokens_per_s": tokens_per_s,  # noqa: E731
                                                   "same_tokens_as_alone": same}
     table = reports.targets_table({"records": [
-        record("sym_int4", "avx2", 26.0, 20.0, 300, [batch(1, 40), batch(8, 150)]),
+        record("sym_int4", "avx2", 26.0, 20.0, 300, [batch(1, 40), batch(8, 150)], multiply_add_bound_ms=16.0),
         record("sym_int8", "avx512", 55.0, 40.0, 200, [batch(1, 20), batch(8, 100, same=0.875)]),
         record("sym_int4_unfused", None, 40.0, 20.0, 800),
     ]})
     rows = table_rows(table)
-    assert ["sym_int4 decode, avx2 build: at most 1.3x its bound", "1.30x", "yes"] in rows
+    avx2_decode = "sym_int4 decode, avx2 build: at most 1.25x the larger of its bound and its multiply-add bound"
+    assert [avx2_decode, "26.0 / 20.0 ms = 1.30x", "no"] in rows
+    compute_bound = reports.targets_table({"records": [record("sym_int4", "avx2", 26.0, 20.0, 300, multiply_add_bound_ms=24.0)]})
+    assert [avx2_decode, "26.0 / 24.0 ms = 1.08x", "yes"] in table_rows(compute_bound)
     assert ["sym_int4 prefill (32 tokens), avx2 build: at most half the torch path's", "300 / 800 ms = 0.38", "yes"] in rows
     assert ["sym_int8 (avx512) decode: at most 1.25x its bound", "1.38x", "no"] in rows
     assert any(row[0].startswith("sym_int4 (avx2), batch 8") and row[1:] == ["3.75x, 100% of sequences", "yes"] for row in rows)
@@ -201,3 +206,15 @@ def test_the_last_level_cache_counts_each_instance_once(tmp_path):
         cache(cpu, 3, 3, "32768K", "0-1" if cpu < 2 else "2-3")
     assert last_level_cache_bytes(tmp_path) == 64 * 2**20
     assert last_level_cache_bytes(tmp_path / "none") == 0
+
+
+def test_the_serving_line_sets_each_round_against_its_own_step_and_the_thread_against_the_main_thread():
+    from helpers.measure.client import LoadResult
+
+    rounds = [LoadResult(16, tokens=800, seconds=10.0), LoadResult(16, tokens=900, seconds=10.0)]  # 80 and 90 tokens/s
+    settings = {"step_tokens_per_s": [100.0, 120.0], "step_in_thread_tokens_per_s": [100.0, 100.0]}
+    line = reports.step_line(settings, rounds, targets=True)
+    assert "0.75x to 0.80x the batched step alone (median 0.78x; the step: 110 tokens/s" in line
+    assert "target at least 0.85x: missed" in line
+    assert line.endswith("the step took 1.10x the main thread's time (1.00x to 1.20x)")
+    assert "thread" not in reports.step_line({"step_tokens_per_s": [100.0, 120.0]}, rounds)

@@ -14,6 +14,7 @@ import torch
 
 from helpers.measure import provenance
 from helpers.lessons.quality import agreement, stepwise_logits
+from helpers.measure.timing import seconds
 from helpers.runtime import fused_decode
 from helpers.runtime.cpu import cpu_info
 from helpers.runtime.loading import load_low_bit_model
@@ -176,6 +177,24 @@ def test_kernel_sweep_times_one_tokens_weights(tmp_path):
     assert result["provenance"]["fingerprint"] == provenance.fingerprint("kernel")
     assert provenance.is_current(result["provenance"]) and result["provenance"]["threads"] == 2
     assert provenance.caption(result["provenance"]).startswith("Measured ")
+
+
+@pytest.mark.parametrize("kernel", list(fused_decode.runnable_kernels()))
+@pytest.mark.parametrize("low_bit", ["sym_int4", "sym_int8"])
+def test_the_multiply_add_rate_is_one_no_product_of_the_kernel_beats(kernel, low_bit):
+    # The kernel's own product of one token, on a matrix that stays in cache, computes each block's
+    # multiply-adds and more: it cannot get through more blocks a second than the multiply-adds alone.
+    native, index = fused_decode.load_library(kernel), fused_decode.FORMATS.index(low_bit)
+    rows, cols = 64, 2048
+    blocks = rows * cols // fused_decode.BLOCK
+    weights = torch.randint(0, 256, (blocks * fused_decode.BLOCK_BYTES[index],), dtype=torch.uint8)
+    weights.view(blocks, -1)[:, :2] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)  # finite scales
+    x, y = torch.randn(cols), torch.empty(rows)
+    product = lambda: native.rwkv4_matmul(weights.data_ptr(), index, rows, cols, x.data_ptr(), 1, y.data_ptr(), 1)  # noqa: E731
+    product()
+    kernel_rate = blocks * 200 / seconds(lambda: [product() for _ in range(200)])
+    rate = native.rwkv4_block_dots_per_second(index, 1)
+    assert kernel_rate < rate < 100 * kernel_rate
 
 
 @pytest.mark.parametrize("kernel", ["avxvnni", "avx2"])

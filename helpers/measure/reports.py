@@ -69,14 +69,19 @@ def markdown_table(result):
                f"greedy tokens; the read bandwidth is each option's median between its tokens, the best read "
                f"{max(r['best_bandwidth_gbs'] for r in result['records']):.1f} GB/s. " + provenance.caption(result["provenance"]))
     headers = ["option", "load s", "peak load RSS GiB", "steady RSS GiB", "weights in RAM GiB", "prefill ms",
-               "decode ms/token", "tokens/s", "weight GiB read/token", "bound ms", "decode / bound",
+               "decode ms/token", "tokens/s", "weight GiB read/token", "bound ms", "multiply-add bound ms", "decode / bound",
                "decode / best-read bound", "decode / fp32", "tokens = fp32's"]
     rows = [[label(r), f"{r['load_s']:.2f}", f"{r['peak_load_rss_gib']:.2f}", f"{r['steady_rss_gib']:.2f}",
              f"{r['model_bytes'] / GIB:.2f}", f"{r['prefill_ms']:.0f}", f"{r['decode_ms']:.1f}", f"{1000 / r['decode_ms']:.1f}",
-             f"{r['weight_bytes'] / GIB:.2f}", f"{r['bound_ms']:.1f}", f"{r['decode_ms'] / r['bound_ms']:.2f}",
+             f"{r['weight_bytes'] / GIB:.2f}", f"{r['bound_ms']:.1f}", _optional(r.get("multiply_add_bound_ms")),
+             f"{r['decode_ms'] / r['bound_ms']:.2f}",
              f"{r['decode_ms'] / r['best_bound_ms']:.2f}", f"{r['decode_ms'] / fp32['decode_ms']:.3f}" if fp32 else "-",
              f"{r['same_tokens']:.0%}"] for r in result["records"]]
     return f"{caption}\n\n{markdown(headers, rows)}"
+
+
+def _optional(milliseconds):
+    return "-" if milliseconds is None else f"{milliseconds:.1f}"
 
 
 def by_batch(record):
@@ -145,8 +150,10 @@ def targets_table(result):
     rows = []
     avx2, unfused = find("sym_int4", "avx2"), find("sym_int4_unfused")
     if avx2:  # each figure is judged as the table prints it, to two decimals
-        ratio = round(avx2["decode_ms"] / avx2["bound_ms"], 2)
-        rows.append(("sym_int4 decode, avx2 build: at most 1.3x its bound", f"{ratio:.2f}x", ratio <= 1.3))
+        bound = max(avx2["bound_ms"], avx2.get("multiply_add_bound_ms") or 0)
+        ratio = round(avx2["decode_ms"] / bound, 2)
+        rows.append(("sym_int4 decode, avx2 build: at most 1.25x the larger of its bound and its multiply-add bound",
+                     f"{avx2['decode_ms']:.1f} / {bound:.1f} ms = {ratio:.2f}x", ratio <= 1.25))
     if avx2 and unfused:
         ratio = round(avx2["prefill_ms"] / unfused["prefill_ms"], 2)
         rows.append((f"sym_int4 prefill ({PROMPT_TOKENS} tokens), avx2 build: at most half the torch path's",
@@ -329,7 +336,18 @@ def step_line(settings, results, targets=False):
     return (f"{most[0].clients} clients: {statistics.median(r.tokens_per_s for r in most):.0f} tokens/s; round by round, "
             f"{min(ratios):.2f}x to {max(ratios):.2f}x the batched step alone (median {statistics.median(ratios):.2f}x; the "
             f"step: {statistics.median(settings['step_tokens_per_s']):.0f} tokens/s, {most[0].clients} sequences, measured "
-            f"after each round{_against('at least 0.85x', round(statistics.median(ratios), 2) >= 0.85, targets)})")
+            f"after each round{_against('at least 0.85x', round(statistics.median(ratios), 2) >= 0.85, targets)})"
+            + _thread_cost(settings))
+
+
+def _thread_cost(settings):
+    """"; in a thread ...", where the run timed the step in a thread of its own after the main thread's."""
+    in_thread = settings.get("step_in_thread_tokens_per_s")
+    if not in_thread:
+        return ""
+    ratios = [main / thread for main, thread in zip(settings["step_tokens_per_s"], in_thread)]
+    return (f". In a thread of its own, as the worker's model thread runs it, the step took {statistics.median(ratios):.2f}x "
+            f"the main thread's time ({min(ratios):.2f}x to {max(ratios):.2f}x)")
 
 
 def load_rows(results):

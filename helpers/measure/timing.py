@@ -51,6 +51,14 @@ def timed_greedy_decode(model, input_ids, n_tokens, between_tokens=None):
     return run
 
 
+def warm_prefill_ms(model, input_ids, rounds):
+    """The median ms of `rounds` reads of the prompt from the start, as the first step of timed_greedy_decode
+    reads it. Its own first read also touches buffers and weights for the first time, and varies with what
+    the machine did before; these come after it."""
+    with torch.inference_mode():
+        return statistics.median(seconds(lambda: _forward(model, input_ids, None)) for _ in range(rounds)) * 1000
+
+
 def batched_greedy(model, prompts, steps):
     """Greedy decoding of prompts (token ids [1, n] each) together, one token of each per step after
     reading each prompt alone: (the greedy tokens of each sequence, the ms of each step)."""

@@ -187,6 +187,8 @@ def load_library(kernel=None, extra_flags=()):
     library.rwkv4_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     library.rwkv4_kernel.restype = ctypes.c_char_p
+    library.rwkv4_block_dots_per_second.restype = ctypes.c_double
+    library.rwkv4_block_dots_per_second.argtypes = [ctypes.c_int, ctypes.c_int]
     return library
 
 

@@ -12,11 +12,13 @@
    all on 256-bit vectors:
      KERNEL_AVX512   AVX-512 VNNI (Intel Ice Lake, AMD Zen 4 and newer): VNNI in its EVEX encoding
      KERNEL_AVXVNNI  AVX-VNNI (Intel Core 12th generation and newer, without AVX-512): the VEX encoding
-     KERNEL_AVX2     AVX2 alone: each VNNI multiply-add becomes maddubs + madd (+ add)
+     KERNEL_AVX2     AVX2 alone: each VNNI multiply-add becomes maddubs + madd (+ add), or in a prompt or
+                     batch maddubs + a 16-bit add, one madd widening 16 of them (groups_in_16_bits)
    They differ only in the integer dot products, whose sums are exact; every floating-point step is
    the same code in the same order, so all three compute bit-identical logits. */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -273,6 +275,19 @@ static inline void unpack_to(const uint8_t *block, int format, uint8_t *out) {
     _mm256_storeu_si256((__m256i *)(out + 32), high);
 }
 
+/* How many groups of 4 weights the avx2 build adds up as 16-bit sums of pairs (maddubs) before one madd
+   widens them, alternating between two sums: each stays under 2^15 (groups / 2 * 2 * 127 * the largest u,
+   15 or 31), and the build needs about half the multiply-adds of maddubs + madd for every group. */
+static inline int groups_in_16_bits(int format) { return format == SYM_INT5 ? 8 : 16; }
+
+/* acc + maddubs(u, s) in 16 bits, as written: compilers otherwise regroup the additions of a block into trees,
+   whose partial sums do not fit in the registers. */
+static inline __m256i add_pairs(__m256i acc, __m256i u, __m256i s) {
+    __m256i pairs;
+    __asm__("vpmaddubsw %2, %3, %1\n\tvpaddw %1, %0, %0" : "+x"(acc), "=&x"(pairs) : "x"(s), "x"(u));
+    return acc;
+}
+
 /* out[t * rows + r] for the TOKENS tokens of group `group` and ROWS consecutive rows: each lane of a
    dot product is one token, each weight broadcast to all lanes, so a block's scale applies to a
    whole vector (one conversion per row and block instead of one per row, block and token). Vectors
@@ -293,21 +308,43 @@ static inline __attribute__((always_inline)) void rows_tokens_dot_as(const uint8
         unpack_to(first_row + r * row_bytes, format, weights[0][r]);
     }
     for (int b = 0; b < blocks; b++) {
-        __m256i even[ROWS], odd[ROWS]; /* two sums per row, so consecutive dot products do not wait */
         uint8_t (*current)[BLOCK] = weights[b % 2];
-        __m256i input_sums = _mm256_loadu_si256((const __m256i *)(lane_sums + b * TOKENS));
-        for (int r = 0; r < ROWS; r++) {
-            even[r] = _mm256_mullo_epi32(input_sums, minus_zero_point);
-            odd[r] = _mm256_setzero_si256();
-        }
+        __m256i input_sums = _mm256_loadu_si256((const __m256i *)(lane_sums + b * TOKENS)), totals[ROWS];
+        const __m256i zero_point_sums = _mm256_mullo_epi32(input_sums, minus_zero_point);
         const int8_t *x = lanes + (size_t)b * BLOCK * TOKENS;
-        for (int g = 0; g < BLOCK / 4; g += 2) {
-            __m256i x_even = _mm256_loadu_si256((const __m256i *)(x + g * 4 * TOKENS)),
-                    x_odd = _mm256_loadu_si256((const __m256i *)(x + (g + 1) * 4 * TOKENS));
-            for (int r = 0; r < ROWS; r++) {
-                even[r] = weights_dot4(even[r], broadcast_dword(current[r] + 4 * g), x_even, format);
-                odd[r] = weights_dot4(odd[r], broadcast_dword(current[r] + 4 * g + 4), x_odd, format);
+        if (SIGNED_INT8 && format != SYM_INT8) { /* the avx2 build: sums of pairs added up in 16 bits first */
+            const __m256i ones = _mm256_set1_epi16(1);
+            for (int r = 0; r < ROWS; r++) totals[r] = zero_point_sums;
+            for (int first = 0; first < BLOCK / 4; first += groups_in_16_bits(format)) {
+                __m256i even[ROWS], odd[ROWS]; /* two sums per row, so consecutive multiply-adds do not wait */
+                for (int r = 0; r < ROWS; r++) even[r] = odd[r] = _mm256_setzero_si256();
+                for (int g = first; g < first + groups_in_16_bits(format); g += 2) {
+                    __m256i x_even = _mm256_loadu_si256((const __m256i *)(x + g * 4 * TOKENS)),
+                            x_odd = _mm256_loadu_si256((const __m256i *)(x + (g + 1) * 4 * TOKENS));
+                    for (int r = 0; r < ROWS; r++) {
+                        even[r] = add_pairs(even[r], broadcast_dword(current[r] + 4 * g), x_even);
+                        odd[r] = add_pairs(odd[r], broadcast_dword(current[r] + 4 * g + 4), x_odd);
+                    }
+                }
+                for (int r = 0; r < ROWS; r++)
+                    totals[r] = _mm256_add_epi32(totals[r], _mm256_add_epi32(_mm256_madd_epi16(even[r], ones),
+                                                                             _mm256_madd_epi16(odd[r], ones)));
             }
+        } else {
+            __m256i even[ROWS], odd[ROWS]; /* two sums per row, so consecutive dot products do not wait */
+            for (int r = 0; r < ROWS; r++) {
+                even[r] = zero_point_sums;
+                odd[r] = _mm256_setzero_si256();
+            }
+            for (int g = 0; g < BLOCK / 4; g += 2) {
+                __m256i x_even = _mm256_loadu_si256((const __m256i *)(x + g * 4 * TOKENS)),
+                        x_odd = _mm256_loadu_si256((const __m256i *)(x + (g + 1) * 4 * TOKENS));
+                for (int r = 0; r < ROWS; r++) {
+                    even[r] = weights_dot4(even[r], broadcast_dword(current[r] + 4 * g), x_even, format);
+                    odd[r] = weights_dot4(odd[r], broadcast_dword(current[r] + 4 * g + 4), x_odd, format);
+                }
+            }
+            for (int r = 0; r < ROWS; r++) totals[r] = _mm256_add_epi32(even[r], odd[r]);
         }
         if (b + 1 < blocks)
             for (int r = 0; r < ROWS; r++) {
@@ -318,7 +355,7 @@ static inline __attribute__((always_inline)) void rows_tokens_dot_as(const uint8
         __m256 x_scales = _mm256_loadu_ps(lane_scales + b * TOKENS);
         for (int r = 0; r < ROWS; r++) {
             const uint8_t *block = first_row + r * row_bytes + b * stride;
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(even[r], odd[r])),
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(totals[r]),
                                      _mm256_mul_ps(_mm256_set1_ps(block_scale(block, format)), x_scales), acc[r]);
             if (format == ASYM_INT4)
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(input_sums),
@@ -436,6 +473,38 @@ static void free_quantized(Quantized *q) {
     free(q->lanes);
     free(q->lane_scales);
     free(q->lane_sums);
+}
+
+/* Exposed for the benchmark: how many blocks' integer dot products in `format` (block_dot: the build's
+   multiply-adds for one row's 64 weights, as a decoding step computes them) `threads` threads compute
+   per second, back to back from registers. Weight blocks / this rate is the time a token's multiply-adds
+   take when memory does not hold them up: without VNNI, at 2 cores, it can exceed the read time. */
+static double block_dots_per_second_as(int threads, int format) {
+    const long rounds = 1L << 21;
+    const int chains = 8; /* independent sums, so that each product waits on none */
+    double start = omp_get_wtime();
+#pragma omp parallel num_threads(threads)
+    {
+        __m256i sums[8], low = _mm256_set1_epi8(7), high = _mm256_set1_epi8(9), x = _mm256_set1_epi8(-3);
+        for (int i = 0; i < chains; i++) sums[i] = _mm256_setzero_si256();
+        for (long n = 0; n < rounds; n++)
+            for (int i = 0; i < chains; i++) {
+                __asm__("" : "+x"(low), "+x"(high), "+x"(x)); /* new inputs to the compiler: no product is reused */
+                sums[i] = _mm256_add_epi32(sums[i], block_dot(low, high, x, x, format));
+            }
+        for (int i = 1; i < chains; i++) sums[0] = _mm256_add_epi32(sums[0], sums[i]);
+        __asm__ volatile("" : : "x"(sums[0])); /* the sums are used */
+    }
+    return (double)threads * rounds * chains / (omp_get_wtime() - start);
+}
+
+double rwkv4_block_dots_per_second(int format, int threads) {
+    switch (format) { /* one specialized copy per format, as rows_dot */
+    case SYM_INT4: return block_dots_per_second_as(threads, SYM_INT4);
+    case ASYM_INT4: return block_dots_per_second_as(threads, ASYM_INT4);
+    case SYM_INT5: return block_dots_per_second_as(threads, SYM_INT5);
+    default: return block_dots_per_second_as(threads, SYM_INT8);
+    }
 }
 
 #define OUT_OF_MEMORY (-1) /* what the exposed functions return when a buffer could not be allocated */

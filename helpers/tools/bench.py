@@ -13,7 +13,9 @@ bandwidth drifts from second to second, so it is sampled between the decoded tok
 BANDWIDTH_EVERY tokens) and the bound uses the samples' median, like the decode time it is set
 against. `best_bound_ms` uses the single best read instead (of those between the tokens and ten each
 just before and after decoding): a stricter bound that no token, nor torch's own reads, reaches on a
-busy host.
+busy host. For the fused step, `multiply_add_bound_ms` is the other floor: its integer multiply-adds alone,
+at the rate this CPU runs them back to back (helpers.runtime.fused_decode's rwkv4_block_dots_per_second).
+A token cannot be faster than the larger of the two.
 
 `--kernel` runs each format that can use the fused step once per build named (helpers.runtime.fused_decode
 KERNELS; auto: the fastest this CPU runs), so that a CPU with AVX-512 measures the builds of CPUs without it;
@@ -26,6 +28,9 @@ and state, advance one token per step with the weights read once for all of them
 BATCH_STEPS steps in each of BATCH_ROUNDS rounds, the sizes taking turns; the table gives the median
 step, its range over the rounds, the aggregate tokens/s, and whether every sequence got the greedy
 tokens it gets decoded alone.
+
+The prefill figure is the median of PREFILL_ROUNDS warm reads of the prompt; the first read, which also
+touches the buffers and weights for the first time, is kept as `first_prefill_ms`.
 
 `--json` writes the records with their provenance (helpers.measure.provenance: machine, date, threads, read bandwidth,
 and a fingerprint of the kernel and loaders); a table is only rendered from a file of this code.
@@ -56,6 +61,7 @@ from helpers.runtime import startup
 OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained", "asym_int4", "sym_int5",
            "sym_int8", "sym_int4_head8", "sym_int4_cache"]
 BANDWIDTH_EVERY = 8  # decoded tokens between two bandwidth samples
+PREFILL_ROUNDS = 5  # the prompt read again after decoding, warm; the median is the prefill figure
 
 
 def linear_weight_bytes(model):
@@ -64,6 +70,20 @@ def linear_weight_bytes(model):
     from bigdl.llm.transformers.low_bit_linear import LowBitLinear
 
     return sum(m.weight.data.nbytes for m in model.modules() if isinstance(m, (torch.nn.Linear, LowBitLinear)))
+
+
+def multiply_add_bound_ms(model, threads):
+    """The fused step's integer multiply-adds for one token, with nothing else, at the rate this CPU computes them
+    back to back (rwkv4_block_dots_per_second, the median of 3): every weight block once, each in its format.
+    Without VNNI they take about twice the instructions, and on few cores they can outlast the read."""
+    from helpers.runtime.fused_decode import BLOCK_BYTES
+
+    fused = model.fused_forward
+    head_bytes = model.head.weight.data.nbytes
+    blocks = {fused.model.format: (linear_weight_bytes(model) - head_bytes) / BLOCK_BYTES[fused.model.format]}
+    blocks[fused.model.head_format] = blocks.get(fused.model.head_format, 0) + head_bytes / BLOCK_BYTES[fused.model.head_format]
+    rate = {f: statistics.median(fused.native.rwkv4_block_dots_per_second(f, threads) for _ in range(3)) for f in blocks}
+    return sum(count / rate[f] for f, count in blocks.items()) * 1000
 
 
 def load_option(option, source):
@@ -96,7 +116,7 @@ def measure(option, shape, threads, layout="safetensors", batches=()):
     import torch
 
     startup.start()
-    from helpers.measure.timing import timed_greedy_decode
+    from helpers.measure.timing import timed_greedy_decode, warm_prefill_ms
     from helpers.runtime.fused_decode import kernel_name
     from helpers.runtime.low_bit_cache import cache_dir, cache_problem
     from helpers.runtime.models import resolve_model
@@ -130,13 +150,15 @@ def measure(option, shape, threads, layout="safetensors", batches=()):
         "load_s": load_s,
         "peak_load_rss_gib": peak_load / GIB,
         "steady_rss_gib": statistics.median(run.rss_bytes) / GIB,
-        "prefill_ms": run.prefill_ms,
+        "prefill_ms": warm_prefill_ms(model, prompt_ids(source.config["vocab_size"]), PREFILL_ROUNDS),
+        "first_prefill_ms": run.prefill_ms,
         "decode_ms": statistics.median(run.latency_ms),
         "weight_bytes": weight_bytes,
         "bandwidth_gbs": bandwidth,
         "bound_ms": bound_ms,
         "best_bandwidth_gbs": best_bandwidth,
         "best_bound_ms": weight_bytes / (best_bandwidth * 1e9) * 1000,
+        "multiply_add_bound_ms": multiply_add_bound_ms(model, threads) if getattr(model, "fused_forward", None) else None,
         "model_bytes": model_weight_bytes(model),
         "tokens": run.tokens,
         "fused_decode": getattr(model, "fused_forward", None) is not None,

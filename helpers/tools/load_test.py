@@ -10,7 +10,8 @@ kinds, to see that every one is answered or refused with a line and that the wor
 The command starts the serving stack (one worker) on the model, runs the client counts in turn, `--rounds`
 times over (or the soak), and prints a table (notebooks 10 and 11 show the committed runs). `--step` also
 times the batched decoding step alone (helpers.tools.bench's, as many sequences as the most clients) after each
-round, in this process while the worker idles: the server's ceiling, measured side by side.
+round, in this process while the worker idles: the server's ceiling, measured side by side; and then in a thread
+of its own, as the worker's model thread runs it, to see what a step loses off the main thread.
 """
 import argparse
 import json
@@ -101,10 +102,14 @@ def soak(url, model, count, clients, worker_rss_mb=lambda: None, headers=None):
     return result
 
 
-def step_tokens_per_s(model, batch, steps=16):
-    """Tokens/s of the batched decoding step alone: `batch` sequences (the benchmark's prompts), the median step."""
+def step_tokens_per_s(model, batch, steps=16, in_thread=False):
+    """Tokens/s of the batched decoding step alone: `batch` sequences (the benchmark's prompts), the median step;
+    in_thread: run in a thread of its own, as the worker's model thread runs it, not in the main thread."""
     from helpers.measure.timing import batched_greedy
 
+    if in_thread:
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(step_tokens_per_s, model, batch, steps).result()
     _, step_ms = batched_greedy(model, batch_prompts(model.config.vocab_size, batch), steps)
     return batch * 1000 / statistics.median(step_ms)
 
@@ -142,11 +147,13 @@ def main(argv=None):
                 result.worker = requests.post(stack.workers[0].url + "/worker_get_status", timeout=10).json()
             else:
                 alone = load_model(serving.source, report=lambda line: None) if args.step else None
-                results, steps = [], []
+                results, steps, thread_steps = [], [], []
                 for _ in range(args.rounds):
                     results += [load_test(stack.url, model, count, args.requests, args.max_tokens,
                                           lambda text: len(serving.tokenizer(text).input_ids)) for count in clients]
-                    steps += [step_tokens_per_s(alone, max(clients))] if args.step else []
+                    if args.step:
+                        steps.append(step_tokens_per_s(alone, max(clients)))
+                        thread_steps.append(step_tokens_per_s(alone, max(clients), in_thread=True))
     except UserError as error:
         sys.exit(f"Error: {error}")
     made = serving.stamp(provenance.command_line("helpers.tools.load_test", argv))
@@ -158,7 +165,8 @@ def main(argv=None):
             print("Lost:", *result.lost, sep="\n  ")
     else:
         run = {"model": model, "max_tokens": args.max_tokens, "requests": args.requests, "rounds": args.rounds,
-               "provenance": made, "results": [asdict(result) for result in results], "step_tokens_per_s": steps}
+               "provenance": made, "results": [asdict(result) for result in results], "step_tokens_per_s": steps,
+               "step_in_thread_tokens_per_s": thread_steps}
         print(serving_markdown(run, results, targets=True))
     if args.json:
         args.json.write_text(json.dumps(run, indent=1))
