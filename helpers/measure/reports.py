@@ -239,14 +239,14 @@ def _percent(change):
 
 def formats_table(quality_name, speed_runs=SIDE_BY_SIDE_RUNS):
     """Per format and mix: its cost in the committed quality run quality_name (fused step) and its decode time
-    against sym_int4's in each committed side-by-side run of speed_runs ({shape: run name})."""
+    against the first option's (sym_int4's) in each committed side-by-side run of speed_runs ({shape: run name})."""
     rows = load_quality_rows(quality_name)
     fp32 = next(row for row in rows if row.format == "fp32")
     fused = {row.format: row for row in rows if row.path == "fused"}
     runs = {shape: read_run(name) for shape, name in speed_runs.items()}
     ratios = [decode_ratios(run) for run in runs.values()]
     headers = ["format", "bits per weight", "KL from FP32 (nats)", "perplexity against FP32", "top-1 = FP32"] + [
-        f"{shape} decode, x sym_int4" for shape in runs]
+        f"{shape} decode, x {run['records'][0]['option']}" for shape, run in runs.items()]  # ratios are to a run's first
     table = markdown(headers, [
         [low_bit, bits(low_bit), f"{fused[low_bit].kl_mean:.4f}", _percent(fused[low_bit].perplexity / fp32.perplexity - 1),
          f"{fused[low_bit].top1_agreement:.3f}"] + [f"{found[low_bit]:.2f}x" if low_bit in found else "-" for found in ratios]
@@ -341,12 +341,12 @@ def step_line(settings, results, targets=False):
 
 
 def _thread_cost(settings):
-    """"; in a thread ...", where the run timed the step in a thread of its own after the main thread's."""
+    """". In a new thread ...", where the run timed the step in a thread started for it after the main thread's."""
     in_thread = settings.get("step_in_thread_tokens_per_s")
     if not in_thread:
         return ""
     ratios = [main / thread for main, thread in zip(settings["step_tokens_per_s"], in_thread)]
-    return (f". In a thread of its own, as the worker's model thread runs it, the step took {statistics.median(ratios):.2f}x "
+    return (f". In a new thread of its own (the worker runs its model in a thread), the step took {statistics.median(ratios):.2f}x "
             f"the main thread's time ({min(ratios):.2f}x to {max(ratios):.2f}x)")
 
 

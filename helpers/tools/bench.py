@@ -111,19 +111,25 @@ def measure_batched(model, vocab_size, batches, bound_ms):
              "same_tokens_as_alone": m.same_as_alone} for m in measured.values()]
 
 
-def measure(option, shape, threads, layout="safetensors", batches=()):
-    """One option, in this process: a dict of the numbers the table shows."""
+def checkpoint_source(shape, layout, threads):
+    """What a measuring process does first: start up (bigdl-llm's native library for this CPU), give torch
+    `threads` threads, and resolve the checkpoint of the shape and layout, built first where missing."""
     import torch
 
     startup.start()
+    from helpers.measure.checkpoints import ensure_checkpoint
+    from helpers.runtime.models import resolve_model
+
+    torch.set_num_threads(threads)
+    return resolve_model(str(ensure_checkpoint(shape, layout=layout)))
+
+
+def measure(option, shape, threads, layout="safetensors", batches=()):
+    """One option, in this process: a dict of the numbers the table shows."""
+    source = checkpoint_source(shape, layout, threads)
     from helpers.measure.timing import timed_greedy_decode, warm_prefill_ms
     from helpers.runtime.fused_decode import kernel_name
     from helpers.runtime.low_bit_cache import cache_dir, cache_problem
-    from helpers.runtime.models import resolve_model
-    from helpers.measure.checkpoints import ensure_checkpoint
-
-    torch.set_num_threads(threads)
-    source = resolve_model(str(ensure_checkpoint(shape, layout=layout)))
 
     if option.endswith("_cache") and cache_problem(source, cache_dir(source, option.removesuffix("_cache"))):
         load_option(option, source)  # write the cache in a run of its own; time the second load

@@ -10,8 +10,8 @@ kinds, to see that every one is answered or refused with a line and that the wor
 The command starts the serving stack (one worker) on the model, runs the client counts in turn, `--rounds`
 times over (or the soak), and prints a table (notebooks 10 and 11 show the committed runs). `--step` also
 times the batched decoding step alone (helpers.tools.bench's, as many sequences as the most clients) after each
-round, in this process while the worker idles: the server's ceiling, measured side by side; and then in a thread
-of its own, as the worker's model thread runs it, to see what a step loses off the main thread.
+round, in this process while the worker idles: the server's ceiling, measured side by side; and then in a new
+thread of its own (the worker runs its model in a thread), to see what a step loses off the main thread.
 """
 import argparse
 import json
@@ -104,7 +104,7 @@ def soak(url, model, count, clients, worker_rss_mb=lambda: None, headers=None):
 
 def step_tokens_per_s(model, batch, steps=16, in_thread=False):
     """Tokens/s of the batched decoding step alone: `batch` sequences (the benchmark's prompts), the median step;
-    in_thread: run in a thread of its own, as the worker's model thread runs it, not in the main thread."""
+    in_thread: run in a new thread of its own rather than in the calling one."""
     from helpers.measure.timing import batched_greedy
 
     if in_thread:

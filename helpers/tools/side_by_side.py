@@ -28,8 +28,7 @@ from helpers.runtime.errors import one_line_errors
 from helpers.runtime.formats import CHOICES
 from helpers.runtime.memory import GIB, model_weight_bytes, peak_rss_bytes, rss_bytes
 from helpers.runtime.shapes import SHAPES
-from helpers.runtime import startup
-from helpers.tools.bench import OPTIONS, linear_weight_bytes, load_option
+from helpers.tools.bench import OPTIONS, checkpoint_source, linear_weight_bytes, load_option
 from helpers.measure.checkpoints import LAYOUTS
 
 KNOWN = list(dict.fromkeys(OPTIONS + list(CHOICES)))  # the benchmark's options, every format and mix among them
@@ -38,15 +37,9 @@ ROUND_TOKENS = 8  # greedy tokens each option decodes in a round: a few seconds,
 
 def worker(option, shape, threads, layout):
     """Load the option, then answer each line read with one round's decode timing."""
-    import torch
-
-    startup.start()
-    from helpers.measure.checkpoints import ensure_checkpoint
+    source = checkpoint_source(shape, layout, threads)
     from helpers.measure.timing import timed_greedy_decode
-    from helpers.runtime.models import resolve_model
 
-    torch.set_num_threads(threads)
-    source = resolve_model(str(ensure_checkpoint(shape, layout=layout)))
     start = time.perf_counter()
     model = load_option(option, source)
     loaded = {"option": option, "load_s": time.perf_counter() - start, "peak_load_rss_gib": peak_rss_bytes() / GIB,
