@@ -188,7 +188,8 @@ def test_the_multiply_add_rate_is_one_no_product_of_the_kernel_beats(kernel, low
     rows, cols = 64, 2048
     blocks = rows * cols // fused_decode.BLOCK
     weights = torch.randint(0, 256, (blocks * fused_decode.BLOCK_BYTES[index],), dtype=torch.uint8)
-    weights.view(blocks, -1)[:, :2] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)  # finite scales
+    scale = torch.tensor([0.01], dtype=torch.float32 if low_bit == "sym_int8" else torch.float16).view(torch.uint8)
+    weights.view(blocks, -1)[:, :scale.numel()] = scale  # finite scales: sym_int8's are fp32, the others' fp16
     x, y = torch.randn(cols), torch.empty(rows)
     product = lambda: native.rwkv4_matmul(weights.data_ptr(), index, rows, cols, x.data_ptr(), 1, y.data_ptr(), 1)  # noqa: E731
     product()
