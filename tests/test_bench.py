@@ -11,8 +11,8 @@ from helpers.runtime import fused_decode
 from helpers.runtime.paths import DATA_DIR, REPO_ROOT
 from helpers.tools import side_by_side
 
-KEYS = {"option", "load_s", "peak_load_rss_gib", "steady_rss_gib", "prefill_ms", "first_prefill_ms", "decode_ms", "bound_ms",
-        "best_bound_ms", "multiply_add_bound_ms", "weight_bytes"}
+KEYS = {"option", "load_s", "peak_load_rss_gib", "steady_rss_gib", "huge_pages_gib", "prefill_ms", "first_prefill_ms",
+        "decode_ms", "bound_ms", "best_bound_ms", "multiply_add_bound_ms", "weight_bytes"}
 
 
 def test_bench_prints_a_table_and_writes_records(tmp_path):

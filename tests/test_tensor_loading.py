@@ -1,4 +1,6 @@
 import json
+import mmap
+import os
 import shutil
 from pathlib import Path
 
@@ -9,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from helpers.runtime.models import resolve_model
 from helpers.runtime.errors import UserError
 from helpers.runtime.formats import LOW_BIT_FORMATS
-from helpers.runtime.loading import load_cached_low_bit_model, load_low_bit_model
+from helpers.runtime.loading import ensure_cache, load_cached_low_bit_model, load_low_bit_model
+from helpers.runtime.tensor_loading import HUGE_PAGE, _madvise, huge_page_buffer, settle_on_huge_pages
 
 
 def parameters(model):
@@ -132,16 +135,35 @@ def _anon_huge_kib(address):
     return 0
 
 
-def test_low_bit_weights_share_one_aligned_buffer(tiny_source):
+@pytest.mark.parametrize("loader", ["converted", "cache"])
+def test_low_bit_weights_share_one_aligned_buffer(tiny_source, tmp_path, monkeypatch, loader):
+    """Converted, or copied out of the cache's mapped file (its 4 KiB pages decode more slowly)."""
     from bigdl.llm.transformers.low_bit_linear import LowBitLinear
 
-    model = load_low_bit_model(tiny_source)
+    monkeypatch.setattr("helpers.runtime.low_bit_cache.CACHE_DIR", tmp_path)
+    if loader == "cache":
+        ensure_cache(tiny_source)
+    model = load_low_bit_model(tiny_source) if loader == "converted" else load_cached_low_bit_model(tiny_source)
     weights = sorted((m.weight.data for m in model.modules() if isinstance(m, LowBitLinear)), key=torch.Tensor.data_ptr)
     assert len({w.untyped_storage().data_ptr() for w in weights}) == 1
     assert all(w.data_ptr() % 64 == 0 for w in weights)
     assert all(a.data_ptr() + a.nbytes <= b.data_ptr() for a, b in zip(weights, weights[1:]))  # no overlap
     if _transparent_huge_pages():
         assert _anon_huge_kib(weights[0].data_ptr()) >= 2048
+
+
+@pytest.mark.skipif(not _transparent_huge_pages() or tuple(map(int, os.uname().release.split(".")[:2])) < (6, 1),
+                    reason="needs transparent huge pages and Linux 6.1 or newer (MADV_COLLAPSE)")
+def test_weights_written_on_small_pages_are_moved_onto_huge_pages():
+    buffer = huge_page_buffer(4 * HUGE_PAGE)
+    region = (buffer.data_ptr(), buffer.numel())
+    _madvise(*region, mmap.MADV_NOHUGEPAGE)
+    buffer.fill_(1)  # written on 4 KiB pages, as under memory pressure
+    _madvise(*region, mmap.MADV_HUGEPAGE)
+    assert _anon_huge_kib(buffer.data_ptr()) == 0
+    settle_on_huge_pages({"weight": buffer[:100]})
+    assert _anon_huge_kib(buffer.data_ptr()) == 4 * HUGE_PAGE // 1024
+    assert bool((buffer == 1).all())
 
 
 @pytest.fixture

@@ -99,12 +99,12 @@ def _convert_into_cache(source, low_bit, folder):
     release_freed_memory()
 
 
-def ensure_cache(source, low_bit="sym_int4", report=print):
+def ensure_cache(source, low_bit="sym_int4", report=print, problem=None):
     """The model's low-bit cache folder (save_low_bit's layout, the tokenizer's files beside the weights), for
     bigdl-llm's load_low_bit or load_cached_low_bit_model; converted and saved first where it is missing,
-    unfinished or stale, which report is told."""
+    unfinished or stale, or where `problem` says why it must be (it did not load), which report is told."""
     folder = cache_dir(source, low_bit)
-    problem = cache_problem(source, folder)
+    problem = problem or cache_problem(source, folder)
     if problem:
         start = time.perf_counter()
         _convert_into_cache(source, low_bit, folder)
@@ -127,9 +127,7 @@ def load_cached_low_bit_model(source, low_bit="sym_int4", loader="mapped", repor
     except (RuntimeError, UserError, ValueError, EOFError, pickle.UnpicklingError) as error:  # right sizes, bad bytes
         if converted:
             raise
-        _convert_into_cache(source, low_bit, folder)
-        converted.append(f"Converted {source.name} to {low_bit} (the cache did not load: {error}) and saved it in "
-                         f"{shown_path(folder)}.")
+        ensure_cache(source, low_bit, converted.append, problem=f"the cache did not load: {error}")
         model = _load_saved_low_bit(folder, source.config, low_bit, loader)
     report(converted[0] if converted else
            f"Loaded {source.name} in {low_bit} from the cache in {shown_path(folder)} in {time.perf_counter() - start:.1f} s.")

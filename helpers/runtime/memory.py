@@ -87,6 +87,15 @@ def rss_bytes():
     return psutil.Process().memory_info().rss
 
 
+def huge_page_bytes():
+    """Bytes of this process's memory on transparent huge pages (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/smaps_rollup") as rollup:
+            return next((int(line.split()[1]) * 1024 for line in rollup if line.startswith("AnonHugePages:")), 0)
+    except OSError:
+        return 0
+
+
 def peak_rss_bytes():
     """This process's peak RSS so far, its own alone: Linux's VmHWM. (getrusage's ru_maxrss is no use here: a
     process that a parent started through vfork begins with the parent's peak, which then counts as its own.)"""

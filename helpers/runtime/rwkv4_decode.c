@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -455,24 +456,65 @@ static void products(const Product *p, int count, int tokens, int format, int th
     }
 }
 
-static Quantized quantized_buffers(int tokens, int cols) {
+static size_t aligned(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+/* Bytes of the Quantized buffers for `tokens` rows of `cols` values. */
+static size_t quantized_bytes(int tokens, int cols) {
     size_t rows = (size_t)padded(tokens), blocks = cols / BLOCK;
-    Quantized q = {malloc(rows * cols), malloc(sizeof(float) * rows * blocks), malloc(sizeof(int32_t) * rows * blocks),
-                   malloc(rows * cols), malloc(sizeof(float) * rows * blocks), malloc(sizeof(int32_t) * rows * blocks)};
+    return 2 * (aligned(rows * cols) + 2 * aligned(sizeof(float) * rows * blocks));
+}
+
+/* The Quantized buffers for `tokens` rows of `cols` values, laid out in `memory` (quantized_bytes of it). */
+static Quantized quantized_in(uint8_t *memory, int tokens, int cols) {
+    size_t rows = (size_t)padded(tokens), values = aligned(rows * cols), numbers = aligned(sizeof(float) * rows * cols / BLOCK);
+    Quantized q = {(int8_t *)memory, (float *)(memory + values), (int32_t *)(memory + values + numbers),
+                   (int8_t *)(memory + values + 2 * numbers), (float *)(memory + 2 * values + 2 * numbers),
+                   (int32_t *)(memory + 2 * values + 3 * numbers)};
     return q;
 }
 
-static int quantized_allocated(const Quantized *q) {
-    return q->values && q->scales && q->sums && q->lanes && q->lane_scales && q->lane_sums;
+/* Each calling thread keeps its buffers from one call to the next, up to KEPT_BYTES: a step of a batch
+   needs megabytes, and memory freshly allocated each call (glibc maps blocks of 128 KiB or more itself
+   when a server pins that bound) would fault in page by page every step. A larger one (a long prompt read
+   at once) is freed when its call returns; the kept one when its thread ends. */
+#define KEPT_BYTES ((size_t)64 << 20)
+typedef struct {
+    void *memory;
+    size_t bytes;
+} Workspace;
+static pthread_key_t workspace_key;
+static pthread_once_t workspace_key_once = PTHREAD_ONCE_INIT;
+
+static void free_workspace(void *workspace) {
+    free(((Workspace *)workspace)->memory);
+    free(workspace);
 }
 
-static void free_quantized(Quantized *q) {
-    free(q->values);
-    free(q->scales);
-    free(q->sums);
-    free(q->lanes);
-    free(q->lane_scales);
-    free(q->lane_sums);
+static void make_workspace_key(void) { pthread_key_create(&workspace_key, free_workspace); }
+
+/* This thread's workspace, with `bytes` (64-byte aligned) at its memory, or NULL when out of memory. */
+static Workspace *workspace(size_t bytes) {
+    pthread_once(&workspace_key_once, make_workspace_key);
+    Workspace *w = pthread_getspecific(workspace_key);
+    if (!w && (w = calloc(1, sizeof *w)) && pthread_setspecific(workspace_key, w)) {
+        free(w);
+        return NULL;
+    }
+    if (w && w->bytes < bytes) {
+        free(w->memory);
+        w->memory = aligned_alloc(64, aligned(bytes));
+        w->bytes = w->memory ? bytes : 0;
+    }
+    return w && w->memory ? w : NULL;
+}
+
+/* The end of a call: a workspace above KEPT_BYTES is freed. */
+static void done_with(Workspace *w) {
+    if (w && w->bytes > KEPT_BYTES) {
+        free(w->memory);
+        w->memory = NULL;
+        w->bytes = 0;
+    }
 }
 
 /* Exposed for the benchmark: how many blocks' integer dot products in `format` (block_dot: the build's
@@ -513,14 +555,12 @@ double rwkv4_block_dots_per_second(int format, int threads) {
    (y padded to a multiple of TOKENS tokens from GROUPED_FROM tokens on). Returns 0 or OUT_OF_MEMORY. */
 int rwkv4_matmul(const uint8_t *weight, int format, int rows, int cols, const float *x, int tokens, float *y,
                  int threads) {
-    Quantized q = quantized_buffers(tokens, cols);
-    if (!quantized_allocated(&q)) {
-        free_quantized(&q);
-        return OUT_OF_MEMORY;
-    }
+    Workspace *w = workspace(quantized_bytes(tokens, cols));
+    if (!w) return OUT_OF_MEMORY;
+    Quantized q = quantized_in(w->memory, tokens, cols);
     Product product = {weight, rows, cols, x, y};
     products(&product, 1, tokens, format, threads, &q);
-    free_quantized(&q);
+    done_with(w);
     return 0;
 }
 
@@ -716,21 +756,19 @@ int rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens,
     int per = all_logits ? tokens : 1, count = sequences * per; /* the rows whose logits are wanted */
     size_t rows = (size_t)padded(total), per_sequence = (size_t)5 * layers * n;
     int widest = wide_n > n ? wide_n : n;
-    float *buffer = malloc(sizeof(float) * rows * (9 * n + wide_n)),
-          *by_layer = malloc(sizeof(float) * sequences * per_sequence),
-          /* the head's output, padded to a multiple of TOKENS rows where computed in groups, then trimmed */
-          *head_out = padded(count) == count ? logits : malloc(sizeof(float) * padded(count) * m->vocab);
-    Quantized q[MAX_PRODUCTS] = {quantized_buffers(total, widest), quantized_buffers(1, widest),
-                                 quantized_buffers(1, widest)};
-    int allocated = buffer && by_layer && head_out;
-    for (int i = 0; i < MAX_PRODUCTS; i++) allocated = allocated && quantized_allocated(&q[i]);
-    if (!allocated) {
-        for (int i = 0; i < MAX_PRODUCTS; i++) free_quantized(&q[i]);
-        if (head_out != logits) free(head_out);
-        free(by_layer);
-        free(buffer);
-        return OUT_OF_MEMORY;
-    }
+    int head_padded = padded(count) != count; /* the head's output, padded to whole groups of TOKENS rows, then trimmed */
+    size_t buffer_bytes = aligned(sizeof(float) * rows * (9 * n + wide_n)),
+           by_layer_bytes = aligned(sizeof(float) * sequences * per_sequence),
+           head_bytes = head_padded ? aligned(sizeof(float) * padded(count) * m->vocab) : 0,
+           first_bytes = quantized_bytes(total, widest), other_bytes = quantized_bytes(1, widest);
+    Workspace *w = workspace(buffer_bytes + by_layer_bytes + head_bytes + first_bytes + 2 * other_bytes);
+    if (!w) return OUT_OF_MEMORY;
+    uint8_t *memory = w->memory;
+    float *buffer = (float *)memory, *by_layer = (float *)(memory + buffer_bytes),
+          *head_out = head_padded ? (float *)(memory + buffer_bytes + by_layer_bytes) : logits;
+    uint8_t *quantized = memory + buffer_bytes + by_layer_bytes + head_bytes;
+    Quantized q[MAX_PRODUCTS] = {quantized_in(quantized, total, widest), quantized_in(quantized + first_bytes, 1, widest),
+                                 quantized_in(quantized + first_bytes + other_bytes, 1, widest)};
     float *x = buffer, *normed = x + rows * n, *key = normed + rows * n, *value = key + rows * n,
           *receptance = value + rows * n, *out = receptance + rows * n, *wide = out + rows * n,
           *mixed[3] = {wide + rows * wide_n, wide + rows * (wide_n + n), wide + rows * (wide_n + 2 * n)};
@@ -790,15 +828,10 @@ int rwkv4_forward(const Model *m, const int64_t *ids, int sequences, int tokens,
                        normed + ((size_t)s * per + t - (tokens - per)) * n);
     Product head = {m->head, m->vocab, n, normed, head_out};
     products(&head, 1, count, m->head_format, threads, q);
-    if (head_out != logits) {
-        memcpy(logits, head_out, sizeof(float) * count * m->vocab);
-        free(head_out);
-    }
-    for (int i = 0; i < MAX_PRODUCTS; i++) free_quantized(&q[i]);
+    if (head_padded) memcpy(logits, head_out, sizeof(float) * count * m->vocab);
     for (int s = 0; s < sequences; s++)
         for (int k = 0; k < 5; k++)
             from_layer_rows(by_layer + s * per_sequence + (size_t)k * layers * n, n, layers, states[5 * s + k]);
-    free(by_layer);
-    free(buffer);
+    done_with(w);
     return 0;
 }

@@ -55,7 +55,7 @@ from helpers.runtime.errors import one_line_errors
 from helpers.runtime.shapes import SHAPES
 from helpers.measure.checkpoints import LAYOUTS
 from helpers.runtime.fused_decode import KERNELS
-from helpers.runtime.memory import GIB, model_weight_bytes, peak_rss_bytes
+from helpers.runtime.memory import GIB, huge_page_bytes, model_weight_bytes, peak_rss_bytes
 from helpers.runtime import startup
 
 OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained", "asym_int4", "sym_int5",
@@ -156,6 +156,7 @@ def measure(option, shape, threads, layout="safetensors", batches=()):
         "load_s": load_s,
         "peak_load_rss_gib": peak_load / GIB,
         "steady_rss_gib": statistics.median(run.rss_bytes) / GIB,
+        "huge_pages_gib": huge_page_bytes() / GIB,
         "prefill_ms": warm_prefill_ms(model, prompt_ids(source.config["vocab_size"]), PREFILL_ROUNDS),
         "first_prefill_ms": run.prefill_ms,
         "decode_ms": statistics.median(run.latency_ms),

@@ -1,5 +1,6 @@
 """Two or more ways of loading or storing a model, timed side by side: one process each, loaded one after
-another, then rounds in which each decodes in turn, so that a ratio compares runs a few seconds apart.
+another, then rounds in which each decodes in turn (the order reversed every other round), so that a ratio
+compares runs a few seconds apart.
 
     python -m helpers.tools.side_by_side [--shape 7b] [--layout hub] [--options sym_int4,sym_int4_head8] [--rounds 24]
                                          [--threads N] [--json PATH]
@@ -12,6 +13,7 @@ helpers.tools.bench's (sym_int4_cache: from the low-bit cache, made first where 
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,9 +26,10 @@ from helpers.measure.bandwidth import read_bandwidth_gbs
 from helpers.measure.reports import rounds_table
 from helpers.measure.workloads import UNFUSED, prompt_ids
 from helpers.measure.worker_process import WorkerProcess
+from helpers.runtime.checkpoint_files import checkpoint_files
 from helpers.runtime.errors import one_line_errors
 from helpers.runtime.formats import CHOICES
-from helpers.runtime.memory import GIB, model_weight_bytes, peak_rss_bytes, rss_bytes
+from helpers.runtime.memory import GIB, huge_page_bytes, model_weight_bytes, peak_rss_bytes, rss_bytes
 from helpers.runtime.shapes import SHAPES
 from helpers.tools.bench import OPTIONS, checkpoint_source, linear_weight_bytes, load_option
 from helpers.measure.checkpoints import LAYOUTS
@@ -47,7 +50,7 @@ def worker(option, shape, threads, layout):
               "fused_decode": getattr(model, "fused_forward", None) is not None}
     prompt = prompt_ids(source.config["vocab_size"])
     timed_greedy_decode(model, prompt, ROUND_TOKENS)  # warm up: every round measures a warm process
-    print(json.dumps({**loaded, "steady_rss_gib": rss_bytes() / GIB}), flush=True)
+    print(json.dumps({**loaded, "steady_rss_gib": rss_bytes() / GIB, "huge_pages_gib": huge_page_bytes() / GIB}), flush=True)
     for _ in sys.stdin:
         run = timed_greedy_decode(model, prompt, ROUND_TOKENS)
         print(json.dumps({"decode_ms": statistics.median(run.latency_ms), "prefill_ms": run.prefill_ms,
@@ -57,18 +60,21 @@ def worker(option, shape, threads, layout):
 def run_side_by_side(shape, layout, options, rounds, threads, command):
     from helpers.measure.checkpoints import ensure_checkpoint
 
-    ensure_checkpoint(shape, layout=layout)
+    folder = ensure_checkpoint(shape, layout=layout)
     processes, records = {}, []
     try:
         for option in options:  # one at a time: no load competes with another for memory or bandwidth
+            _drop_from_page_cache(checkpoint_files(folder))
             env = {"RWKV_FUSED_DECODE": "0"} if option.endswith(UNFUSED) else {}
             args = ["--worker", option, "--shape", shape, "--threads", str(threads), "--layout", layout]
             processes[option] = WorkerProcess("helpers.tools.side_by_side", args, threads, env)
             records.append(processes[option].read())
         timings, bandwidths = [], []
-        for _ in range(rounds):
+        for number in range(rounds):
             bandwidths.append(read_bandwidth_gbs(threads, repeats=1))
-            timings.append({option: process.ask() for option, process in processes.items()})
+            # each option in each place as often: on the 7B, whichever decoded second in a round was ~5% slower
+            turns = list(processes.items())[::1 if number % 2 == 0 else -1]
+            timings.append({option: process.ask() for option, process in turns})
     finally:
         for process in processes.values():
             process.close()
@@ -80,6 +86,18 @@ def run_side_by_side(shape, layout, options, rounds, threads, command):
     made = provenance.stamp("decoding", command, threads, bandwidths)
     return {"shape": shape, "layout": layout, "threads": threads, "round_tokens": ROUND_TOKENS, "records": records,
             "provenance": made}
+
+
+def _drop_from_page_cache(paths):
+    """Let the page cache drop these files: the checkpoint one load read would otherwise fill the memory that
+    the next process's weights need as huge pages (on the 7B here: 3.5, 2.2 and 1.2 GiB of their 3.6 GiB for
+    the first, second and third process loaded), and options would be compared on unequal pages."""
+    for path in paths:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
 
 
 @one_line_errors
