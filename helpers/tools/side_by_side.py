@@ -72,7 +72,7 @@ def run_side_by_side(shape, layout, options, rounds, threads, command):
         timings, bandwidths = [], []
         for number in range(rounds):
             bandwidths.append(read_bandwidth_gbs(threads, repeats=1))
-            # each option in each place as often: on the 7B, whichever decoded second in a round was ~5% slower
+            # each option in each place of a round as often, so that what a place costs falls on all alike
             turns = list(processes.items())[::1 if number % 2 == 0 else -1]
             timings.append({option: process.ask() for option, process in turns})
     finally:
