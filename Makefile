@@ -1,16 +1,22 @@
 # make demo | make test | make lab | make playground | make serve  (each sets up .venv and the trained model first)
+# LIBRARY=ipex-llm: the same on ipex-llm, bigdl-llm's successor, in .venv-ipex-llm (make test runs the tests that
+# load and decode, notebooks 02 and 03 and the serving tests there).
 PYTHON ?= python3.11
-VENV := .venv
+LIBRARY ?= bigdl-llm
+$(if $(filter $(LIBRARY),bigdl-llm ipex-llm),,$(error LIBRARY=$(LIBRARY) is not a library this project runs on: use bigdl-llm or ipex-llm))
+VENV := $(if $(filter $(LIBRARY),ipex-llm),.venv-ipex-llm,.venv)
+REQUIREMENTS := $(if $(filter $(LIBRARY),ipex-llm),requirements-ipex-llm.txt,requirements.txt)
+CONSTRAINTS := $(if $(filter $(LIBRARY),ipex-llm),constraints-ipex-llm.txt,constraints.txt)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHECKPOINT := data/models/rwkv-4-world-shakespeare/config.json
 
 .PHONY: install demo test lab playground serve checkpoint clean
 
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+$(STAMP): $(REQUIREMENTS) $(CONSTRAINTS) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==24.3.1
-	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet -r $(REQUIREMENTS) -c $(CONSTRAINTS)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -43,10 +49,21 @@ AVX2_PATH_TESTS := tests/test_low_bit.py tests/test_batching.py tests/test_chat.
 # AVX-512, no VNNI), torch's kernels included; each pass's header says which builds it checked.
 AS_CPU_ENV := $(if $(AS_CPU),RWKV_CPUINFO=$(CURDIR)/tests/cpus/$(AS_CPU).cpuinfo ATEN_CPU_CAPABILITY=avx2)
 
+# On ipex-llm: the tests that load, convert, cache and decode, the library's own choice and versions, notebooks 02
+# and 03 against the outputs bigdl-llm committed, and the serving tests.
+IPEX_LLM_TESTS := tests/test_settings.py tests/test_cpu.py tests/test_low_bit.py tests/test_tensor_loading.py \
+	tests/test_low_bit_cache.py tests/test_fused_decode.py tests/test_batching.py tests/test_chat.py tests/test_serving.py \
+	notebooks/02_int4_loading.ipynb notebooks/03_generate.ipynb
+
+ifeq ($(LIBRARY),ipex-llm)
+test: install $(CHECKPOINT)
+	RWKV_LIBRARY=ipex-llm $(AS_CPU_ENV) $(PY) -m pytest $(IPEX_LLM_TESTS)
+else
 test: install $(CHECKPOINT)
 	$(VENV)/bin/ruff check helpers tests examples
 	$(AS_CPU_ENV) $(PY) -m pytest
 	$(AS_CPU_ENV) $(AVX2_PATH) $(PY) -m pytest $(AVX2_PATH_TESTS)
+endif
 
 lab: install $(CHECKPOINT)
 	$(VENV)/bin/jupyter lab notebooks/
@@ -73,4 +90,4 @@ serve: install $(CHECKPOINT)
 		--max-batch $(MAX_BATCH) --max-queue $(MAX_QUEUE) --state-cache-mb $(STATE_CACHE_MB) --low-bit $(LOW_BIT)
 
 clean:
-	rm -rf $(VENV) data/models build
+	rm -rf .venv .venv-ipex-llm data/models build

@@ -1,7 +1,8 @@
 """Predict tokens with generate() for an RWKV-4 World model in INT4 on the CPU, with BigDL-LLM.
 
-A program to copy: it needs bigdl-llm (2.5.0b20240627) and transformers (4.31.0), nothing from this
-project. It is bigdl-llm's own RWKV-4 example for PyTorch models, made to run on a CPU:
+A program to copy: it needs bigdl-llm (2.5.0b20240627) and transformers (4.31.0), or bigdl-llm's
+successor ipex-llm (2.2.0) and transformers (4.37.0), nothing from this project. It is bigdl-llm's own
+RWKV-4 example for PyTorch models, made to run on a CPU:
 
 1. load the model with plain transformers, in the checkpoint's 16-bit type;
 2. `model.rwkv._rescale_layers()`, as upstream's example does: it divides the weights of layer i by
@@ -9,8 +10,8 @@ project. It is bigdl-llm's own RWKV-4 example for PyTorch models, made to run on
    first forward does not try to divide the INT4 bytes in place ("result type Float can't be cast to the
    desired output type Byte");
 3. `optimize_model(model, optimize_llm=False)`: every linear becomes INT4. `optimize_llm=False` keeps
-   transformers' RWKV forwards; bigdl-llm's own (the default) import `linear_q4_0`, which exists for
-   Intel GPUs only.
+   transformers' RWKV forwards; the library's own (the default) import `linear_q4_0` (bigdl-llm) or
+   `xe_linear` (ipex-llm), which exist for Intel GPUs only.
 
     python examples/generate.py [--repo-id-or-model-path RWKV/rwkv-4-world-7b] [--prompt "What is AI?"] [--n-predict 32]
 
@@ -29,7 +30,10 @@ import time
 from pathlib import Path
 
 import torch
-from bigdl.llm import optimize_model
+try:
+    from bigdl.llm import optimize_model
+except ImportError:  # ipex-llm, bigdl-llm's successor: the same API under the name ipex_llm
+    from ipex_llm import optimize_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # The prompt format of the model card (https://huggingface.co/RWKV/rwkv-4-world-7b), as upstream uses it.

@@ -10,6 +10,7 @@
 - lessons/: the notebooks' plumbing: tables, plots, widgets, tuning, the environment report.
 
 Importing a module does no work: the notebooks' setup() and every tool call helpers.runtime.startup.start()
-first, which chooses bigdl-llm's native library before bigdl.llm is imported (the loaders call it too, and
-import bigdl.llm only then). tests/test_layers.py holds the order.
+first, which chooses the low-bit library's native kernels before the library (bigdl.llm or ipex_llm)
+is imported (the loaders call it too, and import the library only then, through helpers.runtime.library).
+tests/test_layers.py holds the order.
 """

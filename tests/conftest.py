@@ -7,9 +7,9 @@ import pytest
 
 from helpers.runtime.startup import start
 
-NATIVE_CHOICE = start()  # before anything imports bigdl.llm: chooses its native library for this CPU
+NATIVE_CHOICE = start()  # before anything imports the low-bit library: chooses its native library for this CPU
 from helpers.measure.provenance import describe, instruction_sets, machine  # noqa: E402
-from helpers.runtime import cpu, fused_decode  # noqa: E402
+from helpers.runtime import cpu, fused_decode, library  # noqa: E402
 from helpers.lessons.quality import logits_for  # noqa: E402
 from helpers.runtime.loading import load_hf_model, load_low_bit_model, load_tokenizer  # noqa: E402
 from helpers.runtime.models import resolve_model  # noqa: E402
@@ -34,7 +34,8 @@ def pytest_report_header(config):
     real = {key: value for key, value in machine().items() if key != "run_as"}
     return [f"CPU: {seen if seen_as else ''}this machine: {describe(real)}",
             f"fused step builds checked: {', '.join(fused) or 'none'}; not on this CPU: {', '.join(lacking) or 'none'}",
-            f"bigdl-llm's kernels: libllama_{NATIVE_CHOICE.build} ({NATIVE_CHOICE.reason}); builds this CPU cannot run: "
+            f"{library.name()} {library.version()}'s kernels: libllama_{NATIVE_CHOICE.build} ({NATIVE_CHOICE.reason}); "
+            "builds this CPU cannot run: "
             f"{', '.join(native_lacking) or 'none'}",
             f"decoding path: {fused_decode.decoding_path()}"]
 

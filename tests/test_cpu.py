@@ -4,7 +4,7 @@ import pytest
 
 from conftest import run_python
 from helpers.measure import provenance
-from helpers.runtime import cpu, fused_decode
+from helpers.runtime import cpu, fused_decode, library
 from helpers.runtime.errors import UserError
 
 ZEN3 = Path(__file__).parent / "cpus" / "epyc-zen3.cpuinfo"
@@ -88,7 +88,7 @@ def test_missing_avx2_says_what_to_do():
 
 def test_the_chosen_library_is_the_one_loaded():
     chosen, loaded = run_python(
-        "from helpers.runtime import cpu, startup\nchoice = startup.start()\nimport bigdl.llm.transformers.low_bit_linear\n"
+        "from helpers.runtime import cpu, library, startup\nchoice = startup.start()\nlibrary.low_bit_linear()\n"
         "print(choice.build, cpu.loaded_native_library())"
     ).split()
     assert loaded == f"libllama_{chosen}.so"
@@ -96,28 +96,28 @@ def test_the_chosen_library_is_the_one_loaded():
 
 def test_a_wanted_build_is_the_one_loaded():
     build, loaded = run_python(
-        "from helpers.runtime import cpu, startup\nchoice = startup.start()\nimport bigdl.llm.transformers.low_bit_linear\n"
+        "from helpers.runtime import cpu, library, startup\nchoice = startup.start()\nlibrary.low_bit_linear()\n"
         "print(choice.build, cpu.loaded_native_library())",
         env={"RWKV_NATIVE_BUILD": "avx2", "LLAMA_CPP_LIB": None},  # as this process's own choice is inherited
     ).split()
     assert (build, loaded) == ("avx2", "libllama_avx2.so")
 
 
-CHOICE_AND_LOADED = ("from helpers.runtime import cpu, startup\nchoice = startup.start()\n"
-                     "import bigdl.llm.transformers.low_bit_linear\n"
+CHOICE_AND_LOADED = ("from helpers.runtime import cpu, library, startup\nchoice = startup.start()\n"
+                     "library.low_bit_linear()\n"
                      "print(choice.build, choice.reason.replace(' ', '_'), cpu.loaded_native_library())")
 
 
 @pytest.mark.parametrize("build", ["avx2", "avx"])  # avx2: on an AVX2-only CPU, the build we would choose too
 def test_user_setting_wins(build):
-    path = cpu.bigdl_libs_dir() / f"libllama_{build}.so"
+    path = library.libs_dir() / f"libllama_{build}.so"
     chosen, reason, loaded = run_python(CHOICE_AND_LOADED, env={
         "LLAMA_CPP_LIB": str(path), "RWKV_NATIVE_BUILD": None, "RWKV_CHOSEN_NATIVE_LIBRARY": None}).split()
     assert (chosen, reason, loaded) == (build, "set_by_you_in_LLAMA_CPP_LIB", f"libllama_{build}.so")
 
 
 def test_a_choice_inherited_from_a_parent_is_made_again():
-    inherited = str(cpu.bigdl_libs_dir() / "libllama_avx.so")  # as a parent that chose avx hands it down
+    inherited = str(library.libs_dir() / "libllama_avx.so")  # as a parent that chose avx hands it down
     chosen, reason, loaded = run_python(CHOICE_AND_LOADED, env={
         "LLAMA_CPP_LIB": inherited, "RWKV_CHOSEN_NATIVE_LIBRARY": inherited, "RWKV_NATIVE_BUILD": "avx2"}).split()
     assert (chosen, reason, loaded) == ("avx2", "chosen_by_RWKV_NATIVE_BUILD_(avx2,_fma)", "libllama_avx2.so")
@@ -128,7 +128,7 @@ def test_a_stand_in_cpuinfo_is_what_every_choice_sees(monkeypatch):
     info = cpu.cpu_info()
     assert (info.model, info.physical_cores) == ("AMD EPYC 7763 64-Core Processor", 2)
     assert info.has("avx2", "fma", "f16c") and not info.flags & (cpu.AVX512 | {"avx512_vnni", "avx_vnni", "amx_int8"})
-    assert cpu.choose_native_library(libs_dir=cpu.bigdl_libs_dir()).build == "avx2"
+    assert cpu.choose_native_library(libs_dir=library.libs_dir()).build == "avx2"
     assert list(fused_decode.runnable_kernels()) == ["avx2"]
     made = provenance.machine()  # a run made so is recorded as this machine's, saying how it ran
     assert made["cpu"] == cpu.cpu_info(real=True).model and made["run_as"] == str(ZEN3)

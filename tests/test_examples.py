@@ -35,4 +35,4 @@ def test_generate_example_stands_alone():
     tree = ast.parse((REPO_ROOT / "examples" / "generate.py").read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported == {"argparse", "os", "time", "pathlib", "torch", "bigdl", "transformers"}
+    assert imported == {"argparse", "os", "time", "pathlib", "torch", "bigdl", "ipex_llm", "transformers"}

@@ -15,7 +15,7 @@ import torch
 from helpers.measure import provenance
 from helpers.lessons.quality import agreement, stepwise_logits
 from helpers.measure.timing import seconds
-from helpers.runtime import fused_decode
+from helpers.runtime import fused_decode, library
 from helpers.runtime.cpu import cpu_info
 from helpers.runtime.loading import load_low_bit_model
 from helpers.runtime.paths import REPO_ROOT
@@ -42,9 +42,11 @@ def decode_steps(model, input_ids, fused):
 
 @every_build
 @pytest.mark.parametrize("low_bit", fused_decode.FORMATS)
-def test_kernel_matches_bigdls_matmul(kernel, low_bit):
-    from bigdl.llm.transformers.low_bit_linear import ggml_convert_qtype, ggml_matmul_src1_x_src0_t, ggml_tensor_qtype
-
+def test_kernel_matches_the_librarys_matmul(kernel, low_bit):
+    """The kernel reads the library's blocks as the library's own matmul does (bigdl-llm's or ipex-llm's)."""
+    low_bit_linear = library.low_bit_linear()
+    ggml_convert_qtype, ggml_tensor_qtype = low_bit_linear.ggml_convert_qtype, low_bit_linear.ggml_tensor_qtype
+    ggml_matmul_src1_x_src0_t = low_bit_linear.ggml_matmul_src1_x_src0_t
     native = fused_decode.load_library(kernel)
     assert fused_decode.kernel_name(native) == kernel
     qtype, format_index = ggml_tensor_qtype[low_bit], fused_decode.FORMATS.index(low_bit)
@@ -129,10 +131,8 @@ def test_a_mix_runs_the_fused_step_with_the_heads_own_format(tiny_source, input_
 
 
 def test_a_linear_in_a_format_the_kernel_cannot_read_keeps_the_model_on_the_torch_path(tiny_source):
-    from bigdl.llm.transformers.low_bit_linear import ggml_tensor_qtype
-
     model = load_low_bit_model(tiny_source, "sym_int4")
-    model.head.qtype = ggml_tensor_qtype["asym_int5"]
+    model.head.qtype = library.low_bit_linear().ggml_tensor_qtype["asym_int5"]
     assert fused_decode.FusedForward.for_model(model) is None
 
 
@@ -154,7 +154,7 @@ def test_each_cpu_gets_the_fastest_build_it_runs():
         fused_decode.kernel_choice("avx512", info=cpu_with(LAPTOP))
     with pytest.raises(RuntimeError, match="RWKV_FUSED_KERNEL=sse is not a build; choose auto or one of"):
         fused_decode.kernel_choice("sse", info=cpu_with(LAPTOP))
-    with pytest.raises(RuntimeError, match="lacks avx2, f16c; decoding uses bigdl-llm's kernels"):
+    with pytest.raises(RuntimeError, match="lacks avx2, f16c; decoding uses the low-bit library's kernels"):
         fused_decode.kernel_choice(info=cpu_with({"avx", "fma"}))
 
 
@@ -331,7 +331,7 @@ def test_without_a_compiler_the_first_load_says_why(tmp_path):
     script = "from helpers.runtime import fused_decode; print(fused_decode.decoding_path())"
     env = {**os.environ, "CC": "", "RWKV_KERNEL_CACHE": str(tmp_path / "empty"), "PATH": str(tmp_path)}  # no cc, gcc
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
-    assert result.stdout.strip() == ("bigdl-llm's kernels through torch (slower than the fused step): no C compiler "
+    assert result.stdout.strip() == (f"{library.name()}'s kernels through torch (slower than the fused step): no C compiler "
                                      "found (install gcc, e.g. `apt install gcc`, then `make install`)"), result.stderr
 
 

@@ -106,12 +106,12 @@ def test_the_lessons_import_no_command_line_tool():
 
 
 def imported_after(modules, tmp_path):
-    """(the libraries of bigdl, fastchat that importing modules imported, whether a native library was chosen),
+    """(the libraries of bigdl, ipex_llm, fastchat that importing modules imported, whether a native library was chosen),
     in a fresh process whose environment names none."""
     answer = tmp_path / "imported.txt"
     script = (f"import os, sys; import {', '.join(modules)}; "
               f"open({str(answer)!r}, 'w').write(' '.join(sorted({{name.split('.')[0] for name in sys.modules}} & "
-              "{'bigdl', 'fastchat'})) + '|' + str('LLAMA_CPP_LIB' in os.environ))")
+              "{'bigdl', 'ipex_llm', 'fastchat'})) + '|' + str('LLAMA_CPP_LIB' in os.environ))")
     env = {key: value for key, value in os.environ.items() if key != "LLAMA_CPP_LIB"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -120,8 +120,8 @@ def imported_after(modules, tmp_path):
 
 
 def test_importing_does_no_work(tmp_path):
-    """Every module imports without bigdl-llm (so without an AVX CPU) and without choosing a native library:
-    bigdl-llm is imported by the calls that load a model, after start(). Only the API server and the worker's
+    """Every module imports without the low-bit library (so without an AVX CPU) and without choosing a native
+    library: bigdl-llm or ipex-llm is imported by the calls that load a model, after start(). Only the API server and the worker's
     class (which the worker's main imports once the process is pinned) import FastChat."""
     with_fastchat = {"helpers.serving.api_server", "helpers.serving.rwkv_worker"}
     modules = sorted({module_name(path) for path in MODULES} - with_fastchat)

@@ -68,9 +68,10 @@ COPYABLE = {"helpers.runtime.rwkv_cpu", "helpers.runtime.fused_decode"}
 
 
 def helpers_imported_by_model_cells(path):
-    """The helpers modules imported by a learner's code cells that call bigdl-llm, those outside COPYABLE."""
+    """The helpers modules imported by a learner's code cells that call bigdl-llm (or ipex-llm), those outside
+    COPYABLE."""
     return [module for cell in cells(path) if cell["cell_type"] == "code" and not is_ci(cell)
-            and re.search(r"^\s*(?:from|import) bigdl\.llm", "".join(cell["source"]), re.M)
+            and re.search(r"^\s*(?:from|import) (?:bigdl\.llm|ipex_llm)", "".join(cell["source"]), re.M)
             for module in re.findall(r"^\s*(?:from|import) (helpers[\w.]*)", "".join(cell["source"]), re.M)
             if module not in COPYABLE]
 
@@ -78,6 +79,16 @@ def helpers_imported_by_model_cells(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
 def test_model_cells_can_be_copied_with_the_repair_file_alone(path):
     assert helpers_imported_by_model_cells(path) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_every_import_of_bigdl_llm_shows_ipex_llms_line(path):
+    """A learner on ipex-llm (bigdl-llm's successor) sees the one line that differs, and the cell runs on both."""
+    for cell in cells(path):
+        source = "".join(cell["source"])
+        for submodule, names in re.findall(r"^\s*from bigdl\.llm(\S*) import (.+)$", source, re.M):
+            assert re.search(rf"^except ImportError:.*\n(\s+from .+\n)*\s+from ipex_llm{re.escape(submodule)} import "
+                             rf"{re.escape(names)}$", source, re.M), (path.name, names)
 
 
 def test_the_copy_check_sees_a_loader_of_ours_in_a_model_cell(tmp_path):

@@ -1,4 +1,5 @@
-"""The CPU INT4 path: every bigdl-llm loading API runs on CPU and stays close to HF fp32."""
+"""The CPU INT4 path: every loading API of the low-bit library (bigdl-llm or ipex-llm) runs on CPU and stays close to HF fp32."""
+import os
 import shutil
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from helpers.runtime import fused_decode
+from helpers.runtime import fused_decode, library
 from helpers.runtime.formats import LOW_BIT_FORMATS
 from helpers.runtime.loading import load_low_bit_model, load_model
 from helpers.lessons.quality import agreement, logits_for
@@ -28,12 +29,12 @@ def test_format_agrees_with_fp32(tiny_source, input_ids, reference_logits, low_b
 
 
 def test_upstream_forwards_fail_on_cpu_without_the_repair(tiny_source, input_ids):
-    from bigdl.llm.transformers import AutoModelForCausalLM
-
-    for optimize_model, error in ((True, ModuleNotFoundError), (False, RuntimeError)):
-        model = AutoModelForCausalLM.from_pretrained(tiny_source.location, load_in_4bit=True,
+    auto_model = library.module("transformers").AutoModelForCausalLM
+    gpu_module = {"bigdl-llm": "linear_q4_0", "ipex-llm": "xe_linear"}[library.name()]
+    for optimize_model, error, message in ((True, ModuleNotFoundError, gpu_module), (False, RuntimeError, "can't be cast")):
+        model = auto_model.from_pretrained(tiny_source.location, load_in_4bit=True,
                                                      optimize_model=optimize_model)
-        with pytest.raises(error):
+        with pytest.raises(error, match=message):
             logits_for(model, input_ids)
 
 
@@ -47,18 +48,16 @@ def test_load_in_4bit_and_optimize_model_false_match(tiny_source, input_ids, sym
 def test_optimize_model_api_matches(tiny_source, input_ids, sym_int4_logits):
     from transformers import AutoModelForCausalLM
 
-    from bigdl.llm import optimize_model
-
     from helpers.runtime.rwkv_cpu import repair_for_cpu
 
     model = AutoModelForCausalLM.from_pretrained(tiny_source.location, torch_dtype=torch.float16)
-    model = fused_decode.use_fused_step(repair_for_cpu(optimize_model(model)))
+    model = fused_decode.use_fused_step(repair_for_cpu(library.module().optimize_model(model)))
     assert torch.allclose(logits_for(model, input_ids), sym_int4_logits, atol=1e-4)
 
 
 def test_the_repair_file_runs_on_its_own(tiny_source, input_ids, tmp_path):
-    """rwkv_cpu.py copied beside a script, with every import of the project failing: bigdl-llm's load_in_4bit
-    model, repaired, gives the logits of the torch path in process."""
+    """rwkv_cpu.py copied beside a script, with every import of the project failing and none of the variables
+    start() sets: the library's load_in_4bit model, repaired, gives the logits of the torch path in process."""
     from helpers.runtime import rwkv_cpu
 
     shutil.copy(rwkv_cpu.__file__, tmp_path)
@@ -66,14 +65,15 @@ def test_the_repair_file_runs_on_its_own(tiny_source, input_ids, tmp_path):
 import sys
 sys.modules["helpers"] = None  # importing anything of the project fails
 import torch
-from bigdl.llm.transformers import AutoModelForCausalLM
+from {library.package()}.transformers import AutoModelForCausalLM
 from rwkv_cpu import repair_for_cpu
 
 model = AutoModelForCausalLM.from_pretrained({str(tiny_source.location)!r}, load_in_4bit=True, trust_remote_code=True)
 with torch.inference_mode():
     torch.save(repair_for_cpu(model)(torch.tensor({input_ids.tolist()})).logits, "logits.pt")
 """
-    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True, capture_output=True)
+    env = {name: value for name, value in os.environ.items() if name not in library.import_variables()}
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True, capture_output=True, env=env)
     with fused_decode.torch_path(load_low_bit_model(tiny_source, "sym_int4")) as model:
         expected = logits_for(model, input_ids)
     assert torch.allclose(torch.load(tmp_path / "logits.pt"), expected, atol=1e-4)
@@ -88,7 +88,7 @@ def test_the_first_load_says_which_path_decodes(tiny_source, cache_here, monkeyp
         build = fused_decode.kernel_name(model.fused_forward.native)
         assert said == [f"Decoding: helpers' fused step, its {build} build (compiled for this CPU)."]
     else:  # the torch path: it says why
-        assert said == [f"Decoding: bigdl-llm's kernels through torch (slower than the fused step): "
+        assert said == [f"Decoding: {library.name()}'s kernels through torch (slower than the fused step): "
                         f"{fused_decode.unavailable_reason}."]
     monkeypatch.setenv("RWKV_LOW_BIT_CACHE", "1")
     load_model(tiny_source, report=cache_here.append)
@@ -96,10 +96,9 @@ def test_the_first_load_says_which_path_decodes(tiny_source, cache_here, monkeyp
 
 
 def test_no_fp16_view_of_the_checkpoint_remains(tiny_source):
-    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
-
     from helpers.runtime.rwkv_cpu import HalfEmbedding
 
+    LowBitLinear = library.low_bit_linear().LowBitLinear
     model = load_low_bit_model(tiny_source, "sym_int4")
     assert isinstance(model.rwkv.embeddings, HalfEmbedding) and model.rwkv.embeddings.weight.dtype == torch.float16
     for name, module in model.named_modules():

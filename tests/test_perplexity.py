@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers.measure import perplexity, sensitivity
+from helpers.runtime import library
 from helpers.runtime.formats import MIXES
 from helpers.runtime.paths import HELD_OUT_TEXT
 from helpers.runtime.loading import load_hf_model, load_tokenizer
@@ -98,8 +99,7 @@ def test_the_json_has_the_documented_rows(tmp_path):
 
 @pytest.mark.parametrize("kind", sensitivity.KINDS)
 def test_a_kind_quantized_alone_is_that_kind_s_linears_and_no_other(tiny_source, kind):
-    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
-
+    LowBitLinear = library.low_bit_linear().LowBitLinear
     model = sensitivity.with_kind_quantized(tiny_source, "sym_int4", kind)
     low_bit = {name for name, module in model.named_modules() if isinstance(module, LowBitLinear)}
     layers = tiny_source.config["num_hidden_layers"]

@@ -3,6 +3,7 @@ import time
 
 import pytest
 
+from helpers.runtime import library
 from helpers.lessons.playground import Playground
 
 
@@ -41,8 +42,7 @@ def test_generate_with_a_bad_model_path_shows_the_error_and_starts_nothing():
 
 
 def test_the_format_picked_is_the_one_loaded():
-    from bigdl.llm.transformers.low_bit_linear import ggml_tensor_qtype
-
+    ggml_tensor_qtype = library.low_bit_linear().ggml_tensor_qtype
     playground = Playground()
     playground.low_bit.value = "sym_int4_head8"
     playground.load_button.click()

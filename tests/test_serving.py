@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
+from helpers.runtime import library
 from helpers.runtime.prompt import chat_message
 from helpers.runtime.batching import decode_step, read_prompt
 from helpers.runtime.loading import load_model, load_tokenizer
@@ -465,8 +466,8 @@ def test_make_serve_answers_with_penalties_then_ctrl_c_stops_all_three(trained_s
 def test_make_serve_takes_api_keys_both_ways_the_readme_gives(keys):
     port = free_port()
     environment = {**os.environ, **({} if keys else {"RWKV_API_KEYS": "sekrit", "API_KEYS": "not a JSON list"})}
-    serve = subprocess.Popen(["make", "--no-print-directory", "serve", f"PORT={port}", *keys], cwd=REPO_ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
+    serve = subprocess.Popen(["make", "--no-print-directory", "serve", f"PORT={port}", f"LIBRARY={library.name()}", *keys],
+                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
                              start_new_session=True)
     try:
         said = next((line for line in iter(serve.stdout.readline, "") if line.startswith(("Serving ", "Error"))), "")

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from helpers.runtime import settings
+from helpers.runtime import library, settings
+from helpers.runtime.errors import UserError
 from helpers.runtime.paths import REPO_ROOT
-from helpers.runtime.versions import PINNED, version_problems
+from helpers.runtime.versions import REQUIREMENTS, TESTED, version_problems
 
 
 def test_read_types_and_defaults():
@@ -66,30 +67,50 @@ def test_the_environment_is_read_in_one_place():
     assert found == ["helpers/runtime/settings.py"]
 
 
-def test_pins_are_the_requirements():
-    requirements = (REPO_ROOT / "requirements.txt").read_text()
-    for name, (version, _) in PINNED.items():
+@pytest.mark.parametrize("low_bit_library", TESTED)
+def test_the_tested_versions_are_the_requirements(low_bit_library):
+    requirements = (REPO_ROOT / REQUIREMENTS[low_bit_library]).read_text()
+    for name, version in TESTED[low_bit_library].items():
         assert re.search(rf"^{re.escape(name)}(\[[^\]]*\])?=={re.escape(version)}$", requirements, re.M), name
 
 
-def test_a_different_version_is_named(monkeypatch):
+@pytest.mark.parametrize("low_bit_library", TESTED)
+def test_a_different_version_is_named(monkeypatch, low_bit_library):
     from importlib import metadata
 
     monkeypatch.setattr(metadata, "version", lambda name: "9.9.9")
-    [line] = version_problems(["transformers"])
-    assert "transformers 9.9.9" in line and "4.31.0" in line and "pip install transformers==4.31.0" in line
-    assert version_problems([]) == []
+    [line] = version_problems(["transformers"], low_bit_library)
+    tested = TESTED[low_bit_library]["transformers"]
+    assert "transformers 9.9.9" in line and tested in line and f"pip install transformers=={tested}" in line
+    assert version_problems([], low_bit_library) == []
 
 
-@pytest.mark.parametrize("name", ["transformers", "bigdl-llm", "fschat"])
-def test_the_installed_versions_are_the_pinned_ones(name):
-    assert version_problems([name]) == []
+def test_the_library_is_the_one_installed_or_the_one_named(monkeypatch):
+    found = library.installed()
+    assert library.name() == found[0]
+    for name in library.PACKAGES:
+        monkeypatch.setenv("RWKV_LIBRARY", name)
+        if name in found:
+            assert library.name() == name
+        else:
+            with pytest.raises(UserError, match=f"{name} is not installed here.*make install"):
+                library.name()
+    monkeypatch.setenv("RWKV_LIBRARY", "bigdl")
+    with pytest.raises(UserError, match="bigdl-llm or ipex-llm"):
+        library.name()
 
 
-def test_after_start_bigdl_llm_logs_no_info_lines():
-    """bigdl-llm sets up INFO logging when imported (a timestamped line per conversion, in every notebook cell
+@pytest.mark.parametrize("name", ["transformers", "the library", "fschat"])
+def test_the_installed_versions_are_the_tested_ones(name):
+    in_use = library.name()
+    assert version_problems([in_use if name == "the library" else name], in_use) == []
+
+
+def test_after_start_the_library_logs_no_info_lines():
+    """bigdl-llm (and ipex-llm) sets up INFO logging when imported (a timestamped line per conversion, in every notebook cell
     that loads a model); start() configures logging first, so that it does not."""
-    script = ("import logging; from helpers.runtime.startup import start; start(); import bigdl.llm.transformers; "
+    script = ("import logging; from helpers.runtime import library; from helpers.runtime.startup import start; start(); "
+              "library.module('transformers'); "
               "print(logging.getLogger().getEffectiveLevel())")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.stdout.split()[-1] == str(logging.WARNING), result.stderr[-2000:]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers.runtime import library
 from helpers.runtime.models import resolve_model
 from helpers.runtime.errors import UserError
 from helpers.runtime.formats import LOW_BIT_FORMATS
@@ -100,9 +101,9 @@ def test_the_mapped_cache_gives_bigdls_load_low_bit_weights(tiny_source, tmp_pat
 
 
 def test_a_mix_keeps_its_head_in_sym_int8_through_the_cache(tiny_source, tmp_path, monkeypatch):
-    from bigdl.llm.transformers.low_bit_linear import ggml_tensor_qtype
-
     from helpers.runtime.memory import model_weight_bytes, weight_bytes
+
+    ggml_tensor_qtype = library.low_bit_linear().ggml_tensor_qtype
 
     monkeypatch.setattr("helpers.runtime.low_bit_cache.CACHE_DIR", tmp_path)
     converted = load_low_bit_model(tiny_source, "sym_int4_head8")
@@ -138,8 +139,7 @@ def _anon_huge_kib(address):
 @pytest.mark.parametrize("loader", ["converted", "cache"])
 def test_low_bit_weights_share_one_aligned_buffer(tiny_source, tmp_path, monkeypatch, loader):
     """Converted, or copied out of the cache's mapped file (its 4 KiB pages decode more slowly)."""
-    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
-
+    LowBitLinear = library.low_bit_linear().LowBitLinear
     monkeypatch.setattr("helpers.runtime.low_bit_cache.CACHE_DIR", tmp_path)
     if loader == "cache":
         ensure_cache(tiny_source)

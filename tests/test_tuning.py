@@ -3,6 +3,7 @@ commands from the winners, for this machine or for one described."""
 import pytest
 
 from helpers.lessons import tuning
+from helpers.runtime import library
 from helpers.runtime.cpu import CpuInfo
 
 TWO_SOCKETS = CpuInfo("AuthenticAMD", "test", 16, 2, frozenset({"avx2"}))
@@ -41,8 +42,9 @@ def test_drift_rows_compare_the_reference_across_sections():
 def test_commands_follow_the_choices():
     client, server, notes = tuning.recommended_commands(16, "Intel OpenMP, jemalloc", "taskset -c 0-15",
                                                         info=TWO_SOCKETS, numactl=False)
-    assert client == "source bigdl-llm-init -j\nOMP_NUM_THREADS=16 taskset -c 0-15 python -m helpers.tools.generate"
-    assert server.splitlines() == ["source bigdl-llm-init -j", "python -m helpers.serving --workers 2 --port 8000"]
+    init = library.init_script()
+    assert client == f"source {init} -j\nOMP_NUM_THREADS=16 taskset -c 0-15 python -m helpers.tools.generate"
+    assert server.splitlines() == [f"source {init} -j", "python -m helpers.serving --workers 2 --port 8000"]
     assert notes == ["numactl is not installed (`apt install numactl`): each worker is pinned to its socket's cores, "
                      "but its memory is not placed on that socket"]
     _, server, notes = tuning.recommended_commands(8, info=TWO_SOCKETS, numactl=True)
@@ -97,6 +99,6 @@ def test_the_two_socket_server_of_the_committed_sweep():
 
 def test_a_configuration_s_shell_line_sets_what_its_process_gets():
     line = tuning.shell_line(2, {"RWKV_FUSED_KERNEL": "avx2"}, ("taskset", "-c", "0-1"), init="-t")
-    assert line == "source bigdl-llm-init -t; RWKV_FUSED_KERNEL=avx2 OMP_NUM_THREADS=2 taskset -c 0-1 python my_script.py"
+    assert line == f"source {library.init_script()} -t; RWKV_FUSED_KERNEL=avx2 OMP_NUM_THREADS=2 taskset -c 0-1 python my_script.py"
     assert tuning.shell_line(4) == "OMP_NUM_THREADS=4 python my_script.py"
-    assert tuning.shell_line(1, init="").startswith("source bigdl-llm-init; ")
+    assert tuning.shell_line(1, init="").startswith(f"source {library.init_script()}; ")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from helpers.lessons.quality import agreement, logits_for, stepwise_logits
+from helpers.runtime import library
 from helpers.runtime.errors import UserError
 from helpers.runtime.fused_decode import torch_path
 from helpers.runtime.memory import PeakRss, check_fits, model_weight_bytes, rss_bytes
@@ -43,8 +44,7 @@ def same_weights(model, other):
 
 
 def count_low_bit_linears(model):
-    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
-
+    LowBitLinear = library.low_bit_linear().LowBitLinear
     return sum(isinstance(module, LowBitLinear) for module in model.modules())
 
 
@@ -63,15 +63,14 @@ def _agreement_columns(result):
 
 
 def upstream_error(source, optimize_model=True):
-    """The error bigdl-llm's RWKV-4 path raises on a CPU without the repair, as one line."""
-    from bigdl.llm.transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(source.location, load_in_4bit=True, optimize_model=optimize_model)
+    """The error the library's RWKV-4 path raises on a CPU without the repair, as one line."""
+    auto_model = library.module("transformers").AutoModelForCausalLM
+    model = auto_model.from_pretrained(source.location, load_in_4bit=True, optimize_model=optimize_model)
     try:
         logits_for(model, model.dummy_inputs["input_ids"][:, :4] % model.config.vocab_size)
     except Exception as error:
         return f"{type(error).__name__}: {error}"
-    return "no error: this bigdl-llm build runs RWKV-4 on CPU as shipped"
+    return f"no error: this {library.name()} build runs RWKV-4 on CPU as shipped"
 
 
 def compare_decode_paths(model, input_ids, reference_logits, prompt_tokens=8):

@@ -1,4 +1,5 @@
-"""What notebook 01 checks: versions, CPU, native library, memory, bigdl-llm-init, and a verdict."""
+"""What notebook 01 checks: versions (the low-bit library's among them), CPU, native library, memory, the library's
+init script, and a verdict."""
 import os
 import platform
 import shutil
@@ -9,22 +10,22 @@ from importlib import metadata
 from helpers.measure import provenance
 from helpers.measure.results import read_run, run_path
 from helpers.measure.checkpoints import make_config
-from helpers.runtime import fused_decode
+from helpers.runtime import fused_decode, library
 from helpers.runtime.cpu import AVX512, choose_native_library, cpu_info, loaded_native_library
 from helpers.runtime.low_bit_cache import planned_loader
 from helpers.runtime.memory import GIB, available_bytes, estimate_load_bytes
 from helpers.runtime.settings import child_environment
 
-PACKAGES = ["torch", "transformers", "bigdl-llm", "rwkv", "safetensors", "jupyterlab", "ipywidgets", "nbval"]
+OTHER_PACKAGES = ["rwkv", "safetensors", "jupyterlab", "ipywidgets", "nbval"]
 # The seed's rule of thumb for an X-billion model saved in 16-bit, and the real parameter counts.
 HUB_SIZES = {"169m": 0.169, "430m": 0.43, "1b5": 1.5, "3b": 3.0, "7b": 7.0}
 
 
 def versions():
-    """Python's minor version and each package's release (without a build tag such as torch's +cpu): the same
-    on every machine set up from requirements.txt."""
+    """Python's minor version, the low-bit library in use, and each package's release (without a build tag such as
+    torch's +cpu): the same on every machine set up from the same requirements file."""
     rows = [("Python", ".".join(platform.python_version_tuple()[:2]))]
-    for package in PACKAGES:
+    for package in ["torch", "transformers", library.name(), *OTHER_PACKAGES]:
         try:
             rows.append((package, metadata.version(package).split("+")[0]))
         except metadata.PackageNotFoundError:
@@ -53,7 +54,7 @@ def native_library_rows(choice):
         ("build chosen", choice.build),
         ("why", choice.reason),
         ("loaded in this kernel", loaded_native_library() or "not yet (loads with the first low-bit model)"),
-        ("bigdl-llm's own pick (by vendor)", "the plain AVX build on non-Intel CPUs, whatever their flags"),
+        (f"{library.name()}'s own pick (by vendor)", "the plain AVX build on non-Intel CPUs, whatever their flags"),
         ("decoding step", fused_decode.decoding_path()),
     ]
 
@@ -99,9 +100,10 @@ MODEL_MEMORY_HEADERS = ["shape", "params", "rule: load (2X)", "rule: run (0.5X)"
                         "measured: load", "measured: load from cache", "measured: run"]
 
 
-def bigdl_llm_init_settings(options="", shorten=True):
-    """The variables `source bigdl-llm-init OPTIONS` sets, as {name: value}; shorten: venv path as <venv>."""
-    script = shutil.which("bigdl-llm-init", path=os.path.dirname(sys.executable))
+def init_script_settings(options="", shorten=True):
+    """The variables `source bigdl-llm-init OPTIONS` (or ipex-llm-init) sets, as {name: value}; shorten: venv path
+    as <venv>."""
+    script = shutil.which(library.init_script(), path=os.path.dirname(sys.executable))
     if script is None:
         return {}
     command = f"source '{script}' {options} >/dev/null 2>&1; env -0"
@@ -131,11 +133,11 @@ def verdicts(source):
         library_ok = False
     return [
         ("Python 3.11", sys.version_info[:2] == (3, 11), "install Python 3.11 and run `make install`"),
-        ("x86-64 CPU", platform.machine().lower() in ("x86_64", "amd64"), "bigdl-llm's CPU kernels are x86-64 only"),
+        ("x86-64 CPU", platform.machine().lower() in ("x86_64", "amd64"), f"{library.name()}'s CPU kernels are x86-64 only"),
         ("AVX2", info.has("avx2"), "use a CPU from 2013 or later (Intel Haswell, AMD Zen)"),
-        ("a native kernel build for this CPU", library_ok, "reinstall bigdl-llm: `make clean install`"),
+        ("a native kernel build for this CPU", library_ok, f"reinstall {library.name()}: `make clean install`"),
         ("(optional) a C compiler, for the fused decoding step", fused_decode.library() is not None,
-         "without one decoding runs through bigdl-llm's kernels, slower (notebook 04 measures both); `apt install gcc`"),
+         f"without one decoding runs through {library.name()}'s kernels, slower (notebook 04 measures both); `apt install gcc`"),
         (f"RAM to load {source.name} in INT4 {LOADER_WORDS[loader]} ({needed / GIB:.2f} GiB)", free >= needed,
          "pick a smaller model (169m to 3b), or load a low-bit cache made on a bigger machine"),
         (f"(for the 7B) RAM to convert RWKV/rwkv-4-world-7b from its pytorch_model.bin ({reference / GIB:.1f} GiB)",

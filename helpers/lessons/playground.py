@@ -80,7 +80,7 @@ class Playground:
         the format chosen."""
         if self.running:
             return self._say("Wait for the generation to end, or press Stop, before loading a model.", error=True)
-        from helpers.runtime.loading import load_model, load_tokenizer  # imports bigdl.llm, after setup()
+        from helpers.runtime.loading import load_model, load_tokenizer  # imports the low-bit library, after setup()
 
         name = "" if self.model_path.value in ("", DEFAULT_MODEL) else self.model_path.value
         try:

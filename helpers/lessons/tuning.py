@@ -15,14 +15,14 @@ import sys
 import time
 from dataclasses import dataclass
 
-from helpers.lessons.environment import bigdl_llm_init_settings
+from helpers.lessons.environment import init_script_settings
 from helpers.measure import provenance
 from helpers.measure.worker_process import WorkerProcess
 from helpers.runtime import fused_decode
 from helpers.runtime.settings import read as read_settings
 from helpers.runtime.cpu import CpuInfo, cpu_info, cpu_list
 from helpers.runtime.paths import DATA_DIR
-from helpers.runtime import startup
+from helpers.runtime import library, startup
 
 PROMPT_TOKENS, DECODE_TOKENS = 16, 48
 ROUNDS = 3
@@ -33,7 +33,7 @@ MEASURED_SHAPE = "169m"
 REFERENCE = "reference (all cores, defaults)"
 SETTLE_S = 0.25  # before each measurement: the last one's idle OpenMP threads may spin this long (Intel's default 200 ms)
 SWEEPS_DIR = DATA_DIR / "sweeps"
-RUNTIMES = {  # name: bigdl-llm-init options
+RUNTIMES = {  # name: bigdl-llm-init (or ipex-llm-init) options
     "Intel OpenMP, system malloc": "",
     "Intel OpenMP, jemalloc": "-j",
     "Intel OpenMP, tcmalloc": "-t",
@@ -83,7 +83,7 @@ class Measured:
 def shell_line(threads, env=None, prefix=(), init=None):
     """The line that runs `python my_script.py` with `threads` OpenMP threads, after `source bigdl-llm-init INIT`
     (where init is not None), with the variables env and under the command prefix (taskset, numactl)."""
-    source = [f"source bigdl-llm-init {init}".rstrip() + ";"] if init is not None else []
+    source = [f"source {library.init_script()} {init}".rstrip() + ";"] if init is not None else []
     assignments = [f"{name}={value}" for name, value in (env or {}).items()]
     return " ".join([*source, *assignments, f"OMP_NUM_THREADS={threads}", *prefix, "python my_script.py"])
 
@@ -203,13 +203,13 @@ def decoding_kernels():
     the torch path on the bigdl-llm build helpers chose (notebook 01), as on a machine without a compiler."""
     kernels = {f"fused step, {kernel} build": {"RWKV_FUSED_KERNEL": kernel}
                for kernel in fused_decode.runnable_kernels()} if fused_decode.library() is not None else {}
-    kernels[f"torch path, bigdl {startup.start().build}"] = {"RWKV_FUSED_DECODE": "0"}
+    kernels[f"torch path, {library.name()} {startup.start().build}"] = {"RWKV_FUSED_DECODE": "0"}
     return kernels
 
 
 def runtime_env(options):
     """The environment `source bigdl-llm-init OPTIONS` would give a program started after it."""
-    settings = bigdl_llm_init_settings(options, shorten=False)
+    settings = init_script_settings(options, shorten=False)
     return {"LD_PRELOAD": settings.get("LD_PRELOAD", ""),
             **({"MALLOC_CONF": settings["MALLOC_CONF"]} if "MALLOC_CONF" in settings else {})}
 
@@ -265,7 +265,7 @@ def recommended_commands(threads, runtime=None, pinning=None, info=None, numactl
     cpus = range(info.physical_cores) if info else None  # a described machine's, numbered core by core
     info = info or cpu_info()
     numactl = bool(shutil.which("numactl")) if numactl is None else numactl
-    init = [f"source bigdl-llm-init {RUNTIMES[runtime]}".rstrip()] if runtime else []
+    init = [f"source {library.init_script()} {RUNTIMES[runtime]}".rstrip()] if runtime else []
     pin = pinnings(threads, info, cpus)[pinning] if pinning else ()
     client = "\n".join([*init, " ".join([f"OMP_NUM_THREADS={threads}", *pin, "python -m helpers.tools.generate"])])
     if info.sockets > 1 and numactl:

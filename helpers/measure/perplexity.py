@@ -102,7 +102,7 @@ def check_formats(formats):
 def load_fp32(source, report):
     """FP32 as transformers loads it, on the CPU forwards (the same maths), or None where it does not fit."""
     try:
-        from helpers.runtime.loading import load_hf_model  # after startup.start(): it imports bigdl.llm
+        from helpers.runtime.loading import load_hf_model  # after startup.start(): it imports the low-bit library
 
         return repair_for_cpu(load_hf_model(source))
     except UserError as error:
@@ -113,7 +113,7 @@ def load_fp32(source, report):
 def measure(source, ids, formats=FORMATS, paths=PATHS, report=print, progress=True):
     """Rows for every format and path asked for, all reading ids beside FP32. The low-bit models are loaded
     together where they fit in memory beside each other (FP32 then runs once), else one at a time."""
-    from helpers.runtime.loading import load_model  # after startup.start(): it imports bigdl.llm
+    from helpers.runtime.loading import load_model  # after startup.start(): it imports the low-bit library
 
     check_formats(formats)
     fp32 = load_fp32(source, report)

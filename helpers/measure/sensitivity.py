@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 
 from helpers.measure.perplexity import QUALITY_DIR, Stream, check_formats, load_fp32, read_beside_fp32
+from helpers.runtime import library
 from helpers.runtime.errors import UserError
 from helpers.runtime.memory import available_bytes, weight_bytes
 from helpers.runtime.rwkv_cpu import repair_for_cpu
@@ -48,13 +49,11 @@ def weight_shares(model):
 
 
 def with_kind_quantized(source, low_bit, kind):
-    """The FP32 model with only `kind`'s linears in low_bit (bigdl-llm's converter), repaired for CPU."""
-    from bigdl.llm import optimize_model
-
+    """The FP32 model with only `kind`'s linears in low_bit (the library's converter), repaired for CPU."""
     from helpers.runtime.loading import load_hf_model
 
-    others = [other for other in KINDS if other != kind]  # bigdl-llm matches them as substrings of module names
-    model = optimize_model(load_hf_model(source), low_bit=low_bit, optimize_llm=False, modules_to_not_convert=others)
+    others = [other for other in KINDS if other != kind]  # the library matches them as substrings of module names
+    model = library.module().optimize_model(load_hf_model(source), low_bit=low_bit, optimize_llm=False, modules_to_not_convert=others)
     return repair_for_cpu(model)
 
 

@@ -1,14 +1,13 @@
-"""CPU facts, and the choice of bigdl-llm's native kernel library.
+"""CPU facts, and the choice of the low-bit library's native kernel library.
 
-bigdl-llm ships one build of its kernels per instruction set (``libllama_avx.so`` ...
+bigdl-llm (and ipex-llm after it) ships one build of its kernels per instruction set (``libllama_avx.so`` ...
 ``libllama_amx.so``) and a dispatcher that picks one by CPU *vendor*: a non-Intel CPU gets the
 plain AVX build even when it has AVX-512, which is several times slower. We choose by the CPU's
 actual flags instead and point ``LLAMA_CPP_LIB`` at the build, which must happen before
-``bigdl.llm`` is first imported (``helpers.runtime.startup.start()`` does it). ``RWKV_NATIVE_BUILD=avx2`` (or
+the library is first imported (``helpers.runtime.startup.start()`` does it). ``RWKV_NATIVE_BUILD=avx2`` (or
 another build's name) picks a slower build this CPU can run, to test or measure the path of an older CPU.
 RWKV_CPUINFO (a file in /proc/cpuinfo's format, tests/cpus/) makes every choice here as that CPU would.
 """
-import importlib.util
 import os
 import platform
 import sys
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers.runtime.errors import UserError
-from helpers.runtime import settings
+from helpers.runtime import library, settings
 from helpers.runtime.settings import use_native_library
 
 AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
@@ -123,7 +122,7 @@ def cpu_info(real=False):
         found = _parse_proc_cpuinfo(proc.read_text())
         stand_in = None if real else settings.read().cpuinfo
         return _stand_in(stand_in, found) if stand_in else found
-    import cpuinfo  # py-cpuinfo, installed with bigdl-llm; used on Windows and macOS
+    import cpuinfo  # py-cpuinfo, installed with the low-bit library; used on Windows and macOS
 
     info = cpuinfo.get_cpu_info()
     flags = frozenset(flag.replace("avx512vnni", "avx512_vnni") for flag in info.get("flags", []))
@@ -135,16 +134,9 @@ def require_avx2(info=None):
     info = info or cpu_info()
     if not info.has("avx2"):
         raise UserError(
-            f"This CPU ({info.model or 'unknown'}) lacks AVX2, which bigdl-llm's INT4 kernels need. "
+            f"This CPU ({info.model or 'unknown'}) lacks AVX2, which the low-bit library's INT4 kernels need. "
             "Run on a CPU from 2013 or later (Intel Haswell / AMD Zen or newer)."
         )
-
-
-def bigdl_libs_dir():
-    spec = importlib.util.find_spec("bigdl.llm")
-    if spec is None:
-        raise UserError("bigdl-llm is not installed: run `make install` (or see README.md).")
-    return Path(spec.origin).parent / "libs"
 
 
 @dataclass
@@ -158,7 +150,7 @@ def choose_native_library(info=None, libs_dir=None, wanted=None):
     """The fastest libllama build whose instructions this CPU has (or the build `wanted`, if it has its
     instructions), and why."""
     info = info or cpu_info()
-    libs_dir = Path(libs_dir or bigdl_libs_dir())
+    libs_dir = Path(libs_dir or library.libs_dir())
     builds = dict(NATIVE_BUILDS)
     if wanted and (wanted not in builds or not info.has(*builds[wanted])):
         runnable = [build for build, needed in NATIVE_BUILDS if info.has(*needed)]
@@ -169,7 +161,7 @@ def choose_native_library(info=None, libs_dir=None, wanted=None):
             reason = (f"chosen by RWKV_NATIVE_BUILD ({', '.join(sorted(needed))})" if wanted else
                       f"fastest build whose instructions this CPU has ({', '.join(sorted(needed))})")
             return NativeChoice(build, str(path), reason)
-    raise UserError(f"No bigdl-llm kernel build in {libs_dir} runs on this CPU (flags lack AVX).")
+    raise UserError(f"No {library.name()} kernel build in {libs_dir} runs on this CPU (flags lack AVX).")
 
 
 def select_native_library(wanted=None, preset=None, inherited=None):
@@ -179,10 +171,10 @@ def select_native_library(wanted=None, preset=None, inherited=None):
     if preset and preset != inherited:  # the user's, even where it names the build we would choose
         build = Path(preset).stem.replace("libllama_", "").replace("libllama-", "")
         return NativeChoice(build, preset, "set by you in LLAMA_CPP_LIB")
-    if "bigdl.llm.ggml.model.llama.llama_cpp" in sys.modules:
+    if library.imported(library.KERNELS):
         loaded = loaded_native_library()
         if loaded != Path(choice.path).name:
-            return NativeChoice(loaded or "unknown", "", "bigdl.llm loaded its kernels before helpers chose them: "
+            return NativeChoice(loaded or "unknown", "", f"{library.name()} loaded its kernels before helpers chose them: "
                                 "restart, and call setup() (or helpers.runtime.startup.start()) first")
     use_native_library(choice.path)  # also inherited by the processes this one starts
     return choice
@@ -195,6 +187,6 @@ def loaded_native_library():
         return None
     for line in maps.read_text().splitlines():
         name = line.rsplit("/", 1)[-1]
-        if name.startswith("libllama_") and "bigdl" in line:
+        if name.startswith("libllama_") and f"/{library.package().split('.')[0]}/" in line:
             return name
     return None

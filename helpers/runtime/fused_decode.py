@@ -1,8 +1,8 @@
 """RWKV-4 forwards (a prompt, a decoding step, or a step of several sequences) in one native call on
-bigdl-llm's low-bit weights (FORMATS: sym_int4, asym_int4, sym_int5, sym_int8; the layers in one of them,
+the low-bit weights of bigdl-llm or ipex-llm (FORMATS: sym_int4, asym_int4, sym_int5, sym_int8; the layers in one of them,
 the head in the same or, in a mix, another).
 
-bigdl-llm's own INT4 kernel and the ~30 small torch operations per layer around it leave a token
+The library's own INT4 kernel and the ~30 small torch operations per layer around it leave a token
 at about 2.7x the time its weights take to read. rwkv4_decode.c reads the same blocks with
 integer multiply-adds and prefetching (several tokens 8 at a time per unpacked block), and does the
 layer norms, token shift, WKV and channel mix in place. `make install` compiles every build this CPU
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from helpers.runtime import library as low_bit_library
 from helpers.runtime import settings
 from helpers.runtime.cpu import cpu_info
 from helpers.runtime.formats import LOW_BIT_FORMATS as FORMATS  # the kernel's format numbers are their indices
@@ -85,7 +86,7 @@ def kernel_choice(wanted=None, info=None):
     if wanted in (None, "", "auto"):
         if not runnable:
             missing = ", ".join(flag for flag in BASE if not info.has(flag))
-            raise RuntimeError(f"this CPU lacks {missing}; decoding uses bigdl-llm's kernels instead")
+            raise RuntimeError(f"this CPU lacks {missing}; decoding uses the low-bit library's kernels instead")
         wanted = next(iter(runnable))
     if wanted not in KERNELS:
         raise RuntimeError(f"RWKV_FUSED_KERNEL={wanted} is not a build; choose auto or one of {', '.join(KERNELS)}")
@@ -222,21 +223,20 @@ def decoding_path(model=None):
     if native is not None and (model is None or getattr(model, "fused_forward", None) is not None):
         return f"helpers' fused step, its {kernel_name(native)} build (compiled for this CPU)"
     reason = unavailable_reason if native is None else "the model's weights are in formats the fused step does not read"
-    return f"bigdl-llm's kernels through torch (slower than the fused step): {reason}"
+    return f"{low_bit_library.name()}'s kernels through torch (slower than the fused step): {reason}"
 
 
 def linear_format(linear, rows, cols):
-    """The FORMATS index of a bigdl low-bit linear of shape [rows, cols] the kernel can read, else None."""
-    from bigdl.llm.transformers.low_bit_linear import LowBitLinear, ggml_tensor_qtype
-
-    if not (isinstance(linear, LowBitLinear) and tuple(linear.weight_shape) == (rows, cols)
+    """The FORMATS index of the library's low-bit linear of shape [rows, cols] the kernel can read, else None."""
+    low_bit_linear = low_bit_library.low_bit_linear()
+    if not (isinstance(linear, low_bit_linear.LowBitLinear) and tuple(linear.weight_shape) == (rows, cols)
             and rows % ROWS_PER_STEP == 0 and cols % BLOCK == 0):
         return None
-    return next((index for index, name in enumerate(FORMATS) if linear.qtype == ggml_tensor_qtype[name]), None)
+    return next((index for index, name in enumerate(FORMATS) if linear.qtype == low_bit_linear.ggml_tensor_qtype[name]), None)
 
 
 class FusedForward:
-    """Runs a repaired bigdl low-bit RWKV-4 model on token ids, one or several sequences; see ``for_model``."""
+    """Runs a repaired low-bit RWKV-4 model on token ids, one or several sequences; see ``for_model``."""
 
     def __init__(self, model, native, format_index, head_format_index):
         config, rwkv = model.config, model.rwkv
@@ -369,7 +369,7 @@ def use_fused_step(model):
 
 @contextlib.contextmanager
 def torch_path(model):
-    """Within the block, the model runs through torch and bigdl's kernels (to compare the two)."""
+    """Within the block, the model runs through torch and the library's kernels (to compare the two)."""
     fused, model.fused_forward = getattr(model, "fused_forward", None), None
     try:
         yield model

@@ -1,6 +1,6 @@
-"""Load RWKV-4 as HF transformers reference models or as bigdl-llm low-bit models that run on CPU.
+"""Load RWKV-4 as HF transformers reference models or as low-bit models of bigdl-llm (or ipex-llm) that run on CPU.
 
-Every low-bit path (this project's tensor-by-tensor loader and bigdl-llm's ``from_pretrained(load_in_4bit /
+Every low-bit path (this project's tensor-by-tensor loader and the library's ``from_pretrained(load_in_4bit /
 load_in_low_bit)``, ``optimize_model()`` and ``load_low_bit``) goes through ``repair_for_cpu`` (see
 helpers.runtime.rwkv_cpu for why), then ``use_fused_step``. ``load_model``, what the CLI, notebooks and playground
 call, converts a model once into a low-bit cache (data/models/low-bit/) and loads it from there afterwards.
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from helpers.runtime import fused_decode
+from helpers.runtime import fused_decode, library
 from helpers.runtime.cpu import require_avx2
 from helpers.runtime.errors import UserError
 from helpers.runtime.formats import CHOICES, MIXES, body_and_head
@@ -23,16 +23,15 @@ from helpers.runtime.tensor_loading import mapped_low_bit_cache, quantized_from_
 
 
 def _low_bit_model_class():
-    """bigdl-llm's AutoModelForCausalLM, imported on first use: after start() chose the native library."""
-    from bigdl.llm.transformers import AutoModelForCausalLM
-
-    logging.getLogger().setLevel(logging.WARNING)  # bigdl-llm sets the root logger to INFO on import
-    return AutoModelForCausalLM
+    """The library's AutoModelForCausalLM, imported on first use: after start() chose the native library."""
+    auto_model = library.module("transformers").AutoModelForCausalLM
+    logging.getLogger().setLevel(logging.WARNING)  # the library sets the root logger to INFO on import
+    return auto_model
 
 
 def _check_low_bit(low_bit):
-    """UserError for a format bigdl-llm has no kernel for here; then the native library is chosen (once), as
-    it must be before bigdl-llm is first imported."""
+    """UserError for a format the library has no kernel for here; then the native library is chosen (once), as
+    it must be before the library is first imported."""
     if low_bit not in CHOICES:
         raise UserError(f"Unknown low-bit format {low_bit!r}; choose one of {', '.join(CHOICES)}.")
     require_avx2()
@@ -40,7 +39,7 @@ def _check_low_bit(low_bit):
 
 
 def _for_cpu(model):
-    """A bigdl low-bit model repaired for CPU, with the fused step where it runs."""
+    """A low-bit model repaired for CPU, with the fused step where it runs."""
     return fused_decode.use_fused_step(repair_for_cpu(model))
 
 
@@ -63,11 +62,11 @@ def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True, loader="
     """The low-bit model of a checkpoint folder, repaired for CPU.
 
     loader="tensor_by_tensor" reads the checkpoint (safetensors or pytorch_model.bin, single or sharded)
-    one tensor at a time and quantizes it with bigdl-llm's own quantizer (helpers.runtime.tensor_loading): the
-    weights of bigdl-llm's from_pretrained, at a fraction of its peak memory. loader="from_pretrained" calls
-    bigdl-llm's ``from_pretrained(load_in_low_bit=...)`` (load_in_4bit is the same as sym_int4); for a mix,
+    one tensor at a time and quantizes it with the library's own quantizer (helpers.runtime.tensor_loading): the
+    weights of the library's from_pretrained, at a fraction of its peak memory. loader="from_pretrained" calls
+    the library's ``from_pretrained(load_in_low_bit=...)`` (load_in_4bit is the same as sym_int4); for a mix,
     with the head left out, then converted alone by ``optimize_model``. optimize_model=True divides the layers'
-    output weights as bigdl-llm does; False scales the layer outputs instead. A folder written by save_low_bit
+    output weights as the library does; False scales the layer outputs instead. A folder written by save_low_bit
     keeps the format it was saved in.
     """
     saved_format = source.config.get("bigdl_transformers_low_bit")
@@ -85,9 +84,8 @@ def load_low_bit_model(source, low_bit="sym_int4", optimize_model=True, loader="
         modules_to_not_convert=["head"] if head != body else None,
     )
     if head != body:
-        from bigdl.llm import optimize_model as convert
-
-        model = convert(model, low_bit=head, optimize_llm=False)  # converts what is still a torch Linear: the head
+        # converts what is still a torch Linear: the head
+        model = library.module().optimize_model(model, low_bit=head, optimize_llm=False)
         model.config.update({"bigdl_transformers_low_bit": low_bit})
     return _for_cpu(model)
 
@@ -101,7 +99,7 @@ def _convert_into_cache(source, low_bit, folder):
 
 def ensure_cache(source, low_bit="sym_int4", report=print, problem=None):
     """The model's low-bit cache folder (save_low_bit's layout, the tokenizer's files beside the weights), for
-    bigdl-llm's load_low_bit or load_cached_low_bit_model; converted and saved first where it is missing,
+    the library's load_low_bit or load_cached_low_bit_model; converted and saved first where it is missing,
     unfinished or stale, or where `problem` says why it must be (it did not load), which report is told."""
     folder = cache_dir(source, low_bit)
     problem = problem or cache_problem(source, folder)
@@ -118,7 +116,7 @@ def load_cached_low_bit_model(source, low_bit="sym_int4", loader="mapped", repor
 
     A missing, unfinished, truncated or stale cache is (re)built. report (a function of one line of text)
     is told which happened and where. loader="mapped" memory-maps the weights (helpers.runtime.tensor_loading);
-    "load_low_bit" calls bigdl-llm's.
+    "load_low_bit" calls the library's.
     """
     start, converted = time.perf_counter(), []
     folder = ensure_cache(source, low_bit, converted.append)
@@ -140,7 +138,7 @@ def _load_saved_low_bit(folder, config, low_bit, loader="mapped"):
         raise UserError(f"Unknown loader {loader!r}; choose 'mapped' or 'load_low_bit'.")
     check_fits(config, low_bit, "cache")
     if loader == "load_low_bit" and low_bit in MIXES:
-        raise UserError(f"bigdl-llm's load_low_bit reads models in one format, and {low_bit} mixes two; "
+        raise UserError(f"{library.name()}'s load_low_bit reads models in one format, and {low_bit} mixes two; "
                         "load it with loader='mapped'.")
     if loader == "mapped":
         return _for_cpu(mapped_low_bit_cache(folder, low_bit))

@@ -1,9 +1,9 @@
-"""The low-bit cache: a model converted once, saved by bigdl-llm's save_low_bit in data/models/low-bit/.
+"""The low-bit cache: a model converted once, saved by the low-bit library's save_low_bit in data/models/low-bit/.
 
 Each cache folder holds what save_low_bit writes, copies of the model folder's other files (its tokenizer
 module, vocabulary and settings, whatever the tokenizer class: some cannot save_pretrained), and last a
 manifest of it all. A folder without the manifest, with a file of another size than the manifest says,
-or made from other checkpoint files than the folder now holds, is rebuilt. RWKV_LOW_BIT_CACHE=0 turns
+or made from other checkpoint files than the folder now holds, or by the other library, is rebuilt. RWKV_LOW_BIT_CACHE=0 turns
 the cache off.
 """
 import hashlib
@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from helpers.runtime import settings
+from helpers.runtime import library, settings
 from helpers.runtime.paths import MODELS_DIR, REPO_ROOT
 from helpers.runtime.checkpoint_files import WEIGHT_FILES, checkpoint_files
 
@@ -52,6 +52,8 @@ def cache_problem(source, folder):
         return "no cache yet" if not folder.exists() else "the cache is incomplete"
     if manifest.get("source_files") != _source_files(source):
         return "the checkpoint changed since the cache was made"
+    if manifest.get("library", "bigdl-llm") != library.name():
+        return f"the cache was made by {manifest.get('library', 'bigdl-llm')}, and {library.name()} is in use"
     for name, size in manifest["files"].items():
         if not (folder / name).is_file() or (folder / name).stat().st_size != size:
             return f"{name} in the cache is missing or truncated"
@@ -79,7 +81,8 @@ def save_cache(model, source, folder):
         if path.is_file() and path.name not in weights and not (partial / path.name).exists():
             shutil.copyfile(path, partial / path.name)
     files = {path.name: path.stat().st_size for path in partial.iterdir()}
-    manifest = {"source": str(source.location), "source_files": _source_files(source), "files": files}
+    manifest = {"source": str(source.location), "source_files": _source_files(source), "library": library.name(),
+                "files": files}
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)

@@ -1,20 +1,21 @@
-"""Make bigdl-llm's low-bit RWKV-4 run on a CPU, and run fast there.
+"""Make the low-bit RWKV-4 of bigdl-llm (or its successor ipex-llm) run on a CPU, and run fast there.
 
-What upstream ships (bigdl-llm 2.5.0b20240627) and why it fails on a CPU:
+What upstream ships (bigdl-llm 2.5.0b20240627, ipex-llm 2.2.0) and why it fails on a CPU:
 - ``optimize_model=True`` (the default) rescales the layers, converts the linears to INT4, then
   replaces ``RwkvSelfAttention.forward`` and ``RwkvFeedForward.forward`` with versions that
-  ``import linear_q4_0``, an Intel-GPU-only module: ModuleNotFoundError on the first forward.
+  import ``linear_q4_0`` (bigdl-llm) or ``xe_linear`` (ipex-llm), Intel-GPU-only modules:
+  ModuleNotFoundError on the first forward.
 - ``optimize_model=False`` leaves the layers unrescaled, so transformers' first forward divides the
   INT4 weights in place ("result type Float can't be cast to ... Byte").
 
-``repair_for_cpu`` binds CPU forwards that keep bigdl's low-bit linears (and its layer rescale),
+``repair_for_cpu`` binds CPU forwards that keep the library's low-bit linears (and its layer rescale),
 applies the rescale to the outputs where the weights were not rescaled, and turns the fp16 mixing
 vectors into fp32 copies, which frees the memory-mapped checkpoint they were views into. The
-embedding table, which bigdl widens to fp32, goes back to the checkpoint's fp16.
+embedding table, which the library widens to fp32, goes back to the checkpoint's fp16.
 
 The forwards compute the same maths as transformers' RwkvSelfAttention / RwkvFeedForward with
 fewer tensor operations: one batched mix for key / value / receptance, the decay exponent computed
-once, and for a single token (decoding) bigdl's INT4 kernel called directly. Under generate() the
+once, and for a single token (decoding) the library's INT4 kernel called directly. Under generate() the
 head runs on the last position only, and a padded batch of prompts is read row by row, so that
 pads never enter a state. Where ``model.fused_forward`` is set (helpers.runtime.fused_decode's
 ``use_fused_step``), token ids (a prompt, a decoding step, or one step of a batch of sequences) run in
@@ -35,10 +36,10 @@ NO_MAXIMUM = -1e30
 
 
 def _linear(module, x):
-    """module(x); a single token calls bigdl's INT4 kernel without LowBitLinear's per-call checks."""
+    """module(x); a single token calls the library's INT4 kernel without LowBitLinear's per-call checks."""
     if x.shape[0] * x.shape[1] == 1 and hasattr(module, "qtype"):
-        from bigdl.llm.transformers.low_bit_linear import ggml_matmul_src1_x_src0_t
-
+        # the low_bit_linear module of the library that made the model (bigdl.llm's or ipex_llm's)
+        ggml_matmul_src1_x_src0_t = sys.modules[type(module).__module__].ggml_matmul_src1_x_src0_t
         out = ggml_matmul_src1_x_src0_t(module.weight.data, x.reshape(1, -1), module.weight_shape, module.qtype)
         return out.view(1, 1, -1)
     return module(x)
@@ -153,7 +154,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, inputs_embeds=N
 
 
 class HalfEmbedding(torch.nn.Module):
-    """The token embedding table kept in fp16, half of bigdl's fp32 copy; looked-up rows are fp32.
+    """The token embedding table kept in fp16, half of the library's fp32 copy; looked-up rows are fp32.
 
     An fp16 table (a mapped low-bit cache) is kept as it is, not copied."""
 
@@ -181,17 +182,18 @@ def release_freed_memory():
 
 
 def repair_for_cpu(model):
-    """Make a bigdl-converted RWKV-4 model (any of its loading APIs) run correctly on CPU. Returns it."""
-    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
-
+    """Make an RWKV-4 model that bigdl-llm or ipex-llm converted (any of its loading APIs) run correctly on CPU.
+    Returns it."""
     rwkv = model.rwkv
     if not isinstance(rwkv.embeddings, HalfEmbedding):
         rwkv.embeddings = HalfEmbedding(rwkv.embeddings.weight)
     # Everything but the low-bit linears and the embeddings computes in fp32, whichever API loaded it
     # (load_low_bit leaves the norms in the checkpoint's fp16).
     for module in model.modules():
-        if not isinstance(module, (LowBitLinear, HalfEmbedding)):
+        if not (hasattr(module, "qtype") or isinstance(module, HalfEmbedding)):  # a LowBitLinear has a qtype
             _own_parameters_to_fp32(module)
+    # ipex-llm's head (its "lm_head") would keep only the last position of a prompt over 10 tokens.
+    model.head.optimize_lm_head = False
     every = model.config.rescale_every
     # Weights already rescaled (optimize_model=True) need no scale; otherwise scale the outputs,
     # which equals dividing the weights and leaves the INT4 weights untouched.

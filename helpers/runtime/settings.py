@@ -27,10 +27,12 @@ def _setting(variable, flag, help, default=None):
 class Settings:
     model: str | None = _setting("RWKV_MODEL", "--model", "the model: a local folder or the id of a hub model you have "
                                  "downloaded (default: the small model trained here)")
-    native_build: str | None = _setting("RWKV_NATIVE_BUILD", "--native-build", "bigdl-llm's native kernel build: "
+    library: str | None = _setting("RWKV_LIBRARY", "--library", "the low-bit library, where both are installed: "
+                                   "bigdl-llm or ipex-llm (default: the one installed, bigdl-llm first)")
+    native_build: str | None = _setting("RWKV_NATIVE_BUILD", "--native-build", "the low-bit library's native kernel build: "
                                         "avx512, avxvnni, avx2 or avx (default: the fastest this CPU runs)")
     fused_decode: bool = _setting("RWKV_FUSED_DECODE", "--no-fused-decode", "0: decode low-bit models through torch "
-                                  "and bigdl-llm's kernels, not the fused native step (default: 1)", True)
+                                  "and the library's kernels, not the fused native step (default: 1)", True)
     fused_kernel: str = _setting("RWKV_FUSED_KERNEL", "--fused-kernel", "the fused step's build: auto, avx512, "
                                  "avxvnni or avx2 (default: auto, the fastest this CPU runs)", "auto")
     low_bit_cache: bool = _setting("RWKV_LOW_BIT_CACHE", "--no-low-bit-cache", "0: convert the checkpoint on every "
@@ -39,7 +41,7 @@ class Settings:
                                         "in (default: ~/.cache/rwkv-int4-notebooks/kernels)")
     api_keys: str | None = _setting("RWKV_API_KEYS", "--api-keys", "comma-separated keys API clients must send "
                                     "(default: none, only for a loopback address)")
-    native_library: str | None = _setting("LLAMA_CPP_LIB", "", "bigdl-llm's: the path of the libllama build to load; "
+    native_library: str | None = _setting("LLAMA_CPP_LIB", "", "the library's: the path of the libllama build to load; "
                                           "set, it wins over RWKV_NATIVE_BUILD")
     chosen_native_library: str | None = _setting("RWKV_CHOSEN_NATIVE_LIBRARY", "", "set by helpers, not by you: the "
                                                  "LLAMA_CPP_LIB it chose, which the processes it starts inherit")
@@ -122,9 +124,14 @@ def export(settings):
 
 
 def use_native_library(path):
-    """Point bigdl-llm (in this process, and the ones it starts) at the libllama build at path, saying that
+    """Point the low-bit library (in this process, and the ones it starts) at the libllama build at path, saying that
     helpers chose it (a child that inherits it chooses again; a different LLAMA_CPP_LIB is the user's)."""
     os.environ[SETTINGS["native_library"].variable] = os.environ[SETTINGS["chosen_native_library"].variable] = path
+
+
+def set_variables(variables):
+    """Set {variable: value} in this process's environment (and its children's): another program's settings."""
+    os.environ.update(variables)
 
 
 def keep_fastchat_logs_on_stdout():

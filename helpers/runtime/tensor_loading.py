@@ -1,12 +1,12 @@
-"""Build bigdl-llm low-bit RWKV-4 models one tensor at a time, with little more memory than the result.
+"""Build low-bit RWKV-4 models of bigdl-llm (or ipex-llm) one tensor at a time, with little more memory than the result.
 
 bigdl-llm's ``from_pretrained`` loads the whole fp16 model, then converts each linear through an fp32
 copy of it: its peak holds the fp16 model, the growing low-bit copy and fp32 temporaries (the 1.5B
 head alone is 512 MiB in fp32). Here the model starts empty, on torch's meta device, and each tensor
 of the checkpoint (safetensors, or the zip files of torch.save named pytorch_model.bin; fp16, bf16 or
-fp32) is read at its offset in the file and quantized a few rows at a time by bigdl-llm's own
+fp32) is read at its offset in the file and quantized a few rows at a time by the library's own
 quantizer: the peak is the low-bit model plus one tensor of the checkpoint, and the low-bit bytes are
-bigdl-llm's (a test checks that they are equal).
+the library's (a test checks that they are equal).
 
 The low-bit weights share one buffer on transparent huge pages where Linux offers them: a decoding
 step reads every weight once, and 2 MiB pages spare it a TLB miss every 4 KiB (2-4% of a 1.5B
@@ -25,6 +25,7 @@ import torch
 
 from helpers.runtime.checkpoint_files import WEIGHT_FILES, TensorFile, checkpoint_files, weight_files
 from helpers.runtime.errors import UserError
+from helpers.runtime import library
 from helpers.runtime.formats import body_and_head
 
 CHUNK_VALUES = 2**22  # weights read and quantized at once by each thread
@@ -49,8 +50,7 @@ def huge_page_buffer(nbytes):
 
 def low_bit_bytes(linear):
     """Bytes of a LowBitLinear's weight blocks."""
-    import bigdl.llm.ggml.model.llama.llama_cpp as ggml
-
+    ggml = library.module(library.KERNELS)
     rows, cols = linear.weight_shape
     return rows * (cols // ggml.ggml_qk_size(linear.qtype) * ggml.ggml_type_size(linear.qtype))
 
@@ -58,8 +58,7 @@ def low_bit_bytes(linear):
 def low_bit_weight_buffers(model):
     """{weight name: uint8 tensor} for every LowBitLinear of the model, consecutive slices of one huge-page
     buffer in the order the model reads them."""
-    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
-
+    LowBitLinear = library.low_bit_linear().LowBitLinear
     sizes = {f"{name}.weight": low_bit_bytes(module) for name, module in model.named_modules()
              if isinstance(module, LowBitLinear)}
     spans = [-(-size // ALIGNMENT) * ALIGNMENT for size in sizes.values()]
@@ -69,12 +68,10 @@ def low_bit_weight_buffers(model):
 
 
 def quantize(checkpoint, name, qtype, divisor, buffers, pool, blocks):
-    """Fill `blocks` with bigdl-llm's low-bit blocks of a [rows, cols] weight of the checkpoint, divided by
+    """Fill `blocks` with the library's low-bit blocks of a [rows, cols] weight of the checkpoint, divided by
     `divisor` first (in its own dtype, as transformers' rescale does). Each thread of the pool reads and
     quantizes a share of the rows, a chunk at a time through its pair of buffers (raw bytes, fp32);
-    bigdl-llm's quantizer is a C function, so they run in parallel."""
-    import bigdl.llm.ggml.model.llama.llama_cpp as ggml
-
+    the library's quantizer is a C function, so they run in parallel."""
     rows, cols = checkpoint.entries[name].shape
     row_bytes = blocks.numel() // rows
     step = max(1, CHUNK_VALUES // cols)
@@ -87,9 +84,7 @@ def quantize(checkpoint, name, qtype, divisor, buffers, pool, blocks):
             if divisor > 1:
                 chunk.div_(divisor)
             values[:count].copy_(chunk)
-            ggml.ggml_quantize_tensor(ctypes.cast(values.data_ptr(), ctypes.POINTER(ctypes.c_float)),
-                                      ctypes.c_void_p(blocks.data_ptr() + start * row_bytes), qtype, count,
-                                      cols, (ctypes.c_int64 * 16)())
+            library.quantize_tensor(values.data_ptr(), blocks.data_ptr() + start * row_bytes, qtype, count, cols)
 
     list(pool.map(quantize_share, range(len(buffers))))
     return blocks
@@ -110,11 +105,11 @@ def _skipped_init():
 
 
 def empty_low_bit_model(config_folder, low_bit):
-    """The RWKV-4 model of the folder's config on the meta device, its linears bigdl-llm LowBitLinears (in a
-    mix, the head in its own format: bigdl-llm's converter skips the head, then converts it alone)."""
-    from bigdl.llm.ggml.quantize import ggml_tensor_qtype
-    from bigdl.llm.transformers.convert import ggml_convert_low_bit
-    from bigdl.llm.transformers.model import save_low_bit
+    """The RWKV-4 model of the folder's config on the meta device, its linears the library's LowBitLinears (in a
+    mix, the head in its own format: the library's converter skips the head, then converts it alone)."""
+    ggml_tensor_qtype = library.module("ggml.quantize").ggml_tensor_qtype
+    ggml_convert_low_bit = library.module("transformers.convert").ggml_convert_low_bit
+    save_low_bit = library.module("transformers.model").save_low_bit
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
 
@@ -141,8 +136,7 @@ def _rescale_divisor(name, config, rescale):
 
 def _low_bit_linear(model, name):
     """The LowBitLinear whose weight is called `name`, or None."""
-    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
-
+    LowBitLinear = library.low_bit_linear().LowBitLinear
     module_name, _, field = name.rpartition(".")
     try:
         module = model.get_submodule(module_name)
@@ -154,8 +148,7 @@ def _low_bit_linear(model, name):
 def _expected_shapes(model):
     """{parameter name: the shape config.json gives its checkpoint tensor} of the empty model (a low-bit
     linear's weight: its shape before quantizing)."""
-    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
-
+    LowBitLinear = library.low_bit_linear().LowBitLinear
     return {f"{module_name}.{field}": list(module.weight_shape if isinstance(module, LowBitLinear) and field == "weight"
                                            else parameter.shape)
             for module_name, module in model.named_modules() for field, parameter in module._parameters.items()
@@ -198,8 +191,7 @@ def _check_against_model(files, model, label):
 def _place(model, name, tensor, label):
     """Put a tensor into the empty model as the parameter `name` (a low-bit linear's blocks become its
     FP4Params). Raises UserError for a name that the model has no place for."""
-    from bigdl.llm.transformers.low_bit_linear import FP4Params, LowBitLinear
-
+    FP4Params, LowBitLinear = library.low_bit_linear().FP4Params, library.low_bit_linear().LowBitLinear
     module_name, _, field = name.rpartition(".")
     try:
         module = model.get_submodule(module_name)
@@ -224,7 +216,7 @@ def quantized_from_checkpoint(folder, low_bit, rescale=True):
     tensor's place and shape are checked against config.json before anything is allocated or read, so what
     is allocated follows from the config, and every tensor lies inside its file (helpers.runtime.checkpoint_files).
 
-    rescale=True divides the output weights before quantizing, as bigdl-llm's optimize_model=True does.
+    rescale=True divides the output weights before quantizing, as the library's optimize_model=True does.
     """
     files = [TensorFile(path) for path in checkpoint_files(folder)]
     model = empty_low_bit_model(folder, low_bit)
@@ -254,7 +246,7 @@ def mapped_low_bit_cache(folder, low_bit):
     into the huge-page buffer and its mapped pages released behind it (the peak stays about the model's size),
     the other tensors read in where they are mapped.
 
-    save_low_bit is only ever called on rescaled weights, as bigdl-llm's load_low_bit assumes too.
+    save_low_bit is only ever called on rescaled weights, as the library's load_low_bit assumes too.
     """
     model = empty_low_bit_model(folder, low_bit)
     weight_buffers = low_bit_weight_buffers(model)

@@ -248,7 +248,7 @@ def main(argv=None):
                         "prefixes (default: the worker's 256)")
     parser.add_argument("--host", default=HOST, help="the API server's address (another than loopback needs keys)")
     parser.add_argument("--low-bit", default="sym_int4", choices=CHOICES, help=LOW_BIT_HELP)
-    settings.add_flags(parser, "model", "api_keys", "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
+    settings.add_flags(parser, "model", "api_keys", "library", "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
     args = parser.parse_args(argv)
     chosen = settings.from_flags(args)
     settings.export(chosen)  # the workers inherit them

@@ -88,7 +88,7 @@ def main(argv=None):
                         help="memory for the states of recent prompts' prefixes, reused by the requests that begin "
                              "with them (0: none)")
     parser.add_argument("--cpus", help="cores to run on, as taskset -c takes them (0-7)")
-    settings.add_flags(parser, "model", "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
+    settings.add_flags(parser, "model", "library", "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
     args = parser.parse_args(argv)
     if args.host in WILDCARDS:
         parser.exit(2, f"Error: --host {args.host!r} listens on every network, public ones too, and a worker takes "
@@ -105,7 +105,7 @@ def main(argv=None):
     try:
         if args.cpus:
             os.sched_setaffinity(0, parse_cpus(args.cpus))  # before torch starts its threads
-        start(settings.from_flags(args))  # chooses bigdl-llm's native library, before bigdl.llm is imported
+        start(settings.from_flags(args))  # chooses the library's native kernels, before the library is imported
         import torch
         import uvicorn
 

@@ -56,7 +56,7 @@ from helpers.runtime.shapes import SHAPES
 from helpers.measure.checkpoints import LAYOUTS
 from helpers.runtime.fused_decode import KERNELS
 from helpers.runtime.memory import GIB, huge_page_bytes, model_weight_bytes, peak_rss_bytes
-from helpers.runtime import startup
+from helpers.runtime import library, startup
 
 OPTIONS = ["hf_fp32", "hf_bf16", "sym_int4", "sym_int4_unfused", "sym_int4_from_pretrained", "asym_int4", "sym_int5",
            "sym_int8", "sym_int4_head8", "sym_int4_cache"]
@@ -67,8 +67,8 @@ PREFILL_ROUNDS = 5  # the prompt read again after decoding, warm; the median is 
 def linear_weight_bytes(model):
     """Bytes of the weights every decoded token reads: all block linears and the head."""
     import torch
-    from bigdl.llm.transformers.low_bit_linear import LowBitLinear
 
+    LowBitLinear = library.low_bit_linear().LowBitLinear
     return sum(m.weight.data.nbytes for m in model.modules() if isinstance(m, (torch.nn.Linear, LowBitLinear)))
 
 

@@ -24,7 +24,7 @@ def parse_args(argv):
     parser.add_argument("--prompt", default=DRAGON_PROMPT, help="prompt to infer")
     parser.add_argument("--n-predict", type=int, default=DEFAULT_N_PREDICT, help="max tokens to predict")
     parser.add_argument("--low-bit", default="sym_int4", choices=CHOICES, help=LOW_BIT_HELP)
-    settings.add_flags(parser, "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
+    settings.add_flags(parser, "library", "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
     return parser.parse_args(argv)
 
 
@@ -34,7 +34,7 @@ def main(argv=None):
         format_prompt(args.prompt)  # refuse bad input before anything slow
         chosen = settings.from_flags(args)
         startup.start(chosen)
-        from helpers.runtime.loading import load_model, load_tokenizer  # after start(): it imports bigdl.llm
+        from helpers.runtime.loading import load_model, load_tokenizer  # after start(): it imports the low-bit library
 
         source = resolve_model(chosen.model)
         check_n_predict(args.n_predict, source.config["context_length"])

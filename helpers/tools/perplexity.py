@@ -25,7 +25,7 @@ from helpers.runtime.paths import HELD_OUT_TEXT
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    settings.add_flags(parser, "model", "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
+    settings.add_flags(parser, "model", "library", "native_build", "fused_decode", "fused_kernel", "low_bit_cache")
     parser.add_argument("--formats", help=f"comma-separated, from {', '.join(FORMATS)} (default: all; with "
                         "--per-matrix one low-bit format, default sym_int4)")
     parser.add_argument("--per-matrix", action="store_true", help="quantize each kind of matrix alone, the rest in FP32")
