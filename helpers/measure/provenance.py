@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from helpers.runtime import settings
+from helpers.runtime import library, settings
 from helpers.runtime.cpu import AVX512, cpu_info
 from helpers.runtime.errors import UserError
 from helpers.runtime.memory import GIB
@@ -102,7 +102,7 @@ def stamp(kind, command, threads, bandwidths_gbs):
     """The provenance of a run made now, on this machine, with this code; bandwidths_gbs: the read bandwidths
     sampled while it ran (None for a run that memory does not bound)."""
     return {"kind": kind, "fingerprint": fingerprint(kind), "date": datetime.date.today().isoformat(),
-            "machine": machine(), "threads": threads, "command": command,
+            "machine": machine(), "threads": threads, "command": command, "library": library.described(),
             "read_bandwidth_gbs": [round(min(bandwidths_gbs), 1), round(max(bandwidths_gbs), 1)] if bandwidths_gbs else None}
 
 
@@ -120,9 +120,10 @@ def check_current(provenance, path):
 
 
 def caption(provenance):
-    """'Measured on DATE on MACHINE, N threads, read bandwidth A to B GB/s (code FINGERPRINT).'"""
+    """'Measured on DATE on MACHINE, N threads, read bandwidth A to B GB/s; KIND code FINGERPRINT, LIBRARY VERSION.'"""
     bandwidth = provenance["read_bandwidth_gbs"]
     read = f", read bandwidth {bandwidth[0]:.0f} to {bandwidth[1]:.0f} GB/s" if bandwidth else ""
     threads = f"{provenance['threads']} thread{'s' if provenance['threads'] != 1 else ''}"
+    made_with = f", {provenance['library']}" if provenance.get("library") else ""
     return (f"Measured {provenance['date']} on {describe(provenance['machine'])}, {threads}{read}; "
-            f"{provenance['kind']} code {provenance['fingerprint']}.")
+            f"{provenance['kind']} code {provenance['fingerprint']}{made_with}.")

@@ -206,12 +206,12 @@ def rounds_table(result):
                f"{result['round_tokens']} greedy tokens in turn (its median ms per token); ratios are to "
                f"{first['option']}'s in the same round. " + provenance.caption(result["provenance"]))
     headers = ["option", "decode ms/token, median (range)", f"x {first['option']}, median (range)",
-               "prefill ms, median", "weights read per token GiB", f"x {first['option']}", "steady RSS GiB (x)",
-               "same greedy tokens as the first"]
+               "prefill ms, median", "weights read per token GiB", f"x {first['option']}", "load peak RSS GiB",
+               "steady RSS GiB (x)", "same greedy tokens as the first"]
     rows = [[r["option"], _median_and_range(r["decode_ms"]),
              _median_and_range(round_ratios(r, first), "x", 3),
              f"{statistics.median(r['prefill_ms']):.0f}", f"{r['weight_bytes'] / GIB:.2f}",
-             f"{r['weight_bytes'] / first['weight_bytes']:.3f}x",
+             f"{r['weight_bytes'] / first['weight_bytes']:.3f}x", f"{r['peak_load_rss_gib']:.2f}",
              f"{r['steady_rss_gib']:.2f} ({r['steady_rss_gib'] / first['steady_rss_gib']:.3f}x)",
              "yes" if r["same_tokens"] else "no"] for r in records]
     return caption + "\n\n" + markdown(headers, rows)

@@ -11,10 +11,10 @@ from helpers.runtime.settings import child_environment
 
 
 class WorkerProcess:
-    def __init__(self, module, args=(), threads=None, env=None, prefix=()):
+    def __init__(self, module, args=(), threads=None, env=None, prefix=(), python=sys.executable):
         """Start `python -m module args` (after `prefix`, e.g. numactl's), with env added to this process's
-        environment and OMP_NUM_THREADS=threads when given."""
-        self.command = [*prefix, sys.executable, "-m", module, *args]
+        environment and OMP_NUM_THREADS=threads when given; python: another environment's interpreter."""
+        self.command = [*prefix, str(python), "-m", module, *args]
         self.errors = tempfile.TemporaryFile("w+")
         threads_env = {"OMP_NUM_THREADS": threads} if threads else {}
         self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,

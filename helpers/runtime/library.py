@@ -57,6 +57,14 @@ def version():
     return metadata.version(name())
 
 
+def described():
+    """'bigdl-llm 2.5.0b20240627': the library in use and its version, or None where none is installed."""
+    try:
+        return f"{name()} {version()}"
+    except UserError:
+        return None
+
+
 def module(submodule=""):
     """The library's module `submodule` (e.g. "transformers.low_bit_linear"), imported."""
     return importlib.import_module(".".join(filter(None, [package(), submodule])))

@@ -8,6 +8,7 @@ TESTED = {  # low-bit library: {distribution: the version tested with it}
     "ipex-llm": {"ipex-llm": "2.2.0", "transformers": "4.37.0", "fschat": "0.2.36"},
 }
 REQUIREMENTS = {"bigdl-llm": "requirements.txt", "ipex-llm": "requirements-ipex-llm.txt"}  # what `make install` reads
+ENVIRONMENTS = {"bigdl-llm": ".venv", "ipex-llm": ".venv-ipex-llm"}  # and the virtual environment it makes
 AT_RISK = {  # distribution: what depends on its internals
     "transformers": "helpers.runtime.rwkv_cpu replaces the RWKV model's forwards by their attribute names and "
                     "positional arguments, so decoding may fail or compute other logits",

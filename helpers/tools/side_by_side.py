@@ -4,12 +4,15 @@ compares runs a few seconds apart.
 
     python -m helpers.tools.side_by_side [--shape 7b] [--layout hub] [--options sym_int4,sym_int4_head8] [--rounds 24]
                                          [--threads N] [--json PATH]
+    python -m helpers.tools.side_by_side --options sym_int4,sym_int4@ipex-llm,sym_int4_unfused,sym_int4_unfused@ipex-llm
 
 On a shared machine the read bandwidth drifts by 2x from minute to minute: options measured one after
 another (helpers.tools.bench) can differ by the drift alone. Here every round gives each option's median
 decode time over ROUND_TOKENS greedy tokens and its ratio to the first option's in the same round; the table
 gives each ratio's median and range over the rounds, with the bandwidth read between rounds. The options are
-helpers.tools.bench's (sym_int4_cache: from the low-bit cache, made first where it is missing).
+helpers.tools.bench's (sym_int4_cache: from the low-bit cache, made first where it is missing); OPTION@LIBRARY
+runs it on that low-bit library (bigdl-llm or ipex-llm), in the environment `make install LIBRARY=...` made
+where this one lacks it.
 """
 import argparse
 import json
@@ -27,12 +30,15 @@ from helpers.measure.reports import rounds_table
 from helpers.measure.workloads import UNFUSED, prompt_ids
 from helpers.measure.worker_process import WorkerProcess
 from helpers.runtime.checkpoint_files import checkpoint_files
-from helpers.runtime.errors import one_line_errors
+from helpers.runtime import library
+from helpers.runtime.errors import UserError, one_line_errors
 from helpers.runtime.formats import CHOICES
 from helpers.runtime.memory import GIB, huge_page_bytes, model_weight_bytes, peak_rss_bytes, rss_bytes
 from helpers.runtime.shapes import SHAPES
 from helpers.tools.bench import OPTIONS, checkpoint_source, linear_weight_bytes, load_option
 from helpers.measure.checkpoints import LAYOUTS
+from helpers.runtime.paths import REPO_ROOT
+from helpers.runtime.versions import ENVIRONMENTS
 
 KNOWN = list(dict.fromkeys(OPTIONS + list(CHOICES)))  # the benchmark's options, every format and mix among them
 ROUND_TOKENS = 8  # greedy tokens each option decodes in a round: a few seconds, so that rounds follow the drift
@@ -44,9 +50,10 @@ def worker(option, shape, threads, layout):
     from helpers.measure.timing import timed_greedy_decode
 
     start = time.perf_counter()
-    model = load_option(option, source)
-    loaded = {"option": option, "load_s": time.perf_counter() - start, "peak_load_rss_gib": peak_rss_bytes() / GIB,
-              "weight_bytes": linear_weight_bytes(model), "model_bytes": model_weight_bytes(model),
+    model = load_option(option.partition("@")[0], source)
+    loaded = {"option": option, "library": library.described(), "load_s": time.perf_counter() - start,
+              "peak_load_rss_gib": peak_rss_bytes() / GIB, "weight_bytes": linear_weight_bytes(model),
+              "model_bytes": model_weight_bytes(model),
               "fused_decode": getattr(model, "fused_forward", None) is not None}
     prompt = prompt_ids(source.config["vocab_size"])
     timed_greedy_decode(model, prompt, ROUND_TOKENS)  # warm up: every round measures a warm process
@@ -57,6 +64,18 @@ def worker(option, shape, threads, layout):
                           "tokens": run.tokens}), flush=True)
 
 
+def interpreter(library_name):
+    """The Python that runs an option on `library_name` (None: the one in use): this one where the library is
+    installed here, else the one of the environment `make install LIBRARY=...` made for it."""
+    if not library_name or library_name in library.installed():
+        return sys.executable
+    python = REPO_ROOT / ENVIRONMENTS[library_name] / "bin" / "python"
+    if not python.exists():
+        raise UserError(f"{library_name} is not installed here, and {python.parent.parent.name} is missing: run "
+                        f"`make install LIBRARY={library_name}` first")
+    return python
+
+
 def run_side_by_side(shape, layout, options, rounds, threads, command):
     from helpers.measure.checkpoints import ensure_checkpoint
 
@@ -65,9 +84,12 @@ def run_side_by_side(shape, layout, options, rounds, threads, command):
     try:
         for option in options:  # one at a time: no load competes with another for memory or bandwidth
             _drop_from_page_cache(checkpoint_files(folder))
-            env = {"RWKV_FUSED_DECODE": "0"} if option.endswith(UNFUSED) else {}
+            base, _, library_name = option.partition("@")
+            env = {"RWKV_FUSED_DECODE": "0"} if base.endswith(UNFUSED) else {}
+            env.update({"RWKV_LIBRARY": library_name} if library_name else {})
             args = ["--worker", option, "--shape", shape, "--threads", str(threads), "--layout", layout]
-            processes[option] = WorkerProcess("helpers.tools.side_by_side", args, threads, env)
+            processes[option] = WorkerProcess("helpers.tools.side_by_side", args, threads, env,
+                                              python=interpreter(library_name))
             records.append(processes[option].read())
         timings, bandwidths = [], []
         for number in range(rounds):
@@ -106,7 +128,8 @@ def main(argv=None):
     parser.add_argument("--shape", default="1b5", choices=list(SHAPES))
     parser.add_argument("--layout", default="safetensors", choices=list(LAYOUTS))
     parser.add_argument("--options", default="sym_int4,sym_int4_head8",
-                        help="comma-separated, two or more of " + ",".join(KNOWN) + "; ratios are to the first")
+                        help="comma-separated, two or more of " + ",".join(KNOWN) + ", each OPTION or OPTION@LIBRARY "
+                        f"({' or '.join(library.PACKAGES)}); ratios are to the first")
     parser.add_argument("--rounds", type=int, default=24, help="rounds of decoding, the options taking turns")
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
     parser.add_argument("--json", type=Path, help="write the run here")
@@ -114,7 +137,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     threads = args.threads or psutil.cpu_count(logical=False) or 1
     options = args.options.split(",")
-    unknown = set(options) - set(KNOWN)
+    unknown = {option.partition("@")[0] for option in options} - set(KNOWN)
+    unknown |= {option for option in options if option.partition("@")[2] not in ("", *library.PACKAGES)}
     if unknown or len(set(options)) < 2:
         parser.error(f"--options takes two or more different options of {', '.join(KNOWN)}")
     if not 1 <= args.rounds <= 100:
