@@ -256,6 +256,24 @@ def formats_table(quality_name, speed_runs=SIDE_BY_SIDE_RUNS):
     return table + "\n\n" + "\n".join(f"- {line}" for line in sources)
 
 
+def libraries_quality_table(quality_name):
+    """Per format and path: perplexity and KL from FP32 in the committed quality run quality_name (bigdl-llm's)
+    beside quality_name-ipex-llm (the same command on ipex-llm: its quantizer and its kernels)."""
+    names = {"bigdl-llm": quality_name, "ipex-llm": f"{quality_name}-ipex-llm"}
+    runs = {library: {(row.format, row.path): row for row in load_quality_rows(name)} for library, name in names.items()}
+    keys = [key for key in runs["bigdl-llm"] if key[1] != "-" and key in runs["ipex-llm"]]
+
+    def both(key, field, digits):
+        values = [getattr(run[key], field) for run in runs.values()]
+        return ["" if value is None else f"{value:.{digits}f}" for value in values]
+
+    table = markdown(["format", "path", "perplexity, bigdl-llm", "perplexity, ipex-llm", "KL mean, bigdl-llm",
+                      "KL mean, ipex-llm"],
+                     [[*key, *both(key, "perplexity", 3), *both(key, "kl_mean", 5)] for key in keys])
+    sources = "; ".join(f"{library}: data/quality/{name}.json" for library, name in names.items())
+    return f"{table}\n\n{sources} (their machine and date: data/quality/README.md)."
+
+
 def with_caption(table):
     """A table renderer that puts the run's provenance above the table (for those whose own text has none)."""
     return lambda result: provenance.caption(result["provenance"]) + "\n\n" + table(result)
@@ -272,11 +290,15 @@ RENDERED = re.compile(r"(<!-- rendered: (\S+) (\S+) -->\n)((?:(?!<!-- rendered:)
 def render(name, kind):
     """The table KIND (a RENDERERS key, or a serving run's "soak", "serving" or "prompts") of the committed run
     data/bench/NAME.json (for "rounds", a side-by-side run); or, for "kinds" and "formats", of the quality run
-    data/quality/NAME.json."""
+    data/quality/NAME.json (for "quality", its rows; "libraries": beside NAME-ipex-llm.json)."""
     if kind == "kinds":
         return kinds_table(load_kind_rows(name))
     if kind == "formats":
         return formats_table(name)
+    if kind == "libraries":
+        return libraries_quality_table(name)
+    if kind == "quality":
+        return quality_table(load_quality_rows(name))
     if kind == "rounds":  # helpers.tools.side_by_side's
         return rounds_table(read_run(name))
     if kind in ("soak", "serving"):  # a serving run

@@ -2,7 +2,7 @@
 
     python -m helpers.tools.bench [--shape 1b5] [--layout hub] [--threads N] [--json PATH] [--plot PATH] [--options a,b]
                             [--batch 1,4,8,16] [--kernel auto,avx512,avxvnni,avx2]
-    python -m helpers.tools.bench --refresh README.md docs/benchmarks.md docs/serving.md data/bench/README.md  # tables
+    python -m helpers.tools.bench --refresh README.md docs/benchmarks.md docs/serving.md docs/quality.md data/bench/README.md  # tables
 
 Each option runs in its own fresh process, one after another, on the same checkpoint and prompt, in the
 offline checkpoint's safetensors layout or in the layout the hub ships (`--layout hub`: one
