@@ -1,4 +1,5 @@
 """The low-bit cache: converted once, loaded after, rebuilt when damaged or stale, turned off on request."""
+import json
 import os
 import shutil
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 
 from conftest import run_cli
 from helpers.lessons.quality import logits_for
+from helpers.runtime import library
 from helpers.runtime.loading import load_cached_low_bit_model, load_model, load_tokenizer
 from helpers.runtime.low_bit_cache import cache_dir
 from helpers.runtime.models import resolve_model
@@ -87,6 +89,16 @@ def test_a_changed_checkpoint_is_converted_again(hub_source, cache_here, tmp_pat
     os.utime(folder / "pytorch_model.bin", ns=(0, 0))
     load_cached_low_bit_model(source, report=cache_here.append)
     assert "(the checkpoint changed since the cache was made)" in cache_here[1]
+
+
+def test_a_cache_the_other_library_made_is_converted_again(hub_source, cache_here):
+    load_cached_low_bit_model(hub_source, report=cache_here.append)
+    manifest = cache_dir(hub_source, "sym_int4") / "low_bit_cache.json"
+    other = next(name for name in library.PACKAGES if name != library.name())
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "library": other}))
+    load_cached_low_bit_model(hub_source, report=cache_here.append)
+    assert f"(the cache was made by {other}, and {library.name()} is in use)" in cache_here[1]
+    assert json.loads(manifest.read_text())["library"] == library.name()
 
 
 def test_the_cache_can_be_turned_off(tiny_source, cache_here, monkeypatch):
