@@ -39,11 +39,11 @@ demo: install $(CHECKPOINT)
 
 # The torch path of a CPU without AVX-512 and without a C compiler: bigdl-llm's avx2 kernels, no fused
 # step (with a compiler, such a CPU runs the fused step's avx2 build, whose logits equal the avx512
-# build's bit for bit: tests/test_fused_decode.py). The tests that decode, and notebooks 02, 03, 06, 08 and 09,
-# run again on it against the same committed outputs.
+# build's bit for bit: tests/test_fused_decode.py). The tests that decode, and notebooks 02, 03 and 06, run
+# again on it against the same committed outputs.
 AVX2_PATH := RWKV_FUSED_DECODE=0 RWKV_NATIVE_BUILD=avx2
 AVX2_PATH_TESTS := tests/test_low_bit.py tests/test_batching.py tests/test_chat.py notebooks/02_int4_loading.ipynb \
-	notebooks/03_generate.ipynb notebooks/06_chat.ipynb notebooks/08_deep_dive_quality.ipynb notebooks/09_deep_dive_fused_step.ipynb
+	notebooks/03_generate.ipynb notebooks/06_chat.ipynb
 
 # AS_CPU=epyc-zen3 runs every test as that CPU would see it (tests/cpus/epyc-zen3.cpuinfo: AVX2 and FMA, no
 # AVX-512, no VNNI), torch's kernels included; each pass's header says which builds it checked.
