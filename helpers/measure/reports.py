@@ -264,8 +264,7 @@ def libraries_quality_table(quality_name):
     keys = [key for key in runs["bigdl-llm"] if key[1] != "-" and key in runs["ipex-llm"]]
 
     def both(key, field, digits):
-        values = [getattr(run[key], field) for run in runs.values()]
-        return ["" if value is None else f"{value:.{digits}f}" for value in values]
+        return [_number(getattr(run[key], field), digits) for run in runs.values()]
 
     table = markdown(["format", "path", "perplexity, bigdl-llm", "perplexity, ipex-llm", "KL mean, bigdl-llm",
                       "KL mean, ipex-llm"],
@@ -452,14 +451,16 @@ def prompts_markdown(settings, run, targets=False):
                       "", chat_table(run.chat), "", *[f"- {line}" for line in summary_lines(run, settings, targets)]])
 
 
+def _number(value, digits):
+    """A quality figure to `digits` decimals; "" where the row has none (FP32's KL, the unigram baseline's)."""
+    return "" if value is None else f"{value:.{digits}f}"
+
+
 def quality_table(rows):
     """The rows of helpers.measure.perplexity as a Markdown table."""
-    def number(value, digits):
-        return "" if value is None else f"{value:.{digits}f}"
-
     return markdown(["format", "path", "perplexity", "KL mean", "KL p99", "top-1 = FP32", "tokens"],
-                    [[row.format, row.path, f"{row.perplexity:.3f}", number(row.kl_mean, 5), number(row.kl_p99, 4),
-                      number(row.top1_agreement, 4), str(row.tokens)] for row in rows])
+                    [[row.format, row.path, f"{row.perplexity:.3f}", _number(row.kl_mean, 5), _number(row.kl_p99, 4),
+                      _number(row.top1_agreement, 4), str(row.tokens)] for row in rows])
 
 
 def kinds_table(rows):
