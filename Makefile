@@ -50,21 +50,15 @@ AVX2_PATH_TESTS := tests/test_low_bit.py tests/test_batching.py tests/test_chat.
 AS_CPU_ENV := $(if $(AS_CPU),RWKV_CPUINFO=$(CURDIR)/tests/cpus/$(AS_CPU).cpuinfo ATEN_CPU_CAPABILITY=avx2)
 
 # On ipex-llm: the tests that load, convert, cache and decode, the library's own choice and versions, notebooks 02
-# and 03 against the outputs bigdl-llm committed, and the serving tests; not those no library reaches (the kernel's
-# builds, compiler, threads and allocation failure, settings' precedence, the cache's rebuild rules, the API
-# server's schema, keys, soak and tokenizing thread, make serve's processes), which the first pass runs.
+# and 03 against the outputs bigdl-llm committed, and the serving tests; not those marked library_independent
+# (pyproject.toml: the same on either library), which the first pass runs.
 IPEX_LLM_TESTS := tests/test_settings.py tests/test_cpu.py tests/test_low_bit.py tests/test_tensor_loading.py \
 	tests/test_low_bit_cache.py tests/test_fused_decode.py tests/test_batching.py tests/test_serving.py \
 	notebooks/02_int4_loading.ipynb notebooks/03_generate.ipynb
-IPEX_LLM_SKIP := kernel_sweep or multiply_add_rate or laptops_build or fields_or_formats or builds_are_kept or \
-	ships_in_the_package or failing_compiler or fastest_build or reproducible_across_runs or servers_own_schema or \
-	api_keys_both_ways or bad_model_path or keys_are_asked or soak_loses or user_setting_wins or choice_inherited or \
-	refuses_a_bad_switch or damaged_cache_is_rebuilt or changed_checkpoint or failed_allocation or without_a_compiler or \
-	long_prompt_being_tokenized or make_serve_answers
 
 ifeq ($(LIBRARY),ipex-llm)
 test: install $(CHECKPOINT)
-	RWKV_LIBRARY=ipex-llm $(AS_CPU_ENV) $(PY) -m pytest $(IPEX_LLM_TESTS) -k "not ($(IPEX_LLM_SKIP))"
+	RWKV_LIBRARY=ipex-llm $(AS_CPU_ENV) $(PY) -m pytest $(IPEX_LLM_TESTS) -m "not library_independent"
 else
 test: install $(CHECKPOINT)
 	$(VENV)/bin/ruff check helpers tests examples

@@ -108,6 +108,7 @@ CHOICE_AND_LOADED = ("from helpers.runtime import cpu, library, startup\nchoice 
                      "print(choice.build, choice.reason.replace(' ', '_'), cpu.loaded_native_library())")
 
 
+@pytest.mark.library_independent
 @pytest.mark.parametrize("build", ["avx2", "avx"])  # avx2: on an AVX2-only CPU, the build we would choose too
 def test_user_setting_wins(build):
     path = library.libs_dir() / f"libllama_{build}.so"
@@ -116,6 +117,7 @@ def test_user_setting_wins(build):
     assert (chosen, reason, loaded) == (build, "set_by_you_in_LLAMA_CPP_LIB", f"libllama_{build}.so")
 
 
+@pytest.mark.library_independent
 def test_a_choice_inherited_from_a_parent_is_made_again():
     inherited = str(library.libs_dir() / "libllama_avx.so")  # as a parent that chose avx hands it down
     chosen, reason, loaded = run_python(CHOICE_AND_LOADED, env={

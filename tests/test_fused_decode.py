@@ -144,6 +144,7 @@ def cpu_with(flags):
 LAPTOP = {"avx", "avx2", "fma", "f16c"}  # an Intel Core before the 12th generation, or an AMD Zen 1-3
 
 
+@pytest.mark.library_independent
 def test_each_cpu_gets_the_fastest_build_it_runs():
     assert fused_decode.kernel_choice(info=cpu_with(LAPTOP | {"avx_vnni"}))[0] == "avxvnni"
     assert fused_decode.kernel_choice(info=cpu_with(LAPTOP | {"avx_vnni", "avx512f", "avx512vl", "avx512_vnni"}))[0] == "avx512"
@@ -158,12 +159,14 @@ def test_each_cpu_gets_the_fastest_build_it_runs():
         fused_decode.kernel_choice(info=cpu_with({"avx", "fma"}))
 
 
+@pytest.mark.library_independent
 def test_a_failing_compiler_gets_a_reason(monkeypatch):
     monkeypatch.setenv("CC", "false")
     with pytest.raises(RuntimeError, match="false failed"):
         fused_decode.build_library("avx2", ("-DFORCE_A_NEW_BUILD",))
 
 
+@pytest.mark.library_independent
 def test_kernel_sweep_times_one_tokens_weights(tmp_path):
     result_file = tmp_path / "sweep.json"
     subprocess.run([sys.executable, "-m", "helpers.tools.kernel_sweep", "--shape", "1b5", "--threads", "1,2",
@@ -179,6 +182,7 @@ def test_kernel_sweep_times_one_tokens_weights(tmp_path):
     assert provenance.caption(result["provenance"]).startswith("Measured ")
 
 
+@pytest.mark.library_independent
 @pytest.mark.parametrize("kernel", list(fused_decode.runnable_kernels()))
 @pytest.mark.parametrize("low_bit", ["sym_int4", "sym_int8"])
 def test_the_multiply_add_rate_is_one_no_product_of_the_kernel_beats(kernel, low_bit):
@@ -198,6 +202,7 @@ def test_the_multiply_add_rate_is_one_no_product_of_the_kernel_beats(kernel, low
     assert kernel_rate < rate < 100 * kernel_rate
 
 
+@pytest.mark.library_independent
 @pytest.mark.parametrize("kernel", ["avxvnni", "avx2"])
 def test_a_laptops_build_holds_only_its_own_instructions(tmp_path, kernel):
     # Compiled here as on a laptop (not run, where this CPU lacks them): no AVX-512 register or
@@ -252,6 +257,7 @@ def test_weights_the_kernel_cannot_read_are_refused_when_it_is_built(tiny_source
         fused_decode.FusedForward(model, fused.native, *formats_of(model))
 
 
+@pytest.mark.library_independent
 @needs_fused_step
 def test_a_failed_allocation_in_the_kernel_is_a_memory_error(tiny_source):
     # Under an address-space limit just above what the process holds, the kernel's buffers for a long prompt
@@ -295,6 +301,7 @@ def refusal(native, path):
     return str(raised.value)
 
 
+@pytest.mark.library_independent
 @pytest.mark.skipif("avx2" not in RUNNABLE, reason="this CPU cannot run the avx2 build")
 def test_a_library_with_fields_or_formats_in_another_order_is_refused_with_one_line(tmp_path, monkeypatch):
     source = fused_decode.SOURCE.read_text()
@@ -315,6 +322,7 @@ def test_a_library_with_fields_or_formats_in_another_order_is_refused_with_one_l
     assert "built from older source, which does not describe its interface" in refusal(native, path)
 
 
+@pytest.mark.library_independent
 @needs_fused_step
 def test_builds_are_kept_outside_the_project_and_install_builds_every_runnable_one(tmp_path):
     assert REPO_ROOT not in fused_decode.build_library().parents
@@ -327,6 +335,7 @@ def test_builds_are_kept_outside_the_project_and_install_builds_every_runnable_o
     assert f"Decoding will use helpers' fused step, its {next(iter(RUNNABLE))} build" in result.stdout
 
 
+@pytest.mark.library_independent
 def test_without_a_compiler_the_first_load_says_why(tmp_path):
     script = "from helpers.runtime import fused_decode; print(fused_decode.decoding_path())"
     env = {**os.environ, "CC": "", "RWKV_KERNEL_CACHE": str(tmp_path / "empty"), "PATH": str(tmp_path)}  # no cc, gcc
@@ -335,6 +344,7 @@ def test_without_a_compiler_the_first_load_says_why(tmp_path):
                                      "found (install gcc, e.g. `apt install gcc`, then `make install`)"), result.stderr
 
 
+@pytest.mark.library_independent
 def test_the_kernel_source_ships_in_the_package(tmp_path):
     project = tmp_path / "project"  # a copy: building writes build/ beside pyproject.toml
     shutil.copytree(REPO_ROOT / "helpers", project / "helpers", ignore=shutil.ignore_patterns("__pycache__"))

@@ -113,6 +113,7 @@ def greedy_output(threads):
     return result.stdout.split("-------------------- Output --------------------\n")[1]
 
 
+@pytest.mark.library_independent
 def test_greedy_output_is_reproducible_across_runs_and_threads():
     assert greedy_output(2) == greedy_output(1)
 

@@ -71,6 +71,7 @@ def overwrite_start(path):
     (lambda folder: (folder / "tokenizer_config.json").unlink(), "tokenizer_config.json in the cache is missing"),
     (lambda folder: overwrite_start(folder / "pytorch_model.bin"), "the cache did not load"),
 ])
+@pytest.mark.library_independent
 def test_a_damaged_cache_is_rebuilt(hub_source, input_ids, sym_int4_logits, cache_here, damage, reason):
     load_cached_low_bit_model(hub_source, report=cache_here.append)
     damage(cache_dir(hub_source, "sym_int4"))
@@ -81,6 +82,7 @@ def test_a_damaged_cache_is_rebuilt(hub_source, input_ids, sym_int4_logits, cach
     assert cache_here[2].startswith("Loaded")
 
 
+@pytest.mark.library_independent
 def test_a_changed_checkpoint_is_converted_again(hub_source, cache_here, tmp_path):
     folder = tmp_path / "changing"
     shutil.copytree(hub_source.location, folder)

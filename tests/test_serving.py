@@ -241,6 +241,7 @@ def test_a_worker_stream_sends_only_the_text_each_chunk_adds(stack, tiny_source,
     assert "".join(chunk["text"] for chunk in chunks) == tokenizer.decode(greedy) and len(chunks[-1]["text"]) < 100
 
 
+@pytest.mark.library_independent
 def test_a_long_prompt_being_tokenized_does_not_hold_up_running_streams(stack, tiny_source):
     # A prompt far past the context: the worker tokenizes all of it before it can refuse it. In its event loop,
     # every stream it runs would wait that long for its next chunk.
@@ -292,6 +293,7 @@ def inlined(schema, components):
     return [inlined(item, components) for item in schema] if isinstance(schema, list) else schema
 
 
+@pytest.mark.library_independent
 def test_no_request_the_servers_own_schema_allows_gets_a_server_error(stack):
     # Bodies drawn from the server's OpenAPI document (every route it exposes), half of them for the served
     # model so that they get past the model check; bounded in count and, by each request's time limit, in time.
@@ -321,6 +323,7 @@ def test_no_request_the_servers_own_schema_allows_gets_a_server_error(stack):
     any_request()
 
 
+@pytest.mark.library_independent
 def test_a_soak_loses_no_request(stack):
     result = soak(stack.url, MODEL, 120, clients=8, worker_rss_mb=lambda: 0.0)
     assert result.outcomes.get("lost", 0) == 0, result.lost
@@ -351,6 +354,7 @@ def test_a_worker_killed_mid_stream_ends_its_stream_with_an_error_and_the_others
     assert raised.value.status_code == 503 and raised.value.body["message"].startswith(f"no worker serves {MODEL} now")
 
 
+@pytest.mark.library_independent
 def test_keys_are_asked_for_and_a_full_worker_answers_429_with_retry_after(tiny_source):
     with Stack(model=tiny_source.location, max_batch=1, max_queue=1, api_keys="sk-one,sk-two") as stack:
         for key in ("wrong", None):
@@ -419,6 +423,7 @@ def reads_only_the_new_turn(client, model, worker_url, tokenizer):
     return read <= len(tokenizer(f"\n\nUser: {messages[-1]['content']}\n\nAI:").input_ids) + 1
 
 
+@pytest.mark.library_independent
 def test_make_serve_answers_with_penalties_then_ctrl_c_stops_all_three(trained_source):
     port = free_port()
     serve = subprocess.Popen([sys.executable, "-m", "helpers.serving", "--port", str(port), "--low-bit", "sym_int4_head8"],
@@ -462,6 +467,7 @@ def test_make_serve_answers_with_penalties_then_ctrl_c_stops_all_three(trained_s
         serve.kill()
 
 
+@pytest.mark.library_independent
 @pytest.mark.parametrize("keys", [["API_KEYS=sekrit"], []])  # as the README gives them: a make variable, RWKV_API_KEYS
 def test_make_serve_takes_api_keys_both_ways_the_readme_gives(keys):
     port = free_port()
@@ -480,6 +486,7 @@ def test_make_serve_takes_api_keys_both_ways_the_readme_gives(keys):
         serve.wait(30)
 
 
+@pytest.mark.library_independent
 def test_a_bad_model_path_stops_make_serve_with_one_line():
     result = subprocess.run([sys.executable, "-m", "helpers.serving", "--port", str(free_port()), "--model", "/no/such/model"],
                             capture_output=True, text=True, timeout=120)

@@ -36,6 +36,7 @@ def test_every_switch_reads_as_people_write_it(name):
         assert variable in message and "1/true/yes/on/0/false/no/off" in message and "\n" not in message
 
 
+@pytest.mark.library_independent
 def test_a_tool_refuses_a_bad_switch_in_one_line():
     result = subprocess.run([sys.executable, "-m", "helpers.tools.generate", "--n-predict", "1"], capture_output=True,
                             text=True, cwd=REPO_ROOT, env={**os.environ, "RWKV_FUSED_DECODE": "maybe"})
