@@ -56,14 +56,27 @@ IPEX_LLM_TESTS := tests/test_settings.py tests/test_cpu.py tests/test_low_bit.py
 	tests/test_low_bit_cache.py tests/test_fused_decode.py tests/test_batching.py tests/test_serving.py \
 	notebooks/02_int4_loading.ipynb notebooks/03_generate.ipynb
 
+# The tests run in TEST_PROCESSES processes (pytest-xdist; 0: in pytest's own), each test file and notebook whole
+# in one of them (tests/conftest.py builds the files they share first). Their OpenMP threads sleep while they wait
+# (OMP_WAIT_POLICY=passive) rather than spin on the cores another process is decoding on.
+#
+# Notebook 02 removes the trained model's low-bit cache, which other tests read, to show it made again: it runs
+# first, on its own.
+TEST_PROCESSES ?= 2
+PYTEST := OMP_WAIT_POLICY=passive $(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile
+ALONE := notebooks/02_int4_loading.ipynb
+
 ifeq ($(LIBRARY),ipex-llm)
 test: install $(CHECKPOINT)
-	RWKV_LIBRARY=ipex-llm $(AS_CPU_ENV) $(PY) -m pytest $(IPEX_LLM_TESTS) -m "not library_independent"
+	RWKV_LIBRARY=ipex-llm $(AS_CPU_ENV) $(PY) -m pytest $(ALONE)
+	RWKV_LIBRARY=ipex-llm $(AS_CPU_ENV) $(PYTEST) $(filter-out $(ALONE),$(IPEX_LLM_TESTS)) -m "not library_independent"
 else
 test: install $(CHECKPOINT)
 	$(VENV)/bin/ruff check helpers tests examples
-	$(AS_CPU_ENV) $(PY) -m pytest
-	$(AS_CPU_ENV) $(AVX2_PATH) $(PY) -m pytest $(AVX2_PATH_TESTS)
+	$(AS_CPU_ENV) $(PY) -m pytest $(ALONE)
+	$(AS_CPU_ENV) $(PYTEST) --ignore=$(ALONE)
+	$(AS_CPU_ENV) $(AVX2_PATH) $(PY) -m pytest $(ALONE)
+	$(AS_CPU_ENV) $(AVX2_PATH) $(PYTEST) $(filter-out $(ALONE),$(AVX2_PATH_TESTS))
 endif
 
 lab: install $(CHECKPOINT)

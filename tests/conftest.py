@@ -1,3 +1,4 @@
+import fcntl
 import json
 import os
 import subprocess
@@ -11,9 +12,10 @@ NATIVE_CHOICE = start()  # before anything imports the low-bit library: chooses 
 from helpers.measure.provenance import describe, instruction_sets, machine  # noqa: E402
 from helpers.runtime import cpu, fused_decode, library  # noqa: E402
 from helpers.lessons.quality import logits_for  # noqa: E402
-from helpers.runtime.loading import load_hf_model, load_low_bit_model, load_tokenizer  # noqa: E402
+from helpers.runtime.formats import CHOICES  # noqa: E402
+from helpers.runtime.loading import ensure_cache, load_hf_model, load_low_bit_model, load_tokenizer  # noqa: E402
 from helpers.runtime.models import resolve_model  # noqa: E402
-from helpers.runtime.paths import DATA_DIR  # noqa: E402
+from helpers.runtime.paths import DATA_DIR, MODELS_DIR  # noqa: E402
 from helpers.runtime.settings import read as read_settings  # noqa: E402
 from helpers.measure.checkpoints import ensure_checkpoint  # noqa: E402
 
@@ -43,6 +45,26 @@ def pytest_report_header(config):
 def pytest_addoption(parser):
     parser.addoption("--screenshots", help="folder for the browser tests' screenshots (default: a temporary folder; "
                      "docs updates the README's)")
+
+
+# What tests in several processes read from data/models (make test runs two): checkpoints, and low-bit caches of
+# them in these formats. Built by neither process while the other reads them (helpers.lessons.tuning's shape
+# included).
+SHARED_FILES = [("tiny", "safetensors", ["sym_int4"]), ("tiny", "hub", ["sym_int4"]), ("169m", "hub", ["sym_int4"]),
+                (None, None, CHOICES)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_files():
+    """Before a process's first test: SHARED_FILES built where missing, by the first process here while the
+    others wait, so that no two processes write one at once and none reads one half written."""
+    MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(MODELS_DIR / ".tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for shape, layout, formats in SHARED_FILES:
+            source = resolve_model(shape and str(ensure_checkpoint(shape, layout=layout)))
+            for low_bit in formats:
+                ensure_cache(source, low_bit, report=lambda line: None)
 
 
 @pytest.fixture(scope="session")
