@@ -47,17 +47,16 @@ def pytest_addoption(parser):
                      "docs updates the README's)")
 
 
-# What tests in several processes read from data/models (make test runs two): checkpoints, and low-bit caches of
-# them in these formats. Built by neither process while the other reads them (helpers.lessons.tuning's shape
-# included).
+# What tests and notebooks in several processes read from data/models (make test runs two): checkpoints (notebook
+# 04's shape among them), and low-bit caches of them in these formats.
 SHARED_FILES = [("tiny", "safetensors", ["sym_int4"]), ("tiny", "hub", ["sym_int4"]), ("169m", "hub", ["sym_int4"]),
                 (None, None, CHOICES)]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def shared_files():
-    """Before a process's first test: SHARED_FILES built where missing, by the first process here while the
-    others wait, so that no two processes write one at once and none reads one half written."""
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist starts its processes, in the one that starts them
+def pytest_sessionstart(session):
+    """SHARED_FILES built where missing before any test, by the first process here while others wait, so that
+    no two processes write one at once and none reads one half written."""
     MODELS_DIR.mkdir(parents=True, exist_ok=True)
     with open(MODELS_DIR / ".tests.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
