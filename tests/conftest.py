@@ -61,7 +61,7 @@ def pytest_sessionstart(session):
     with open(MODELS_DIR / ".tests.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for shape, layout, formats in SHARED_FILES:
-            source = resolve_model(shape and str(ensure_checkpoint(shape, layout=layout)))
+            source = resolve_model(str(ensure_checkpoint(shape, layout=layout)) if shape else None)  # None: the trained model
             for low_bit in formats:
                 ensure_cache(source, low_bit, report=lambda line: None)
 
