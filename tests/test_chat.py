@@ -30,7 +30,7 @@ def reply(trained_source, trained_tokenizer):
 
 @pytest.fixture
 def box(reply, trained_tokenizer):
-    """A fresh chat box, greedy with ChatRWKV's penalties (temperature 0): the same answers on every run.
+    """A fresh chat box, greedy with the `rwkv` package's penalties (temperature 0): the same answers on every run.
     An answer a failed test left going is stopped."""
     box = ChatBox(reply, trained_tokenizer)
     box.sliders["temperature"].value = 0.0

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers.measure import checkpoints
+from helpers.lessons.formats import head_share
 from helpers.runtime.memory import parameter_counts
 
 
@@ -72,6 +73,12 @@ def test_weight_names_match_transformers(fp32_model, tiny_source):
     expected = dict(checkpoints.tensor_shapes(tiny_source.config))
     actual = {name: tuple(p.shape) for name, p in fp32_model.state_dict().items()}
     assert actual == expected
+
+
+def test_head_share_counts_the_models_linears(fp32_model, tiny_source):
+    # notebook 12's last memory row, against the linears transformers' model holds
+    linears = [module.weight.numel() for module in fp32_model.modules() if isinstance(module, torch.nn.Linear)]
+    assert head_share(tiny_source.config) == pytest.approx(fp32_model.head.weight.numel() / sum(linears))
 
 
 def test_sharded_checkpoint_loads(tmp_path, monkeypatch, tiny_source):

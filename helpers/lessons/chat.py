@@ -3,7 +3,7 @@
 The notebook's ``reply(text, conversation, sampling=...)`` reads a user turn into the conversation's RNN
 state and yields the answer's token ids as they come; the box streams them into its transcript, offers
 Stop (after the current token) and Reset (a new conversation), and sliders for the sampling settings,
-ChatRWKV's to begin with (helpers.runtime.sampling.CHATRWKV).
+the `rwkv` package's defaults to begin with (helpers.runtime.sampling.RWKV_DEFAULTS).
 """
 import dataclasses
 import html
@@ -12,7 +12,7 @@ import time
 
 import ipywidgets as widgets
 
-from helpers.runtime.sampling import CHATRWKV
+from helpers.runtime.sampling import RWKV_DEFAULTS
 
 # (setting, slider label, largest value, step): the Sampling fields the box lets a person change.
 SLIDERS = [("temperature", "temperature", 2.0, 0.05), ("top_p", "top_p", 1.0, 0.05),
@@ -25,7 +25,7 @@ def new_conversation():
 
 
 class ChatBox:
-    def __init__(self, reply, tokenizer, sampling=CHATRWKV):
+    def __init__(self, reply, tokenizer, sampling=RWKV_DEFAULTS):
         self.reply, self.tokenizer, self.defaults = reply, tokenizer, sampling
         self.conversation, self.turns = new_conversation(), []  # turns: [user text, answer text]
         self._thread, self._stop = None, threading.Event()

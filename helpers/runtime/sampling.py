@@ -3,8 +3,8 @@ and frequency penalties on tokens the answer already has.
 
 The penalties are OpenAI's (https://platform.openai.com/docs/advanced-usage/frequency-and-presence-penalties):
 a token's logit loses presence_penalty once it has appeared and frequency_penalty for every time it has.
-ChatRWKV decodes with both at 0.2 and lets each count fade by penalty_decay (0.996) a token, so a word
-said long ago is free again (the `rwkv` package's PIPELINE_ARGS: CHATRWKV below).
+BlinkDL's `rwkv` package samples by default with both at 0.2 and lets each count fade by penalty_decay
+(0.996) a token, so a word said long ago is free again (its PIPELINE_ARGS: RWKV_DEFAULTS below).
 """
 from dataclasses import dataclass
 
@@ -62,5 +62,5 @@ class Sampling:
         counts[token] = counts.get(token, 0) + 1
 
 
-# ChatRWKV's sampling for chat (PIPELINE_ARGS of the `rwkv` package, 0.8): temperature 1.0, top_p 0.85.
-CHATRWKV = Sampling(temperature=1.0, top_p=0.85, presence_penalty=0.2, frequency_penalty=0.2, penalty_decay=0.996)
+# The `rwkv` package's default sampling (its PIPELINE_ARGS, 0.8): temperature 1.0, top_p 0.85.
+RWKV_DEFAULTS = Sampling(temperature=1.0, top_p=0.85, presence_penalty=0.2, frequency_penalty=0.2, penalty_decay=0.996)
