@@ -361,14 +361,17 @@ def step_line(settings, results, targets=False):
             + _thread_cost(settings))
 
 
+THREADS = {"step_in_long_lived_thread_tokens_per_s": "in a thread that ran it every round, as the worker's model thread does",
+           "step_in_thread_tokens_per_s": "in a new thread started for it"}
+
+
 def _thread_cost(settings):
-    """". In a new thread ...", where the run timed the step in a thread started for it after the main thread's."""
-    in_thread = settings.get("step_in_thread_tokens_per_s")
-    if not in_thread:
-        return ""
-    ratios = [main / thread for main, thread in zip(settings["step_tokens_per_s"], in_thread)]
-    return (f". In a new thread of its own (the worker runs its model in a thread), the step took {statistics.median(ratios):.2f}x "
-            f"the main thread's time ({min(ratios):.2f}x to {max(ratios):.2f}x)")
+    """". Against the main thread's time ...": the step's time in other threads, round by round against the main
+    thread's, where the run timed it there."""
+    parts = [f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}x to {max(ratios):.2f}x) {where}"
+             for key, where in THREADS.items() if settings.get(key)
+             for ratios in [[main / other for main, other in zip(settings["step_tokens_per_s"], settings[key])]]]
+    return f". Against the main thread's time, the step took {'; '.join(parts)}" if parts else ""
 
 
 def load_rows(results):

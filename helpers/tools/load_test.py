@@ -10,8 +10,9 @@ kinds, to see that every one is answered or refused with a line and that the wor
 The command starts the serving stack (one worker) on the model, runs the client counts in turn, `--rounds`
 times over (or the soak), and prints a table (notebooks 10 and 11 show the committed runs). `--step` also
 times the batched decoding step alone (helpers.tools.bench's, as many sequences as the most clients) after each
-round, in this process while the worker idles: the server's ceiling, measured side by side; and then in a new
-thread of its own (the worker runs its model in a thread), to see what a step loses off the main thread.
+round, in this process while the worker idles: the server's ceiling, measured side by side. It times it in the
+main thread, in a thread that runs it every round (as the worker's model thread does) and in a new thread
+started for it, in turns, to see what a step loses off the main thread.
 """
 import argparse
 import json
@@ -102,16 +103,28 @@ def soak(url, model, count, clients, worker_rss_mb=lambda: None, headers=None):
     return result
 
 
-def step_tokens_per_s(model, batch, steps=16, in_thread=False):
+def step_tokens_per_s(model, batch, steps=16, thread=None):
     """Tokens/s of the batched decoding step alone: `batch` sequences (the benchmark's prompts), the median step;
-    in_thread: run in a new thread of its own rather than in the calling one."""
+    thread: a ThreadPoolExecutor of one thread to run it in, rather than the calling thread."""
     from helpers.measure.timing import batched_greedy
 
-    if in_thread:
-        with ThreadPoolExecutor(1) as pool:
-            return pool.submit(step_tokens_per_s, model, batch, steps).result()
+    if thread is not None:
+        return thread.submit(step_tokens_per_s, model, batch, steps).result()
     _, step_ms = batched_greedy(model, batch_prompts(model.config.vocab_size, batch), steps)
     return batch * 1000 / statistics.median(step_ms)
+
+
+def step_in_new_thread(model, batch):
+    with ThreadPoolExecutor(1) as thread:
+        return step_tokens_per_s(model, batch, thread=thread)
+
+
+def step_ways(model, batch, model_thread):
+    """{JSON key: how to time the step}: in the main thread, in `model_thread` (one for the whole run, as the
+    worker's), in a new thread."""
+    return {"step_tokens_per_s": lambda: step_tokens_per_s(model, batch),
+            "step_in_long_lived_thread_tokens_per_s": lambda: step_tokens_per_s(model, batch, thread=model_thread),
+            "step_in_thread_tokens_per_s": lambda: step_in_new_thread(model, batch)}
 
 
 @one_line_errors
@@ -147,13 +160,14 @@ def main(argv=None):
                 result.worker = requests.post(stack.workers[0].url + "/worker_get_status", timeout=10).json()
             else:
                 alone = load_model(serving.source, report=lambda line: None) if args.step else None
-                results, steps, thread_steps = [], [], []
-                for _ in range(args.rounds):
-                    results += [load_test(stack.url, model, count, args.requests, args.max_tokens,
-                                          lambda text: len(serving.tokenizer(text).input_ids)) for count in clients]
-                    if args.step:
-                        steps.append(step_tokens_per_s(alone, max(clients)))
-                        thread_steps.append(step_tokens_per_s(alone, max(clients), in_thread=True))
+                results, steps = [], {}
+                with ThreadPoolExecutor(1) as model_thread:
+                    ways = step_ways(alone, max(clients), model_thread) if args.step else {}
+                    for number in range(args.rounds):
+                        results += [load_test(stack.url, model, count, args.requests, args.max_tokens,
+                                              lambda text: len(serving.tokenizer(text).input_ids)) for count in clients]
+                        for key, measure in sorted(ways.items(), reverse=number % 2 == 1):  # in turns
+                            steps.setdefault(key, []).append(measure())
     except UserError as error:
         sys.exit(f"Error: {error}")
     made = serving.stamp(provenance.command_line("helpers.tools.load_test", argv))
@@ -165,8 +179,7 @@ def main(argv=None):
             print("Lost:", *result.lost, sep="\n  ")
     else:
         run = {"model": model, "max_tokens": args.max_tokens, "requests": args.requests, "rounds": args.rounds,
-               "provenance": made, "results": [asdict(result) for result in results], "step_tokens_per_s": steps,
-               "step_in_thread_tokens_per_s": thread_steps}
+               "provenance": made, "results": [asdict(result) for result in results], **steps}
         print(serving_markdown(run, results, targets=True))
     if args.json:
         args.json.write_text(json.dumps(run, indent=1))
