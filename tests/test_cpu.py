@@ -11,31 +11,15 @@ ZEN3 = Path(__file__).parent / "cpus" / "epyc-zen3.cpuinfo"
 AVX2_ONLY = {"avx", "avx2", "fma"}  # e.g. AMD Zen 2
 ZEN4 = AVX2_ONLY | cpu.AVX512 | {"avx512_vnni"}  # AVX-512 without AMX, on a non-Intel vendor
 SAPPHIRE_RAPIDS = ZEN4 | {"avx_vnni", "amx_tile", "amx_int8"}
-PROC_CPUINFO = """processor\t: 0
+PROC_CPUINFO = "".join(f"""processor\t: {number}
 vendor_id\t: AuthenticAMD
 cpu family\t: 25
 model\t\t: 17
 model name\t: AMD EPYC 9654
-physical id\t: 0
+physical id\t: {socket}
 core id\t: 0
 flags\t\t: fpu avx avx2 fma
-processor\t: 1
-vendor_id\t: AuthenticAMD
-cpu family\t: 25
-model\t\t: 17
-model name\t: AMD EPYC 9654
-physical id\t: 0
-core id\t: 0
-flags\t\t: fpu avx avx2 fma
-processor\t: 2
-vendor_id\t: AuthenticAMD
-cpu family\t: 25
-model\t\t: 17
-model name\t: AMD EPYC 9654
-physical id\t: 1
-core id\t: 0
-flags\t\t: fpu avx avx2 fma
-"""
+""" for number, socket in enumerate([0, 0, 1]))  # two logical CPUs of one core on socket 0, one on socket 1
 
 
 def fake_cpu(flags, vendor="AuthenticAMD"):

@@ -30,7 +30,7 @@ class Settings:
     library: str | None = _setting("RWKV_LIBRARY", "--library", "the low-bit library, where both are installed: "
                                    "bigdl-llm or ipex-llm (default: the one installed, bigdl-llm first)")
     native_build: str | None = _setting("RWKV_NATIVE_BUILD", "--native-build", "the low-bit library's native kernel build: "
-                                        "avx512, avxvnni, avx2 or avx (default: the fastest this CPU runs)")
+                                        "amx, avx512, avxvnni, avx2 or avx (default: the fastest this CPU runs)")
     fused_decode: bool = _setting("RWKV_FUSED_DECODE", "--no-fused-decode", "0: decode low-bit models through torch "
                                   "and the library's kernels, not the fused native step (default: 1)", True)
     fused_kernel: str = _setting("RWKV_FUSED_KERNEL", "--fused-kernel", "the fused step's build: auto, avx512, "
