@@ -1,6 +1,7 @@
 """The generate CLI: the upstream example's layout, and one clear line with exit code 2 for bad input."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,9 @@ from helpers.tools import generate
 from helpers.measure.checkpoints import make_config
 from helpers.runtime.prompt import DRAGON_PROMPT, PROMPT_FORMAT
 from helpers.runtime.cpu import CpuInfo
+from helpers.runtime.errors import UserError
+from helpers.runtime.models import resolve_model
+from helpers.runtime.paths import REPO_ROOT
 
 SEPARATORS = ["-------------------- Prompt --------------------", "-------------------- Output --------------------"]
 
@@ -94,3 +98,12 @@ def test_a_hub_id_loads_from_the_hugging_face_cache(hub_source, tmp_path):
                      env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "RWKV_LOW_BIT_CACHE": "0"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(SEPARATORS[1]) == 1
+
+
+def test_a_relative_model_folder_is_found_from_the_project_root_too(tiny_source, tmp_path, monkeypatch):
+    # RWKV_MODEL=data/models/... make lab: a notebook's kernel runs in notebooks/, not where make ran
+    relative = Path(tiny_source.location).relative_to(REPO_ROOT)
+    monkeypatch.chdir(tmp_path)
+    assert Path(resolve_model(str(relative)).location) == Path(tiny_source.location)
+    with pytest.raises(UserError, match="No model folder at data/models/no-such-model"):
+        resolve_model("data/models/no-such-model")

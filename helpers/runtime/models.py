@@ -6,7 +6,7 @@ from pathlib import Path
 
 from helpers.runtime import settings
 from helpers.runtime.errors import UserError
-from helpers.runtime.paths import TRAINED_MODEL_DIR
+from helpers.runtime.paths import REPO_ROOT, TRAINED_MODEL_DIR
 from helpers.runtime.checkpoint_files import checkpoint_files
 
 # The real RWKV-4 World models on the Hugging Face hub, with their fp16 download size in GB.
@@ -82,7 +82,7 @@ def resolve_model(name_or_path=None):
             raise UserError(f"The model trained here has no checkpoint in {TRAINED_MODEL_DIR} yet: run `make checkpoint` "
                             "(or `python -m helpers.tools.checkpoint --trained`), or pass a model.")
         return _folder_source(TRAINED_MODEL_DIR)
-    path = Path(name_or_path).expanduser()
+    path = _local_path(name_or_path)
     if path.is_dir():
         return _folder_source(path)
     if path.exists():
@@ -93,6 +93,15 @@ def resolve_model(name_or_path=None):
         f"No model folder at {path}. Pass an existing folder, a hub id such as RWKV/rwkv-4-world-7b, "
         "or leave the model out to use the model trained here."
     )
+
+
+def _local_path(name):
+    """The path `name` names: as given or, where a relative one is not found from here, from the project's root,
+    where `make` runs (a notebook's kernel runs in notebooks/: RWKV_MODEL=data/models/... make lab)."""
+    path = Path(name).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
 
 
 def _folder_source(folder, name=None):
