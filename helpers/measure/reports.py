@@ -368,9 +368,11 @@ THREADS = {"step_in_long_lived_thread_tokens_per_s": "in a thread that ran it ev
 def _thread_cost(settings):
     """". Against the main thread's time ...": the step's time in other threads, round by round against the main
     thread's, where the run timed it there."""
-    parts = [f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}x to {max(ratios):.2f}x) {where}"
-             for key, where in THREADS.items() if settings.get(key)
-             for ratios in [[main / other for main, other in zip(settings["step_tokens_per_s"], settings[key])]]]
+    parts = []
+    for key, where in THREADS.items():
+        if settings.get(key):
+            ratios = [main / other for main, other in zip(settings["step_tokens_per_s"], settings[key])]
+            parts.append(f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}x to {max(ratios):.2f}x) {where}")
     return f". Against the main thread's time, the step took {'; '.join(parts)}" if parts else ""
 
 
