@@ -208,6 +208,15 @@ def test_the_last_level_cache_counts_each_instance_once(tmp_path):
     assert last_level_cache_bytes(tmp_path / "none") == 0
 
 
+def test_the_step_timers_take_every_place_once_in_as_many_rounds():
+    from helpers.tools.load_test import in_turn
+
+    timers = {"main": None, "long-lived": None, "new": None}
+    orders = [[key for key, _ in in_turn(timers, round_index)] for round_index in range(3)]
+    assert all(sorted(order) == sorted(timers) for order in orders)
+    assert all(len({order[place] for order in orders}) == 3 for place in range(3))
+
+
 def test_the_serving_line_sets_each_round_against_its_own_step_and_the_thread_against_the_main_thread():
     from helpers.measure.client import LoadResult
 

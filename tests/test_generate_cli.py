@@ -104,6 +104,9 @@ def test_a_relative_model_folder_is_found_from_the_project_root_too(tiny_source,
     # RWKV_MODEL=data/models/... make lab: a notebook's kernel runs in notebooks/, not where make ran
     relative = Path(tiny_source.location).relative_to(REPO_ROOT)
     monkeypatch.chdir(tmp_path)
-    assert Path(resolve_model(str(relative)).location) == Path(tiny_source.location)
+    assert resolve_model(str(relative)).location == str(REPO_ROOT / relative)
     with pytest.raises(UserError, match="No model folder at data/models/no-such-model"):
         resolve_model("data/models/no-such-model")
+    # where the working folder has it too, its copy wins, named absolutely (the serving worker runs elsewhere)
+    shutil.copytree(tiny_source.location, tmp_path / relative)
+    assert resolve_model(str(relative)).location == str(tmp_path / relative)

@@ -361,15 +361,15 @@ def step_line(settings, results, targets=False):
             + _thread_cost(settings))
 
 
-THREADS = {"step_in_long_lived_thread_tokens_per_s": "in a thread that ran it every round, as the worker's model thread does",
-           "step_in_thread_tokens_per_s": "in a new thread started for it"}
+OTHER_THREADS = {"step_in_long_lived_thread_tokens_per_s": "in a thread that ran it every round, as the worker's model thread does",
+                 "step_in_thread_tokens_per_s": "in a new thread started for it"}
 
 
 def _thread_cost(settings):
     """". Against the main thread's time ...": the step's time in other threads, round by round against the main
     thread's, where the run timed it there."""
     parts = []
-    for key, where in THREADS.items():
+    for key, where in OTHER_THREADS.items():
         if settings.get(key):
             ratios = [main / other for main, other in zip(settings["step_tokens_per_s"], settings[key])]
             parts.append(f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}x to {max(ratios):.2f}x) {where}")

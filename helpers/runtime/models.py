@@ -74,8 +74,9 @@ def _hub_snapshot(repo_id):
 
 
 def resolve_model(name_or_path=None):
-    """A ModelSource for a local folder, a hub id, or (None / empty: RWKV_MODEL's, else) the model trained here.
-    Builds nothing: the trained model's checkpoint is made by `make checkpoint`."""
+    """A ModelSource for a local folder (relative: from the working folder, else from the project's root), a hub
+    id, or (None / empty: RWKV_MODEL's, else) the model trained here. Builds nothing: the trained model's
+    checkpoint is made by `make checkpoint`."""
     name_or_path = (name_or_path or settings.read().model or "").strip()
     if not name_or_path:
         if not (TRAINED_MODEL_DIR / "config.json").exists():
@@ -96,12 +97,14 @@ def resolve_model(name_or_path=None):
 
 
 def _local_path(name):
-    """The path `name` names: as given or, where a relative one is not found from here, from the project's root,
-    where `make` runs (a notebook's kernel runs in notebooks/: RWKV_MODEL=data/models/... make lab)."""
+    """The absolute path `name` names: from the working folder or, where a relative one is not found there, from
+    the project's root, where `make` runs (a notebook's kernel runs in notebooks/: RWKV_MODEL=data/models/...
+    make lab); absolute, so that the processes a tool starts elsewhere (the serving worker) find the same folder.
+    `name` as given where neither has it."""
     path = Path(name).expanduser()
-    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-        return REPO_ROOT / path
-    return path
+    if path.is_absolute() or path.exists():
+        return path.absolute()
+    return REPO_ROOT / path if (REPO_ROOT / path).exists() else path
 
 
 def _folder_source(folder, name=None):

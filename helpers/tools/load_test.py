@@ -12,7 +12,7 @@ times over (or the soak), and prints a table (notebooks 10 and 11 show the commi
 times the batched decoding step alone (helpers.tools.bench's, as many sequences as the most clients) after each
 round, in this process while the worker idles: the server's ceiling, measured side by side. It times it in the
 main thread, in a thread that runs it every round (as the worker's model thread does) and in a new thread
-started for it, in turns, to see what a step loses off the main thread.
+started for it, the order rotated each round, to see what a step loses off the main thread.
 """
 import argparse
 import json
@@ -103,28 +103,37 @@ def soak(url, model, count, clients, worker_rss_mb=lambda: None, headers=None):
     return result
 
 
-def step_tokens_per_s(model, batch, steps=16, thread=None):
+def step_tokens_per_s(model, batch, steps=16, executor=None):
     """Tokens/s of the batched decoding step alone: `batch` sequences (the benchmark's prompts), the median step;
-    thread: a ThreadPoolExecutor of one thread to run it in, rather than the calling thread."""
+    executor: a ThreadPoolExecutor of one thread to run it in, rather than the calling thread."""
     from helpers.measure.timing import batched_greedy
 
-    if thread is not None:
-        return thread.submit(step_tokens_per_s, model, batch, steps).result()
+    if executor is not None:
+        return executor.submit(step_tokens_per_s, model, batch, steps).result()
     _, step_ms = batched_greedy(model, batch_prompts(model.config.vocab_size, batch), steps)
     return batch * 1000 / statistics.median(step_ms)
 
 
 def step_in_new_thread(model, batch):
-    with ThreadPoolExecutor(1) as thread:
-        return step_tokens_per_s(model, batch, thread=thread)
+    """step_tokens_per_s in a thread started for it, as a first call from a new thread would run."""
+    with ThreadPoolExecutor(1) as executor:
+        return step_tokens_per_s(model, batch, executor=executor)
 
 
-def step_ways(model, batch, model_thread):
-    """{JSON key: how to time the step}: in the main thread, in `model_thread` (one for the whole run, as the
-    worker's), in a new thread."""
+def step_timers(model, batch, model_thread):
+    """{JSON key: how to time the step}: in the main thread, in `model_thread` (one executor for the whole run,
+    as the worker's model thread), in a new thread (the key the runs before wrote, when it was the only other)."""
     return {"step_tokens_per_s": lambda: step_tokens_per_s(model, batch),
-            "step_in_long_lived_thread_tokens_per_s": lambda: step_tokens_per_s(model, batch, thread=model_thread),
+            "step_in_long_lived_thread_tokens_per_s": lambda: step_tokens_per_s(model, batch, executor=model_thread),
             "step_in_thread_tokens_per_s": lambda: step_in_new_thread(model, batch)}
+
+
+def in_turn(timers, round_index):
+    """The timers in round `round_index`'s order: rotated one place a round, so that over as many rounds as
+    there are timers each is timed first, second, ... once."""
+    keys = list(timers)
+    shift = round_index % len(keys)
+    return [(key, timers[key]) for key in keys[shift:] + keys[:shift]]
 
 
 @one_line_errors
@@ -162,11 +171,11 @@ def main(argv=None):
                 alone = load_model(serving.source, report=lambda line: None) if args.step else None
                 results, steps = [], {}
                 with ThreadPoolExecutor(1) as model_thread:
-                    ways = step_ways(alone, max(clients), model_thread) if args.step else {}
-                    for number in range(args.rounds):
+                    timers = step_timers(alone, max(clients), model_thread) if args.step else {}
+                    for round_index in range(args.rounds):
                         results += [load_test(stack.url, model, count, args.requests, args.max_tokens,
                                               lambda text: len(serving.tokenizer(text).input_ids)) for count in clients]
-                        for key, measure in sorted(ways.items(), reverse=number % 2 == 1):  # in turns
+                        for key, measure in in_turn(timers, round_index) if timers else []:
                             steps.setdefault(key, []).append(measure())
     except UserError as error:
         sys.exit(f"Error: {error}")
