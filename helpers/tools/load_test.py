@@ -175,8 +175,9 @@ def main(argv=None):
                     for round_index in range(args.rounds):
                         results += [load_test(stack.url, model, count, args.requests, args.max_tokens,
                                               lambda text: len(serving.tokenizer(text).input_ids)) for count in clients]
-                        for key, measure in in_turn(timers, round_index) if timers else []:
-                            steps.setdefault(key, []).append(measure())
+                        if timers:
+                            for key, measure in in_turn(timers, round_index):
+                                steps.setdefault(key, []).append(measure())
     except UserError as error:
         sys.exit(f"Error: {error}")
     made = serving.stamp(provenance.command_line("helpers.tools.load_test", argv))
