@@ -20,6 +20,7 @@ from helpers.runtime.cpu import cpu_info
 from helpers.runtime.loading import load_low_bit_model
 from helpers.runtime.paths import REPO_ROOT
 from helpers.runtime.settings import read as read_settings
+from helpers.tools import kernel_sweep
 
 needs_fused_step = pytest.mark.skipif(fused_decode.library() is None, reason=str(fused_decode.unavailable_reason))
 RUNNABLE = fused_decode.runnable_kernels()
@@ -167,19 +168,48 @@ def test_a_failing_compiler_gets_a_reason(monkeypatch):
 
 
 @pytest.mark.library_independent
-def test_kernel_sweep_times_one_tokens_weights(tmp_path):
+def test_kernel_sweep_times_one_tokens_weights_from_memory_and_in_cache(tmp_path):
     result_file = tmp_path / "sweep.json"
     subprocess.run([sys.executable, "-m", "helpers.tools.kernel_sweep", "--shape", "1b5", "--threads", "1,2",
-                    "--json", str(result_file)], check=True, capture_output=True, cwd=REPO_ROOT)
+                    "--tokens", "1,8", "--rounds", "1", "--json", str(result_file)], check=True, capture_output=True,
+                   cwd=REPO_ROOT)
     result = json.loads(result_file.read_text())
     hidden, layers = 2048, 24
     weights = layers * (5 * hidden * hidden + 2 * 4 * hidden * hidden) + 65536 * hidden
     assert result["weight_bytes"] == weights // 64 * 34
-    assert [r["threads"] for r in result["records"]] == [1, 2]
-    assert all(r["kernel_ms"] > 0 and r["bound_ms"] > 0 for r in result["records"])
+    assert [(r["threads"], r["tokens"]) for r in result["records"]] == [(1, 1), (1, 8), (2, 1), (2, 8)]
+    for record in result["records"]:
+        assert record["kernel_ms"] > 0 and record["in_cache_ms"] > 0 and record["bound_ms"] > 0
+        # the multiply-add bound is one token's: a batch's products are summed another way
+        assert ("multiply_add_bound_ms" in record) == ("over_bound_rounds" in record) == (record["tokens"] == 1)
     assert result["provenance"]["fingerprint"] == provenance.fingerprint("kernel")
     assert provenance.is_current(result["provenance"]) and result["provenance"]["threads"] == 2
     assert provenance.caption(result["provenance"]).startswith("Measured ")
+
+
+@pytest.mark.library_independent
+@pytest.mark.parametrize("flag", [["--tokens", "0"], ["--threads", "two"], ["--rounds", "0"]])
+def test_kernel_sweep_refuses_counts_below_one(flag, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        kernel_sweep.main(["--shape", "1b5", *flag])
+    assert stopped.value.code == 2 and "give numbers of 1 or more" in capsys.readouterr().err
+
+
+@pytest.mark.library_independent
+@pytest.mark.parametrize("budget", [1 << 20, 8 << 20, 1 << 30])
+def test_the_in_cache_slices_cover_every_row_once_within_the_budget(budget):
+    matrices = [(torch.empty(rows * cols // 64 * 34, dtype=torch.uint8), rows, cols)
+                for rows, cols in [(2048, 2048), (8192, 2048), (2048, 8192), (65536, 2048), (64, 65536)]]
+    slices = iter(kernel_sweep.row_slices(matrices, budget))
+    for weights, rows, cols in matrices:  # in order, each matrix's rows from the first, in whole groups
+        row_bytes, covered = weights.numel() // rows, 0
+        while covered < rows:
+            address, slice_rows, slice_cols = next(slices)
+            assert (address, slice_cols) == (weights.data_ptr() + covered * row_bytes, cols)
+            assert slice_rows % 64 == 0 and (slice_rows * row_bytes <= budget or slice_rows == 64)
+            covered += slice_rows
+        assert covered == rows
+    assert next(slices, None) is None
 
 
 @pytest.mark.library_independent

@@ -273,6 +273,28 @@ def libraries_quality_table(quality_name):
     return f"{table}\n\n{sources} (their machine and date: data/quality/README.md)."
 
 
+def _spread(values, digits=1):
+    """'median (lowest to highest)' of a figure's rounds."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f} to {max(values):.{digits}f})"
+
+
+def kernel_table(run):
+    """A helpers.tools.kernel_sweep run: per thread count and tokens, the products from memory and in cache against
+    the read bound and the multiply-add bound, each as the median of its rounds with their range."""
+    rows = []
+    for r in run["records"]:
+        multiply_adds = r.get("multiply_add_bound_ms_rounds")
+        over_read = [cache / bound for cache, bound in zip(r["in_cache_ms_rounds"], r["bound_ms_rounds"])]
+        rows.append([r["threads"], r["tokens"], _spread(r["kernel_ms_rounds"]), _spread(r["in_cache_ms_rounds"]),
+                     _spread(r["bound_ms_rounds"]), _spread(multiply_adds) if multiply_adds else "-",
+                     _spread(r["over_bound_rounds"], 2) if "over_bound_rounds" in r else "-", _spread(over_read, 2)])
+    table = markdown(["threads", "tokens", "from memory, ms", "in cache, ms", "read bound, ms", "multiply-add bound, ms",
+                      "from memory / larger bound", "in cache / read bound"], rows)
+    return (f"{provenance.caption(run['provenance'])} The {run['shape']} shape's sym_int4 matrices, "
+            f"{run['weight_bytes'] / GIB:.2f} GiB; each figure the median of {run['rounds']} rounds (lowest to highest)."
+            f"\n\n{table}")
+
+
 def with_caption(table):
     """A table renderer that puts the run's provenance above the table (for those whose own text has none)."""
     return lambda result: provenance.caption(result["provenance"]) + "\n\n" + table(result)
@@ -288,8 +310,8 @@ RENDERED = re.compile(r"(<!-- rendered: (\S+) (\S+) -->\n)((?:(?!<!-- rendered:)
 
 def render(name, kind):
     """The table KIND (a RENDERERS key, or a serving run's "soak", "serving" or "prompts") of the committed run
-    data/bench/NAME.json (for "rounds", a side-by-side run); or, for "kinds" and "formats", of the quality run
-    data/quality/NAME.json (for "quality", its rows; "libraries": beside NAME-ipex-llm.json)."""
+    data/bench/NAME.json (for "rounds", a side-by-side run; "kernel", a kernel sweep); or, for "kinds" and
+    "formats", of the quality run data/quality/NAME.json (for "quality", its rows; "libraries": beside NAME-ipex-llm.json)."""
     if kind == "kinds":
         return kinds_table(load_kind_rows(name))
     if kind == "formats":
@@ -298,6 +320,8 @@ def render(name, kind):
         return libraries_quality_table(name)
     if kind == "quality":
         return quality_table(load_quality_rows(name))
+    if kind == "kernel":  # helpers.tools.kernel_sweep's
+        return kernel_table(read_run(name))
     if kind == "rounds":  # helpers.tools.side_by_side's
         return rounds_table(read_run(name))
     if kind in ("soak", "serving"):  # a serving run

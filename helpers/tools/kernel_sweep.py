@@ -1,13 +1,22 @@
 """Thread sweep of the fused decoding step's INT4 kernel alone, for a machine without bigdl-llm.
 
-    python -m helpers.tools.kernel_sweep [--shape 1b5] [--threads 1,2,4] [--json PATH]
+    python -m helpers.tools.kernel_sweep [--shape 1b5] [--threads 1,2,4] [--tokens 1,8] [--rounds 7] [--json PATH]
 
 It needs torch and a C compiler, not bigdl-llm: it builds rwkv4_decode.c with the build function the
 runtime uses (helpers.runtime.fused_decode: the fastest build this CPU runs, or --fused-kernel's, with that
 build's flags, not -march=native), fills one token's worth of sym_int4 matrices of the shape (every block
-linear and the head) with random blocks, and for each thread count times reading them all once, as a
-decoding step does, next to torch's read bandwidth with as many threads. Results for notebook 09, with
-their provenance (helpers.measure.provenance).
+linear and the head) with random blocks, and for each thread count and number of tokens (1: a decoded token;
+8: a batched step of 8 sequences) times the products over them all once, as a decoding step computes them,
+in two ways:
+- from memory (`kernel_ms`): the matrices one after another, as a step reads them;
+- in cache (`in_cache_ms`): the same products in slices of rows that fit in a quarter of the last-level
+  cache, each slice timed when it is already there. The sum is the kernel's own work with no wait for
+  memory: when it is near the read bound, computing and reading must overlap well for a step to reach
+  that bound.
+Beside them: torch's read bandwidth with as many threads and the bound it gives, and for one token the
+multiply-add bound (the blocks' integer multiply-adds alone, rwkv4_block_dots_per_second). The ways take
+turns within each of --rounds rounds; each figure is the median of the rounds, with its range. Results for
+notebook 09 and docs/benchmarks.md, with their provenance (helpers.measure.provenance).
 """
 import argparse
 import json
@@ -19,7 +28,7 @@ from pathlib import Path
 import torch
 
 from helpers.measure import provenance
-from helpers.measure.bandwidth import read_bandwidth_gbs
+from helpers.measure.bandwidth import last_level_cache_bytes, read_bandwidth_gbs
 from helpers.measure.timing import seconds
 from helpers.runtime import settings
 from helpers.runtime.errors import one_line_errors
@@ -28,6 +37,8 @@ from helpers.runtime.fused_decode import BLOCK, BLOCK_BYTES, load_library
 from helpers.runtime.shapes import SHAPES, VOCAB_SIZE
 
 SYM_INT4 = 0  # the kernel's format number (helpers.runtime.fused_decode.FORMATS)
+SLICE_ROWS = 64  # a slice's rows are a multiple of this: whole groups of the kernel's rows
+UNKNOWN_CACHE_BYTES = 8 << 20  # the last-level cache assumed where the system does not say
 
 
 def random_int4(rows, cols, generator):
@@ -45,47 +56,109 @@ def token_matrices(shape):
     return [(random_int4(rows, cols, generator), rows, cols) for rows, cols in per_layer * layers + [(VOCAB_SIZE, hidden)]]
 
 
-def sweep(shape, thread_counts, kernel="auto", command="python -m helpers.tools.kernel_sweep"):
+def row_slices(matrices, budget_bytes):
+    """(address, rows, cols) of consecutive row slices covering every matrix once, each within budget_bytes
+    (or SLICE_ROWS rows where one row is wider than that)."""
+    slices = []
+    for weights, rows, cols in matrices:
+        row_bytes = weights.numel() // rows
+        step = max(SLICE_ROWS, budget_bytes // row_bytes // SLICE_ROWS * SLICE_ROWS)
+        slices += [(weights.data_ptr() + first * row_bytes, min(step, rows - first), cols) for first in range(0, rows, step)]
+    return slices
+
+
+FIGURES = ("kernel_ms", "in_cache_ms", "bound_ms", "multiply_add_bound_ms")  # each measured once a round
+
+
+def record(threads, tokens, figures):
+    """A configuration's figures: each one's median, and all its rounds; for one token, also the products from
+    memory over the larger of the two bounds, round by round."""
+    made = {"threads": threads, "tokens": tokens}
+    for key, values in figures.items():
+        if values:
+            made[key], made[f"{key}_rounds"] = statistics.median(values), values
+    if tokens == 1:
+        made["over_bound_rounds"] = [kernel / max(bound, multiply_adds) for kernel, bound, multiply_adds in
+                                     zip(figures["kernel_ms"], figures["bound_ms"], figures["multiply_add_bound_ms"])]
+    return made
+
+
+def sweep(shape, thread_counts, token_counts=(1,), rounds=7, kernel="auto", command="python -m helpers.tools.kernel_sweep"):
     try:
         native = load_library(kernel)
     except (RuntimeError, OSError) as error:
         return {"shape": shape, "error": f"the fused step cannot be built on this CPU ({cpu_info().model}): {error}"}
     matrices = token_matrices(shape)
-    inputs = {cols: torch.randn(cols) for _, _, cols in matrices}
-    outputs = {rows: torch.empty(rows) for _, rows, _ in matrices}
+    slices = row_slices(matrices, (last_level_cache_bytes() or UNKNOWN_CACHE_BYTES) // 4)
+    most = max(token_counts)
+    inputs = {cols: torch.randn(most, cols) for _, _, cols in matrices}
+    outputs = torch.empty(max(most, 8) * max(rows for _, rows, _ in matrices))  # the kernel pads 4 to 8 tokens
     weight_bytes = sum(weights.numel() for weights, _, _ in matrices)
 
-    def one_token(threads):
-        for weights, rows, cols in matrices:
-            if native.rwkv4_matmul(weights.data_ptr(), SYM_INT4, rows, cols, inputs[cols].data_ptr(), 1,
-                                   outputs[rows].data_ptr(), threads):
-                raise MemoryError("the kernel could not allocate its buffers")
+    def product(address, rows, cols, tokens, threads):
+        if native.rwkv4_matmul(address, SYM_INT4, rows, cols, inputs[cols].data_ptr(), tokens, outputs.data_ptr(), threads):
+            raise MemoryError("the kernel could not allocate its buffers")
 
-    records = []
-    for threads in thread_counts:
-        bandwidth = read_bandwidth_gbs(threads)
-        one_token(threads)  # warm-up
-        milliseconds = statistics.median(seconds(lambda: one_token(threads)) for _ in range(7)) * 1000
-        records.append({"threads": threads, "kernel_ms": milliseconds, "bandwidth_gbs": bandwidth,
-                        "bound_ms": weight_bytes / (bandwidth * 1e9) * 1000})
-        print(json.dumps(records[-1]), flush=True)
-    made = provenance.stamp("kernel", command, max(thread_counts), [record["bandwidth_gbs"] for record in records])
-    return {"provenance": made, "shape": shape, "weight_bytes": weight_bytes, "records": records}
+    def from_memory_ms(tokens, threads):
+        return seconds(lambda: [product(w.data_ptr(), rows, cols, tokens, threads) for w, rows, cols in matrices]) * 1000
+
+    def in_cache_ms(tokens, threads):
+        total = 0.0
+        for piece in slices:
+            product(*piece, tokens, threads)  # brings the slice into the cache
+            total += min(seconds(lambda: product(*piece, tokens, threads)) for _ in range(2))
+        return total * 1000
+
+    def multiply_add_bound_ms(threads):
+        blocks_per_second = native.rwkv4_block_dots_per_second(SYM_INT4, threads)
+        return weight_bytes / BLOCK_BYTES[SYM_INT4] / blocks_per_second * 1000
+
+    configurations = [(threads, tokens) for threads in thread_counts for tokens in token_counts]
+    rounds_of = {configuration: {key: [] for key in FIGURES} for configuration in configurations}
+    for threads, tokens in configurations:
+        from_memory_ms(tokens, threads)  # warm-up: the kernel's buffers, the threads
+    for _ in range(rounds):
+        for threads, tokens in configurations:
+            figures = rounds_of[threads, tokens]
+            figures["bound_ms"].append(weight_bytes / (read_bandwidth_gbs(threads, repeats=3) * 1e9) * 1000)
+            if tokens == 1:
+                figures["multiply_add_bound_ms"].append(multiply_add_bound_ms(threads))
+            figures["kernel_ms"].append(from_memory_ms(tokens, threads))
+            figures["in_cache_ms"].append(in_cache_ms(tokens, threads))
+    records = [record(threads, tokens, figures) for (threads, tokens), figures in rounds_of.items()]
+    for each in records:
+        print(json.dumps({key: value for key, value in each.items() if not key.endswith("_rounds")}), flush=True)
+    bandwidths = [weight_bytes / (bound * 1e6) for figures in rounds_of.values() for bound in figures["bound_ms"]]
+    made = provenance.stamp("kernel", command, max(thread_counts), bandwidths)
+    return {"provenance": made, "shape": shape, "weight_bytes": weight_bytes, "rounds": rounds, "records": records}
+
+
+def counts(text):
+    """Comma-separated numbers of 1 or more (an argparse type)."""
+    try:
+        values = [int(n) for n in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers of 1 or more, separated by commas")
+    return values
 
 
 @one_line_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1b5", choices=list(SHAPES))
-    parser.add_argument("--threads", default="", help="comma-separated thread counts (default: 1, 2, 4, ... all CPUs)")
+    parser.add_argument("--threads", type=counts, help="comma-separated thread counts (default: 1, 2, 4, ... all CPUs)")
+    parser.add_argument("--tokens", type=counts, default=[1], help="comma-separated tokens per product (default: 1)")
+    parser.add_argument("--rounds", type=lambda text: counts(text)[0], default=7, help="rounds (default: 7)")
     parser.add_argument("--json", type=Path)
     settings.add_flags(parser, "fused_kernel")
     args = parser.parse_args(argv)
     kernel = settings.from_flags(args).fused_kernel
     cpus = os.cpu_count()
-    counts = [int(n) for n in args.threads.split(",")] if args.threads else sorted(
-        {min(2**i, cpus) for i in range(cpus.bit_length() + 1)})
-    result = sweep(args.shape, counts, kernel, provenance.command_line("helpers.tools.kernel_sweep", argv))
+    thread_counts = args.threads or sorted({min(2**i, cpus) for i in range(cpus.bit_length() + 1)})
+    result = sweep(args.shape, thread_counts, args.tokens, args.rounds, kernel,
+                   provenance.command_line("helpers.tools.kernel_sweep", argv))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0 if "error" not in result else 1
