@@ -193,7 +193,7 @@ def test_a_percentile_interpolates_as_numpy_does():
 
 
 def test_the_last_level_cache_counts_each_instance_once(tmp_path):
-    from helpers.measure.bandwidth import last_level_cache_bytes
+    from helpers.measure.bandwidth import last_level_cache_bytes, last_level_caches
 
     def cache(cpu, index, level, size, shared):
         folder = tmp_path / f"cpu{cpu}" / "cache" / f"index{index}"
@@ -204,8 +204,8 @@ def test_the_last_level_cache_counts_each_instance_once(tmp_path):
     for cpu in range(4):  # two L3 instances of 32 MiB, each shared by two CPUs; an L2 of each CPU's own
         cache(cpu, 2, 2, "1024K", cpu)
         cache(cpu, 3, 3, "32768K", "0-1" if cpu < 2 else "2-3")
-    assert last_level_cache_bytes(tmp_path) == 64 * 2**20
-    assert last_level_cache_bytes(tmp_path / "none") == 0
+    assert last_level_cache_bytes(tmp_path) == 64 * 2**20 and last_level_caches(tmp_path) == [32 * 2**20] * 2
+    assert last_level_cache_bytes(tmp_path / "none") == 0 and last_level_caches(tmp_path / "none") == []
 
 
 def test_the_step_timers_take_every_place_once_in_as_many_rounds():

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import zipfile
@@ -12,7 +13,7 @@ import zipfile
 import pytest
 import torch
 
-from helpers.measure import provenance
+from helpers.measure import provenance, reports
 from helpers.lessons.quality import agreement, stepwise_logits
 from helpers.measure.timing import seconds
 from helpers.runtime import fused_decode, library
@@ -171,28 +172,34 @@ def test_a_failing_compiler_gets_a_reason(monkeypatch):
 def test_kernel_sweep_times_one_tokens_weights_from_memory_and_in_cache(tmp_path):
     result_file = tmp_path / "sweep.json"
     subprocess.run([sys.executable, "-m", "helpers.tools.kernel_sweep", "--shape", "1b5", "--threads", "1,2",
-                    "--tokens", "1,8", "--rounds", "1", "--json", str(result_file)], check=True, capture_output=True,
-                   cwd=REPO_ROOT)
+                    "--tokens", "1,9", "--rounds", "2", "--json", str(result_file)], check=True, capture_output=True,
+                   cwd=REPO_ROOT)  # 9 tokens: the kernel pads them to 16
     result = json.loads(result_file.read_text())
     hidden, layers = 2048, 24
     weights = layers * (5 * hidden * hidden + 2 * 4 * hidden * hidden) + 65536 * hidden
     assert result["weight_bytes"] == weights // 64 * 34
-    assert [(r["threads"], r["tokens"]) for r in result["records"]] == [(1, 1), (1, 8), (2, 1), (2, 8)]
+    assert [(r["threads"], r["tokens"]) for r in result["records"]] == [(1, 1), (1, 9), (2, 1), (2, 9)]
     for record in result["records"]:
-        assert record["kernel_ms"] > 0 and record["in_cache_ms"] > 0 and record["bound_ms"] > 0
         # the multiply-add bound is one token's: a batch's products are summed another way
-        assert ("multiply_add_bound_ms" in record) == ("over_bound_rounds" in record) == (record["tokens"] == 1)
+        figures = ["kernel_ms", "in_cache_ms", "bound_ms"] + ["multiply_add_bound_ms"] * (record["tokens"] == 1)
+        assert sorted(key for key in record if key.endswith("_ms")) == sorted(figures)
+        assert all(len(record[f"{key}_rounds"]) == 2 and min(record[f"{key}_rounds"]) > 0 and
+                   record[key] == statistics.median(record[f"{key}_rounds"]) for key in figures)
+    one = result["records"][0]
+    memory, read, multiply_adds = one["kernel_ms_rounds"], one["bound_ms_rounds"], one["multiply_add_bound_ms_rounds"]
+    assert reports.kernel_round_ratios(one)["over_bound"] == [memory[i] / max(read[i], multiply_adds[i]) for i in (0, 1)]
     assert result["provenance"]["fingerprint"] == provenance.fingerprint("kernel")
     assert provenance.is_current(result["provenance"]) and result["provenance"]["threads"] == 2
     assert provenance.caption(result["provenance"]).startswith("Measured ")
 
 
 @pytest.mark.library_independent
-@pytest.mark.parametrize("flag", [["--tokens", "0"], ["--threads", "two"], ["--rounds", "0"]])
-def test_kernel_sweep_refuses_counts_below_one(flag, capsys):
+@pytest.mark.parametrize("flag, told", [(["--tokens", "0"], "numbers of 1 or more"), (["--threads", "two"], "numbers of 1"),
+                                        (["--rounds", "0"], "numbers of 1"), (["--rounds", "3,5"], "give one number")])
+def test_kernel_sweep_refuses_what_is_not_a_count(flag, told, capsys):
     with pytest.raises(SystemExit) as stopped:
         kernel_sweep.main(["--shape", "1b5", *flag])
-    assert stopped.value.code == 2 and "give numbers of 1 or more" in capsys.readouterr().err
+    assert stopped.value.code == 2 and told in capsys.readouterr().err
 
 
 @pytest.mark.library_independent

@@ -227,10 +227,11 @@ def pinnings(threads, info=None, cpus=None):
 
 def kernel_sweeps():
     """The committed runs of helpers/tools/kernel_sweep.py on a bigger machine (data/sweeps/), smallest shape first,
-    each with "current": whether the kernel source it timed is this checkout's, and the records of one token."""
+    each with "current": whether the kernel source it timed is this checkout's, and its records of one token (a run
+    with --tokens 1,8 also has steps of 8; runs before --tokens have one token only)."""
     sweeps = [json.loads(path.read_text()) for path in sorted(SWEEPS_DIR.glob("fused-kernel-*.json"))]
     return [{**sweep, "current": provenance.is_current(sweep["provenance"]),
-             "records": [r for r in sweep["records"] if r.get("tokens", 1) == 1]} for sweep in sweeps]  # decoded tokens
+             "records": [r for r in sweep["records"] if r.get("tokens", 1) == 1]} for sweep in sweeps]
 
 
 def sweep_caption(sweep):

@@ -9,8 +9,8 @@ MIN_BUFFER, MAX_BUFFER = GIB // 4, GIB
 CACHE_MULTIPLE = 8  # a buffer this many times the last-level cache is read from memory, not from the cache
 
 
-def last_level_cache_bytes(cpu_dir=CPU_DIR):
-    """The last-level cache of every instance together (Linux's sysfs), or 0 where it is not known."""
+def last_level_caches(cpu_dir=CPU_DIR):
+    """The bytes of each instance of the last-level cache (Linux's sysfs); [] where they are not known."""
     sizes = {}  # (level, CPUs sharing it): bytes
     for index in cpu_dir.glob("cpu[0-9]*/cache/index[0-9]*"):
         try:
@@ -19,7 +19,12 @@ def last_level_cache_bytes(cpu_dir=CPU_DIR):
         except (OSError, ValueError):
             continue
     top = max((level for level, _ in sizes), default=None)
-    return sum(size for (level, _), size in sizes.items() if level == top)
+    return [size for (level, _), size in sizes.items() if level == top]
+
+
+def last_level_cache_bytes(cpu_dir=CPU_DIR):
+    """The last-level cache of every instance together, or 0 where it is not known."""
+    return sum(last_level_caches(cpu_dir))
 
 
 def buffer_bytes():

@@ -273,9 +273,15 @@ def libraries_quality_table(quality_name):
     return f"{table}\n\n{sources} (their machine and date: data/quality/README.md)."
 
 
-def _spread(values, digits=1):
-    """'median (lowest to highest)' of a figure's rounds."""
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f} to {max(values):.{digits}f})"
+def kernel_round_ratios(record):
+    """A kernel sweep record's ratios, round by round: {"over_bound": products from memory over the larger of the
+    read and multiply-add bounds (one token only), "cache_over_read": in cache over the read bound,
+    "memory_over_cache": from memory over in cache}."""
+    memory, cache, read = record["kernel_ms_rounds"], record["in_cache_ms_rounds"], record["bound_ms_rounds"]
+    ratios = {"cache_over_read": [c / r for c, r in zip(cache, read)], "memory_over_cache": [m / c for m, c in zip(memory, cache)]}
+    if "multiply_add_bound_ms_rounds" in record:
+        ratios["over_bound"] = [m / max(r, a) for m, r, a in zip(memory, read, record["multiply_add_bound_ms_rounds"])]
+    return ratios
 
 
 def kernel_table(run):
@@ -283,16 +289,19 @@ def kernel_table(run):
     the read bound and the multiply-add bound, each as the median of its rounds with their range."""
     rows = []
     for r in run["records"]:
+        ratios = kernel_round_ratios(r)
         multiply_adds = r.get("multiply_add_bound_ms_rounds")
-        over_read = [cache / bound for cache, bound in zip(r["in_cache_ms_rounds"], r["bound_ms_rounds"])]
-        rows.append([r["threads"], r["tokens"], _spread(r["kernel_ms_rounds"]), _spread(r["in_cache_ms_rounds"]),
-                     _spread(r["bound_ms_rounds"]), _spread(multiply_adds) if multiply_adds else "-",
-                     _spread(r["over_bound_rounds"], 2) if "over_bound_rounds" in r else "-", _spread(over_read, 2)])
+        times = (_median_and_range(r[f"{key}_rounds"]) for key in ("kernel_ms", "in_cache_ms", "bound_ms"))
+        rows.append([r["threads"], r["tokens"], *times,
+                     _median_and_range(multiply_adds) if multiply_adds else "-",
+                     _median_and_range(ratios["over_bound"], digits=2) if "over_bound" in ratios else "-",
+                     _median_and_range(ratios["cache_over_read"], digits=2),
+                     _median_and_range(ratios["memory_over_cache"], digits=2)])
     table = markdown(["threads", "tokens", "from memory, ms", "in cache, ms", "read bound, ms", "multiply-add bound, ms",
-                      "from memory / larger bound", "in cache / read bound"], rows)
+                      "from memory / larger bound", "in cache / read bound", "from memory / in cache"], rows)
     return (f"{provenance.caption(run['provenance'])} The {run['shape']} shape's sym_int4 matrices, "
-            f"{run['weight_bytes'] / GIB:.2f} GiB; each figure the median of {run['rounds']} rounds (lowest to highest)."
-            f"\n\n{table}")
+            f"{run['weight_bytes'] / GIB:.2f} GiB; each figure the median of {run['rounds']} rounds (lowest to highest), "
+            f"a ratio taken round by round.\n\n{table}")
 
 
 def with_caption(table):

@@ -9,13 +9,14 @@ linear and the head) with random blocks, and for each thread count and number of
 8: a batched step of 8 sequences) times the products over them all once, as a decoding step computes them,
 in two ways:
 - from memory (`kernel_ms`): the matrices one after another, as a step reads them;
-- in cache (`in_cache_ms`): the same products in slices of rows that fit in a quarter of the last-level
-  cache, each slice timed when it is already there. The sum is the kernel's own work with no wait for
-  memory: when it is near the read bound, computing and reading must overlap well for a step to reach
-  that bound.
-Beside them: torch's read bandwidth with as many threads and the bound it gives, and for one token the
-multiply-add bound (the blocks' integer multiply-adds alone, rwkv4_block_dots_per_second). The ways take
-turns within each of --rounds rounds; each figure is the median of the rounds, with its range. Results for
+- in cache (`in_cache_ms`): the same products in slices of rows that fit in a quarter of one instance of
+  the last-level cache, each slice timed when it is already there. The sum is the kernel's own work with
+  little wait for memory: when it is near the read bound, computing and reading must overlap well for a
+  step to reach that bound.
+Each is the faster of two timings. Beside them: the read bound (torch's read bandwidth with as many threads),
+and for one token the multiply-add bound (the blocks' integer multiply-adds alone,
+rwkv4_block_dots_per_second). The figures take turns within each of --rounds rounds; a record holds each
+figure's rounds (`*_rounds`) and their median. Results for
 notebook 09 and docs/benchmarks.md, with their provenance (helpers.measure.provenance).
 """
 import argparse
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from helpers.measure import provenance
-from helpers.measure.bandwidth import last_level_cache_bytes, read_bandwidth_gbs
+from helpers.measure.bandwidth import last_level_caches, read_bandwidth_gbs
 from helpers.measure.timing import seconds
 from helpers.runtime import settings
 from helpers.runtime.errors import one_line_errors
@@ -39,6 +40,7 @@ from helpers.runtime.shapes import SHAPES, VOCAB_SIZE
 SYM_INT4 = 0  # the kernel's format number (helpers.runtime.fused_decode.FORMATS)
 SLICE_ROWS = 64  # a slice's rows are a multiple of this: whole groups of the kernel's rows
 UNKNOWN_CACHE_BYTES = 8 << 20  # the last-level cache assumed where the system does not say
+ROUND_FIGURES = ("kernel_ms", "in_cache_ms", "bound_ms", "multiply_add_bound_ms")  # each measured once a round
 
 
 def random_int4(rows, cols, generator):
@@ -67,32 +69,16 @@ def row_slices(matrices, budget_bytes):
     return slices
 
 
-FIGURES = ("kernel_ms", "in_cache_ms", "bound_ms", "multiply_add_bound_ms")  # each measured once a round
-
-
-def record(threads, tokens, figures):
-    """A configuration's figures: each one's median, and all its rounds; for one token, also the products from
-    memory over the larger of the two bounds, round by round."""
-    made = {"threads": threads, "tokens": tokens}
-    for key, values in figures.items():
-        if values:
-            made[key], made[f"{key}_rounds"] = statistics.median(values), values
-    if tokens == 1:
-        made["over_bound_rounds"] = [kernel / max(bound, multiply_adds) for kernel, bound, multiply_adds in
-                                     zip(figures["kernel_ms"], figures["bound_ms"], figures["multiply_add_bound_ms"])]
-    return made
-
-
 def sweep(shape, thread_counts, token_counts=(1,), rounds=7, kernel="auto", command="python -m helpers.tools.kernel_sweep"):
     try:
         native = load_library(kernel)
     except (RuntimeError, OSError) as error:
         return {"shape": shape, "error": f"the fused step cannot be built on this CPU ({cpu_info().model}): {error}"}
     matrices = token_matrices(shape)
-    slices = row_slices(matrices, (last_level_cache_bytes() or UNKNOWN_CACHE_BYTES) // 4)
+    slices = row_slices(matrices, min(last_level_caches() or [UNKNOWN_CACHE_BYTES]) // 4)
     most = max(token_counts)
     inputs = {cols: torch.randn(most, cols) for _, _, cols in matrices}
-    outputs = torch.empty(max(most, 8) * max(rows for _, rows, _ in matrices))  # the kernel pads 4 to 8 tokens
+    outputs = torch.empty((most + 7) // 8 * 8 * max(rows for _, rows, _ in matrices))  # room for the kernel's padding
     weight_bytes = sum(weights.numel() for weights, _, _ in matrices)
 
     def product(address, rows, cols, tokens, threads):
@@ -100,7 +86,8 @@ def sweep(shape, thread_counts, token_counts=(1,), rounds=7, kernel="auto", comm
             raise MemoryError("the kernel could not allocate its buffers")
 
     def from_memory_ms(tokens, threads):
-        return seconds(lambda: [product(w.data_ptr(), rows, cols, tokens, threads) for w, rows, cols in matrices]) * 1000
+        every_matrix = lambda: [product(w.data_ptr(), rows, cols, tokens, threads) for w, rows, cols in matrices]  # noqa: E731
+        return min(seconds(every_matrix) for _ in range(2)) * 1000
 
     def in_cache_ms(tokens, threads):
         total = 0.0
@@ -110,11 +97,10 @@ def sweep(shape, thread_counts, token_counts=(1,), rounds=7, kernel="auto", comm
         return total * 1000
 
     def multiply_add_bound_ms(threads):
-        blocks_per_second = native.rwkv4_block_dots_per_second(SYM_INT4, threads)
-        return weight_bytes / BLOCK_BYTES[SYM_INT4] / blocks_per_second * 1000
+        return weight_bytes / BLOCK_BYTES[SYM_INT4] / native.rwkv4_block_dots_per_second(SYM_INT4, threads) * 1000
 
     configurations = [(threads, tokens) for threads in thread_counts for tokens in token_counts]
-    rounds_of = {configuration: {key: [] for key in FIGURES} for configuration in configurations}
+    rounds_of = {configuration: {key: [] for key in ROUND_FIGURES} for configuration in configurations}
     for threads, tokens in configurations:
         from_memory_ms(tokens, threads)  # warm-up: the kernel's buffers, the threads
     for _ in range(rounds):
@@ -125,9 +111,12 @@ def sweep(shape, thread_counts, token_counts=(1,), rounds=7, kernel="auto", comm
                 figures["multiply_add_bound_ms"].append(multiply_add_bound_ms(threads))
             figures["kernel_ms"].append(from_memory_ms(tokens, threads))
             figures["in_cache_ms"].append(in_cache_ms(tokens, threads))
-    records = [record(threads, tokens, figures) for (threads, tokens), figures in rounds_of.items()]
-    for each in records:
-        print(json.dumps({key: value for key, value in each.items() if not key.endswith("_rounds")}), flush=True)
+    records = []
+    for (threads, tokens), figures in rounds_of.items():
+        medians = {key: statistics.median(values) for key, values in figures.items() if values}
+        print(json.dumps({"threads": threads, "tokens": tokens, **medians}), flush=True)
+        records.append({"threads": threads, "tokens": tokens, **medians,
+                        **{f"{key}_rounds": values for key, values in figures.items() if values}})
     bandwidths = [weight_bytes / (bound * 1e6) for figures in rounds_of.values() for bound in figures["bound_ms"]]
     made = provenance.stamp("kernel", command, max(thread_counts), bandwidths)
     return {"provenance": made, "shape": shape, "weight_bytes": weight_bytes, "rounds": rounds, "records": records}
@@ -144,13 +133,21 @@ def counts(text):
     return values
 
 
+def count(text):
+    """One number of 1 or more (an argparse type)."""
+    values = counts(text)
+    if len(values) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one number")
+    return values[0]
+
+
 @one_line_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1b5", choices=list(SHAPES))
     parser.add_argument("--threads", type=counts, help="comma-separated thread counts (default: 1, 2, 4, ... all CPUs)")
     parser.add_argument("--tokens", type=counts, default=[1], help="comma-separated tokens per product (default: 1)")
-    parser.add_argument("--rounds", type=lambda text: counts(text)[0], default=7, help="rounds (default: 7)")
+    parser.add_argument("--rounds", type=count, default=7, help="rounds (default: 7)")
     parser.add_argument("--json", type=Path)
     settings.add_flags(parser, "fused_kernel")
     args = parser.parse_args(argv)
