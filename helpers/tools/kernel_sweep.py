@@ -16,8 +16,8 @@ in two ways:
 Each is the faster of two timings. Beside them: the read bound (torch's read bandwidth with as many threads),
 and for one token the multiply-add bound (the blocks' integer multiply-adds alone,
 rwkv4_block_dots_per_second). The figures take turns within each of --rounds rounds; a record holds each
-figure's rounds (`*_rounds`) and their median. Results for
-notebook 09 and docs/benchmarks.md, with their provenance (helpers.measure.provenance).
+figure's rounds (`*_rounds`) and their median. Results for notebook 09 and docs/benchmarks.md, with their
+provenance (helpers.measure.provenance).
 """
 import argparse
 import json
@@ -103,10 +103,12 @@ def sweep(shape, thread_counts, token_counts=(1,), rounds=7, kernel="auto", comm
     rounds_of = {configuration: {key: [] for key in ROUND_FIGURES} for configuration in configurations}
     for threads, tokens in configurations:
         from_memory_ms(tokens, threads)  # warm-up: the kernel's buffers, the threads
+    bandwidths = []  # GB/s, every sample: the run's provenance
     for _ in range(rounds):
         for threads, tokens in configurations:
             figures = rounds_of[threads, tokens]
-            figures["bound_ms"].append(weight_bytes / (read_bandwidth_gbs(threads, repeats=3) * 1e9) * 1000)
+            bandwidths.append(read_bandwidth_gbs(threads, repeats=3))
+            figures["bound_ms"].append(weight_bytes / (bandwidths[-1] * 1e9) * 1000)
             if tokens == 1:
                 figures["multiply_add_bound_ms"].append(multiply_add_bound_ms(threads))
             figures["kernel_ms"].append(from_memory_ms(tokens, threads))
@@ -117,7 +119,6 @@ def sweep(shape, thread_counts, token_counts=(1,), rounds=7, kernel="auto", comm
         print(json.dumps({"threads": threads, "tokens": tokens, **medians}), flush=True)
         records.append({"threads": threads, "tokens": tokens, **medians,
                         **{f"{key}_rounds": values for key, values in figures.items() if values}})
-    bandwidths = [weight_bytes / (bound * 1e6) for figures in rounds_of.values() for bound in figures["bound_ms"]]
     made = provenance.stamp("kernel", command, max(thread_counts), bandwidths)
     return {"provenance": made, "shape": shape, "weight_bytes": weight_bytes, "rounds": rounds, "records": records}
 
